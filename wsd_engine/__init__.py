@@ -1,0 +1,1 @@
+"""wsd_engine: Weak-to-Strong Decoding engine."""
