@@ -1,1 +1,15 @@
-"""wsd_engine: Weak-to-Strong Decoding engine."""
+"""wsd_engine: Weak-to-Strong Decoding engine.
+
+A small aligned pilot model drafts the start of an answer; a strong base model scores the
+draft token by token, takes over once its windowed confidence passes a threshold, and
+writes the rest. `import wsd_engine` needs neither a GPU nor Triton.
+"""
+from .config import ModelConfig
+from .errors import (ConfigError, ContextOverflowError, ModelLoadError, RequestError,
+                     TokenizerError, UnsupportedModelError, WSDError)
+from .runner import Model, load_model
+
+__all__ = ["load_model", "Model", "ModelConfig", "WSDError", "RequestError",
+           "ContextOverflowError", "ConfigError", "UnsupportedModelError", "ModelLoadError",
+           "TokenizerError"]
+__version__ = "0.1.0"

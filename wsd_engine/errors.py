@@ -1,0 +1,29 @@
+"""Exceptions of wsd_engine. Every message says what was wrong and how to fix it."""
+
+
+class WSDError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class RequestError(WSDError, ValueError):
+    """A request (prompt, token ids, parameters) is invalid; the engine stays usable."""
+
+
+class ContextOverflowError(RequestError):
+    """A sequence would not fit in the model's static KV cache (`max_seq_len`)."""
+
+
+class ConfigError(WSDError, ValueError):
+    """`config.json` (or `generation_config.json`) is missing, unreadable or inconsistent."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's architecture or one of its options is not supported."""
+
+
+class ModelLoadError(WSDError, OSError):
+    """A checkpoint folder or its weight files are missing, corrupt or do not match the config."""
+
+
+class TokenizerError(WSDError, OSError):
+    """Tokenizer files are missing or cannot be loaded."""

@@ -1,0 +1,115 @@
+"""The transformer forward over (tokens, positions, cache), one implementation for Llama,
+Mistral and Qwen2 (they differ only by config options: GQA, biases, tied embeddings, RoPE
+scaling). Pure torch here; the "triton" backend swaps the layer operations for the kernels
+in `wsd_engine.kernels`, the data flow stays the same.
+
+Numerics follow Hugging Face transformers (RMSNorm in fp32 then cast, RoPE tables in fp32
+cast to the model dtype, softmax in fp32), so fp32 logits agree to ~1e-5.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import StaticKVCache
+from .config import ModelConfig
+
+
+def rope_tables(cfg: ModelConfig, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_seq_len, head_dim] fp32, rotate-half layout (freqs repeated twice)."""
+    inv = cfg.rope.inv_freq(cfg.head_dim)                               # [hd/2]
+    pos = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = pos[:, None] * inv[None, :]                                 # [S, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                             # [S, hd]
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, hd]; cos/sin [T, hd] fp32 (cast to x's dtype, as transformers does)."""
+    cos = cos.to(x.dtype)[:, None, :]
+    sin = sin.to(x.dtype)[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+class TorchOps:
+    """Pure-torch layer operations: the reference backend, runs anywhere."""
+
+    name = "torch"
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def rms_norm(self, x, weight, residual=None):
+        """Returns norm(x + residual) and the new residual stream (x + residual)."""
+        if residual is not None:
+            x = x + residual
+        return rms_norm(x, weight, self.cfg.rms_norm_eps), x
+
+    def attention(self, q, k, v, cache: StaticKVCache, layer: int, positions, cos, sin,
+                  start: int):
+        """q [T, nq, hd], k/v [T, nkv, hd] unrotated; new tokens at positions
+        start..start+T-1. Writes K/V into the cache, returns [T, nq, hd]."""
+        T = q.shape[0]
+        c, s = cos[positions], sin[positions]                           # [T, hd]
+        q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+        kc, vc = cache.k[layer], cache.v[layer]                         # [nkv, S, hd]
+        kc[:, start:start + T] = k.transpose(0, 1)
+        vc[:, start:start + T] = v.transpose(0, 1)
+        end = start + T
+        keys, vals = kc[:, :end], vc[:, :end]                           # [nkv, end, hd]
+        # key j visible to the new token at position p iff j <= p
+        mask = torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [T, end]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask[None, None],
+            enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)    # [1, nq, T, hd]
+        return out[0].transpose(0, 1)
+
+    def swiglu(self, gate_up):
+        g, u = gate_up.chunk(2, dim=-1)
+        return F.silu(g) * u
+
+
+def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Tensor,
+            start: int, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
+            return_hidden: bool = False, logits_rows: slice | None = None) -> torch.Tensor:
+    """Run tokens [T] at positions start..start+T-1 against cache positions [0, start).
+
+    Writes the new K/V and sets cache.length = start + T. Returns fp32 logits [T', V] for
+    the rows `logits_rows` (all by default), or the final-normed hidden states [T, d] when
+    `return_hidden` (the WSD scoring kernel applies the lm_head itself).
+    """
+    T = tokens.shape[0]
+    cache.check_fits(start, T)
+    positions = torch.arange(start, start + T, device=tokens.device)    # [T]
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x = F.embedding(tokens, w["embed"])                                 # [T, d]
+    residual = None
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        h, residual = ops.rms_norm(x, w[p + "attn_norm"], residual)
+        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_bias"))          # [T, (nq+2nkv)*hd]
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        attn = ops.attention(q.reshape(T, nq, hd), k.reshape(T, nkv, hd),
+                             v.reshape(T, nkv, hd), cache, layer, positions, cos, sin, start)
+        x = F.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias"))  # [T, d]
+        h, residual = ops.rms_norm(x, w[p + "mlp_norm"], residual)
+        gu = F.linear(h, w[p + "gate_up"], w.get(p + "gate_up_bias"))   # [T, 2I]
+        x = F.linear(ops.swiglu(gu), w[p + "down"], w.get(p + "down_bias"))  # [T, d]
+    h, _ = ops.rms_norm(x, w["norm"], residual)                         # [T, d]
+    cache.length = start + T
+    if return_hidden:
+        return h
+    if logits_rows is not None:
+        h = h[logits_rows]
+    return F.linear(h, w["lm_head"]).float()                            # [T', V]

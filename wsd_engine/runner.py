@@ -1,0 +1,187 @@
+"""One model on one device: weights, static KV cache, RoPE tables and the phases that run
+it — `prefill`, `decode_one_token`, `score_chunk` — plus the public `score` / `generate`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .cache import StaticKVCache
+from .config import ModelConfig, parse_dtype
+from .errors import ConfigError, ContextOverflowError, RequestError
+from .loader import load_weights
+from .model import TorchOps, forward, rope_tables
+from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
+
+BACKENDS = ("torch", "triton")
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
+    if backend == "torch":
+        return TorchOps(cfg)
+    if backend == "triton":
+        from .triton_ops import TritonOps  # lazy: imports Triton
+        return TritonOps(cfg, device)
+    raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass(eq=False)
+class Model:
+    """A loaded model. Build with `load_model`."""
+
+    path: str
+    config: ModelConfig
+    weights: dict
+    cache: StaticKVCache
+    cos: torch.Tensor          # [max_seq_len, hd] fp32
+    sin: torch.Tensor          # [max_seq_len, hd] fp32
+    ops: object
+    device: torch.device
+    dtype: torch.dtype
+    _tokenizer: object = None
+
+    # ---- metadata ----------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self.ops.name
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (loaded on first use; TokenizerError if absent)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """config.json + generation_config.json eos ids, plus the tokenizer's eos token."""
+        ids = list(self.config.eos_token_ids)
+        if self._tokenizer is not None or has_tokenizer(self.path):
+            for e in tokenizer_eos_ids(self.tokenizer):
+                if e not in ids:
+                    ids.append(e)
+        return ids
+
+    # ---- input checks --------------------------------------------------------------
+    def as_tokens(self, token_ids) -> torch.Tensor:
+        """list[int] / 1-D tensor -> int64 device tensor [T], validated."""
+        if isinstance(token_ids, torch.Tensor):
+            t = token_ids.reshape(-1) if token_ids.dim() == 2 and token_ids.shape[0] == 1 else token_ids
+            if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise RequestError("token_ids must be a 1-D integer tensor or a list of ints "
+                                   f"(got {tuple(token_ids.shape)} {token_ids.dtype})")
+            t = t.to(device=self.device, dtype=torch.int64)
+            lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+        else:
+            ids = list(token_ids)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise RequestError("token_ids must be ints")
+            lo, hi = (min(ids), max(ids)) if ids else (0, 0)
+            t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        if t.numel() == 0:
+            raise RequestError("token_ids is empty; give at least one token")
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise RequestError(f"token id out of range [0, {self.config.vocab_size}): "
+                               f"min {lo}, max {hi}")
+        return t
+
+    # ---- phases --------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, return_hidden: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """Tokens [T] at positions start.. against cache [0, start); sets cache length."""
+        if start > self.cache.length:
+            raise ValueError(f"start {start} is past the cache length {self.cache.length}")
+        rows = slice(-1, None) if last_only else None
+        return forward(self.config, self.weights, self.ops, tokens, start, self.cache,
+                       self.cos, self.sin, return_hidden=return_hidden, logits_rows=rows)
+
+    def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill the cache with a prompt (from position `start`); logits of the last token [V]."""
+        return self.forward(tokens, start, last_only=True)[0]
+
+    def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
+        """One token [1] at the current cache length; its logits [V]."""
+        return self.forward(token, self.cache.length)[0]
+
+    def score_chunk(self, tokens: torch.Tensor, start: int, return_hidden: bool = False):
+        """A chunk of another model's tokens appended at `start` (the cross-model prefix
+        prefill): writes their K/V, returns logits [T, V] (or final hidden states [T, d])."""
+        return self.forward(tokens, start, return_hidden=return_hidden)
+
+    def truncate(self, length: int) -> None:
+        self.cache.truncate(length)
+
+    # ---- public API (DESIGN §6) ---------------------------------------------------
+    def score(self, token_ids) -> torch.Tensor:
+        """fp32 logits [T, V] of a fresh sequence (the cache is reset first)."""
+        tokens = self.as_tokens(token_ids)
+        self.cache.check_fits(0, tokens.numel())
+        self.cache.reset()
+        return self.forward(tokens, 0)
+
+    def generate(self, token_ids, max_new_tokens: int = 32, eos_token_ids=None,
+                 stop_at_eos: bool = True) -> list[int]:
+        """Greedy continuation of a fresh sequence: the new tokens only, EOS not included."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        tokens = self.as_tokens(token_ids)
+        n = tokens.numel()
+        if n + max_new_tokens - 1 > self.max_seq_len:
+            raise ContextOverflowError(
+                f"prompt of {n} tokens + {max_new_tokens} new tokens needs "
+                f"{n + max_new_tokens - 1} cache positions, the cache holds {self.max_seq_len}; "
+                "shorten the prompt, lower max_new_tokens or load with a larger max_seq_len")
+        eos = set(self.eos_token_ids if eos_token_ids is None else eos_token_ids) \
+            if stop_at_eos else set()
+        self.cache.reset()
+        logits = self.prefill(tokens)
+        out: list[int] = []
+        while True:
+            nxt = int(torch.argmax(logits))
+            if nxt in eos:
+                break
+            out.append(nxt)
+            if len(out) == max_new_tokens:
+                break
+            logits = self.decode_one_token(torch.tensor([nxt], device=self.device))
+        return out
+
+
+def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
+               backend: str = "torch") -> Model:
+    """Load a Llama / Qwen2 / Mistral safetensors checkpoint folder into the engine.
+
+    dtype: None keeps the checkpoint's dtype; else torch.float32 / bfloat16 / float16.
+    max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
+    backend: "torch" (reference, runs anywhere) or "triton" (the fused kernels).
+    """
+    path = os.fspath(path)
+    cfg = ModelConfig.from_pretrained(path)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+    dtype = cfg.dtype if dtype is None else parse_dtype(dtype)
+    if max_seq_len is None:
+        max_seq_len = min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        if cfg.sliding_window is not None:
+            max_seq_len = min(max_seq_len, cfg.sliding_window)
+    if not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ConfigError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+    cfg.check_context(max_seq_len)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    ops = _make_ops(backend, cfg, device)
+    weights = load_weights(path, cfg, device, dtype)
+    cache = StaticKVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
+                                   dtype, device)
+    cos, sin = rope_tables(cfg, max_seq_len, device)
+    return Model(path=path, config=cfg, weights=weights, cache=cache, cos=cos, sin=sin,
+                 ops=ops, device=device, dtype=dtype)

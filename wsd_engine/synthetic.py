@@ -1,0 +1,97 @@
+"""Tiny synthetic checkpoints made locally in milliseconds: random Llama / Qwen2 / Mistral
+models saved with transformers' `save_pretrained(safe_serialization=True)`, and tiny
+byte-level BPE tokenizers trained with `tokenizers`. Used by the tests, the demo and the
+CPU smoke benchmarks; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Weak-to-strong decoding lets a small aligned model start the answer.",
+    "A strong base model continues once it is confident about the beginning.",
+    "Alignment is hard mostly at the start of a response.",
+    "Hello! How can I help you today? Here is a short answer with some details.",
+    "Numbers like 1, 2, 3 and 42 appear in text; so do questions, lists and code.",
+    "def add(a, b):\n    return a + b\n",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u6f22\u5b57 \U0001f600 \u00fcber stra\u00dfe.",
+    "[System]\n[User]\n[Assistant]\n",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def make_tokenizer(vocab_size: int = 320, corpus=None, chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE PreTrainedTokenizerFast with bos '<s>', eos '</s>', pad '<pad>'.
+
+    Different vocab sizes give different merges (a "different tokenizer" pair)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus or CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 320, **overrides):
+    """A transformers config for a 2-layer, 64-wide model of the given family."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {_FAMILIES}")
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+              rms_norm_eps=1e-6, tie_word_embeddings=False)
+    kw.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    return cls(**kw)
+
+
+def make_model(out_dir: str, family: str = "llama", seed: int = 0, tokenizer=None,
+               dtype: torch.dtype = torch.float32, max_shard_size=None, init_scale: float = 1.0,
+               transform=None, **overrides) -> str:
+    """Save a random tiny model (+ tokenizer) to out_dir; returns out_dir.
+
+    init_scale multiplies every weight matrix's init (random models at std 0.02 are nearly
+    uniform; larger scales give peakier, more interesting distributions). `transform(model)`
+    may edit the torch model before it is saved (e.g. sharpen the lm_head).
+    """
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(family, **({"vocab_size": len(tokenizer)} if tokenizer is not None else {}),
+                      **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(init_scale)
+            elif "norm" in name:   # norms start at 1: make them random too
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+        if transform is not None:
+            transform(model)
+    model = model.to(dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kw)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
