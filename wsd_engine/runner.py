@@ -116,6 +116,10 @@ class Model:
         prefill): writes their K/V, returns logits [T, V] (or final hidden states [T, d])."""
         return self.forward(tokens, start, return_hidden=return_hidden)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head)."""
+        return torch.nn.functional.linear(hidden, self.weights["lm_head"]).float()
+
     def truncate(self, length: int) -> None:
         self.cache.truncate(length)
 

@@ -95,3 +95,45 @@ def make_model(out_dir: str, family: str = "llama", seed: int = 0, tokenizer=Non
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def make_wsd_pair(root: str, perturb: float = 0.5, sharpen: float = 100.0, damp: float = 0.3,
+                  seed: int = 0, tokenizer=None, pilot_tokenizer=None, family: str = "llama",
+                  **overrides) -> tuple[str, str]:
+    """A (pilot_dir, base_dir) pair on which the WSD switch really fires.
+
+    The pilot and base see different prompts (chat template vs the [User] template), so
+    two copies of one random model would still disagree. Damping every layer's attention
+    output (o_proj x damp) and sharpening the lm_head (x sharpen) makes the model nearly a
+    bigram model, whose next token depends mostly on the current one; the pilot is that
+    base with Gaussian noise of relative size `perturb` added to its lm_head, so `perturb`
+    moves the switch from k = w (small) to "never" (large). With `pilot_tokenizer` (a
+    different tokenizer) the pilot is an independent random model of that vocabulary.
+    """
+    tok = tokenizer or make_tokenizer(320)
+
+    def sharpen_fn(noise_seed=None):
+        def fn(model):
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.self_attn.o_proj.weight.mul_(damp)
+                model.lm_head.weight.mul_(sharpen)
+                # EOS logit ~0 while the winners' are large: drafts and answers run to their
+                # caps unless a test names another EOS id in generation_config.json
+                model.lm_head.weight[model.config.eos_token_id].zero_()
+                if noise_seed is not None:
+                    g = torch.Generator().manual_seed(noise_seed)
+                    w = model.lm_head.weight
+                    w.add_(perturb * w.std() * torch.randn(w.shape, generator=g))
+        return fn
+
+    base = make_model(os.path.join(root, "base"), family, seed=seed, tokenizer=tok,
+                      init_scale=5.0, transform=sharpen_fn(), **overrides)
+    if pilot_tokenizer is None:
+        pilot = make_model(os.path.join(root, "pilot"), family, seed=seed, tokenizer=tok,
+                           init_scale=5.0, transform=sharpen_fn(seed + 1000), **overrides)
+    else:
+        pilot = make_model(os.path.join(root, "pilot"), family, seed=seed + 1,
+                           tokenizer=pilot_tokenizer, init_scale=5.0,
+                           transform=sharpen_fn(seed + 1000), **overrides)
+    return pilot, base

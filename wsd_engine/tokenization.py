@@ -70,3 +70,103 @@ def apply_chat_template(tok, messages: list[dict], add_generation_prompt: bool =
     text = tok.apply_chat_template(messages, tokenize=False,
                                    add_generation_prompt=add_generation_prompt)
     return tok.encode(text, add_special_tokens=False)
+
+
+# ---- base prompt (the paper's template) and stop strings --------------------------
+DEFAULT_STOP = ("[User]", "[System]", "[Assistant]")
+_ROLE_HEADERS = {"system": "\n\n[System]\n", "user": "\n\n[User]\n", "assistant": "\n\n[Assistant]\n"}
+
+
+def paper_base_template(messages: list[dict]) -> str:
+    """`[System]` / `[User]` / `[Assistant]` blocks, then the `[Assistant]` header."""
+    return "".join(_ROLE_HEADERS[m["role"]] + m["content"].strip() for m in messages) \
+        + _ROLE_HEADERS["assistant"]
+
+
+def render_base_prompt(tok, messages: list[dict], template=None, add_bos: bool = True) -> list[int]:
+    """Base prompt ids: bos (if the tokenizer has one) + the rendered template.
+
+    template: None (the paper's), a callable(messages) -> str, or a format string with
+    `{prompt}` (the last user message) and optionally `{system}` (the system message, or "").
+    """
+    if template is None:
+        text = paper_base_template(messages)
+    elif callable(template):
+        text = template(messages)
+        if not isinstance(text, str):
+            raise RequestError("base_template callable must return a string")
+    elif isinstance(template, str):
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        try:
+            text = template.format(prompt=(users[-1] if users else "").strip(),
+                                   system=system.strip())
+        except (KeyError, IndexError) as e:
+            raise RequestError(f"base_template format string has an unknown field {e}; "
+                               "use {prompt} and {system}") from None
+    else:
+        raise RequestError("base_template must be None, a format string or a callable")
+    ids = tok.encode(text, add_special_tokens=False)
+    bos = getattr(tok, "bos_token_id", None)
+    if add_bos and bos is not None:
+        ids = [bos] + ids
+    return ids
+
+
+def find_stop(text: str, stops, start: int = 0) -> int:
+    """Index of the earliest stop string in text[start:] (absolute), or -1."""
+    best = -1
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best == -1 or i < best):
+            best = i
+    return best
+
+
+def decode(tok, ids) -> str:
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def finish_text(tok, draft_ids: list[int], cont_ids: list[int], stops) -> tuple[str, list[int], bool]:
+    """The answer text from kept draft + continuation, cut before the first stop string
+    found in the continuation's text (trailing whitespace before it removed).
+
+    Returns (text, token_ids, stopped); when stopped, token_ids ends at the shortest
+    continuation prefix whose text reaches the cut. Engine and reference share this."""
+    ids = draft_ids + cont_ids
+    full = decode(tok, ids)
+    if not stops or not cont_ids:
+        return full, ids, False
+    draft_len = len(decode(tok, draft_ids)) if draft_ids else 0
+    pos = find_stop(full, stops, draft_len)
+    if pos == -1:
+        return full, ids, False
+    text = full[:pos].rstrip()
+    j = len(draft_ids)
+    while j < len(ids) and len(decode(tok, ids[:j])) < len(text):
+        j += 1
+    return text, ids[:j], True
+
+
+class IncrementalDetokenizer:
+    """Text of a growing id list, piece by piece, never emitting a half UTF-8 character
+    (the prefix/read-offset method): amortised O(new tokens) per call."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def push(self, new_ids) -> str:
+        self.ids.extend(int(i) for i in new_ids)
+        prefix = decode(self.tok, self.ids[self.prefix_offset:self.read_offset])
+        full = decode(self.tok, self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            self.text += piece
+            return piece
+        return ""

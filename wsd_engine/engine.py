@@ -1,0 +1,333 @@
+"""WSD orchestration (DESIGN §2): the online loop over a pilot and a base model.
+
+    prefill pilot(P_pilot(x)); prefill base(P_base(x))
+    loop: pilot drafts a chunk of c tokens -> map to base ids -> the base scores the chunk
+          with ONE forward that writes its KV cache -> the rule (log p, rolling window)
+          -> on a switch at k: base cache := |P_base| + k, first continuation token from
+          the row of t_k, the pilot stops; if the pilot ended (EOS / cap): k = n
+    base decodes the rest until EOS / stop string / max_new_tokens
+
+The base never re-reads the prefix and the pilot never drafts past the chunk that fires;
+the chunk size changes speed only, never the output. Requests run one after another.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from .errors import ContextOverflowError, RequestError, WSDError
+from .handoff import DraftHandoff, tokenizers_identical
+from .runner import Model, load_model
+from .sampling import Sampler, SamplingParams
+from .switch import SwitchState, check_threshold, check_window
+from .tokenization import (DEFAULT_STOP, IncrementalDetokenizer, apply_chat_template, decode,
+                           find_stop, finish_text, normalize_messages, render_base_prompt)
+
+
+def _pos_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise RequestError(f"{name} must be an integer >= 1, got {v!r}")
+    return v
+
+
+@dataclass(slots=True)
+class WSDParams:
+    """One request's settings. Sampling fields apply to both models unless `pilot_sampling`
+    / `base_sampling` are given. Defaults are the paper's (greedy, w=6, gamma=0.8)."""
+
+    window: int = 6
+    threshold: float = 0.8
+    draft_max_tokens: int = 512        # pilot tokens
+    max_new_tokens: int = 2048         # base tokens, counting the kept draft
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    chunk: int = 8                     # pilot tokens per scoring forward (speed only)
+    stop: Optional[tuple] = DEFAULT_STOP   # stop strings of the base continuation
+    pilot_sampling: Optional[SamplingParams] = None
+    base_sampling: Optional[SamplingParams] = None
+
+    def __post_init__(self):
+        self.window = check_window(self.window)
+        self.threshold = check_threshold(self.threshold)
+        _pos_int("draft_max_tokens", self.draft_max_tokens)
+        _pos_int("max_new_tokens", self.max_new_tokens)
+        _pos_int("chunk", self.chunk)
+        if self.stop is None:
+            self.stop = ()
+        elif isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        else:
+            self.stop = tuple(self.stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise RequestError(f"stop strings must be non-empty strings, got {s!r}")
+        common = SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+        for name in ("pilot_sampling", "base_sampling"):
+            v = getattr(self, name)
+            if v is None:
+                setattr(self, name, common)
+            elif not isinstance(v, SamplingParams):
+                raise RequestError(f"{name} must be a SamplingParams, got {type(v).__name__}")
+
+
+@dataclass
+class WSDResult:
+    text: str                          # the answer (kept draft + continuation, cut at a stop)
+    token_ids: list[int]               # base ids: kept draft + continuation, no EOS
+    switch_index: int                  # k: draft tokens kept, in base tokens
+    switched: bool                     # did a window pass
+    finish_reason: str                 # "eos" | "stop" | "length"
+    draft_tokens: int                  # pilot tokens drafted (pilot EOS not counted)
+    draft_text: str                    # text of the kept draft
+    base_tokens: int                   # continuation tokens written by the base
+    prompt_tokens: dict = field(default_factory=dict)   # {"pilot": n, "base": n}
+    timings: dict = field(default_factory=dict)         # per-phase seconds
+    rollbacks: int = 0                 # cross-tokenizer re-encode rollbacks
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = self.timings.get("total", 0.0)
+        return len(self.token_ids) / total if total > 0 else float("nan")
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.t: dict[str, float] = {}
+
+    def now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, name: str, t0: float) -> float:
+        t1 = self.now()
+        self.t[name] = self.t.get(name, 0.0) + (t1 - t0)
+        return t1
+
+
+class WSD:
+    """A pilot (small aligned chat model) and a base (strong base model) on one device."""
+
+    def __init__(self, pilot: Model, base: Model, base_template=None):
+        if pilot.device != base.device:
+            raise RequestError(f"pilot is on {pilot.device} and base on {base.device}; load both "
+                               "on the same device")
+        self.pilot, self.base, self.base_template = pilot, base, base_template
+        self.identity = tokenizers_identical(pilot.tokenizer, base.tokenizer)
+        if self.identity and pilot.config.vocab_size > base.config.vocab_size:
+            # same tokenizer; ids the pilot can emit must exist in the base's embedding
+            raise RequestError("pilot and base share a tokenizer but the pilot's vocab_size "
+                               f"({pilot.config.vocab_size}) exceeds the base's "
+                               f"({base.config.vocab_size})")
+        self.pilot_eos = set(pilot.eos_token_ids)
+        self.base_eos = set(base.eos_token_ids)
+        self.last_result: Optional[WSDResult] = None
+
+    @classmethod
+    def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
+                        backend="torch", base_template=None) -> "WSD":
+        kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend)
+        return cls(load_model(pilot, **kw), load_model(base, **kw), base_template)
+
+    # ---- public API ----------------------------------------------------------------
+    def generate(self, prompt, params: Optional[WSDParams] = None):
+        """One prompt (str or messages) -> WSDResult; a list of prompts -> list, in order."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(p, str) or (isinstance(p, (list, tuple)) and p) for p in prompt):
+            return [self.generate(p, params) for p in prompt]
+        run = self._run(prompt, params)
+        while True:
+            try:
+                next(run)
+            except StopIteration as stop:
+                return stop.value
+
+    def stream(self, prompt, params: Optional[WSDParams] = None) -> Iterator[str]:
+        """Yields text pieces as soon as they are final; `last_result` holds the result."""
+        return (yield from self._run(prompt, params))
+
+    # ---- the loop --------------------------------------------------------------------
+    def _run(self, prompt, params: Optional[WSDParams]):
+        params = WSDParams() if params is None else params
+        if not isinstance(params, WSDParams):
+            raise RequestError(f"params must be a WSDParams, got {type(params).__name__}")
+        messages = normalize_messages(prompt)
+        pilot, base = self.pilot, self.base
+        p_ids = apply_chat_template(pilot.tokenizer, messages)
+        b_ids = render_base_prompt(base.tokenizer, messages, self.base_template)
+        for name, m, n, extra, what in (
+                ("pilot", pilot, len(p_ids), params.draft_max_tokens, "draft_max_tokens"),
+                ("base", base, len(b_ids), params.max_new_tokens, "max_new_tokens")):
+            if n + extra > m.max_seq_len:
+                raise ContextOverflowError(
+                    f"{name} prompt ({n} tokens) + {what} ({extra}) exceeds the {name} model's "
+                    f"KV cache ({m.max_seq_len}); shorten the prompt, lower {what}, or load with "
+                    "a larger max_seq_len")
+        try:
+            return (yield from self._loop(params, p_ids, b_ids))
+        except BaseException:
+            pilot.cache.reset()
+            base.cache.reset()
+            raise
+
+    def _loop(self, params: WSDParams, p_ids: list[int], b_ids: list[int]):
+        pilot, base = self.pilot, self.base
+        dev = base.device
+        timer = _Timer(dev)
+        t_start = t0 = timer.now()
+        P = len(b_ids)
+        p_sampler = Sampler(params.pilot_sampling, pilot.device)
+        b_sampler = Sampler(params.base_sampling, dev)
+        handoff = DraftHandoff(pilot.tokenizer, base.tokenizer,
+                               mode="identity" if self.identity else "text")
+        state = SwitchState.from_threshold(params.window, params.threshold)
+        cap = params.max_new_tokens          # the draft is scored up to this many base tokens
+        stops = params.stop
+        hold = max((len(s) for s in stops), default=1) - 1
+        out = _Streamer(base.tokenizer, hold)
+
+        pilot.cache.reset()
+        base.cache.reset()
+        p_logits = pilot.prefill(torch.tensor(p_ids, device=pilot.device))
+        t0 = timer.add("pilot_prefill", t0)
+        b_h = base.forward(torch.tensor(b_ids, device=dev), 0, return_hidden=True)[-1:]  # [1, d]
+        t0 = timer.add("base_prefill", t0)
+
+        # H[i]: the base's final hidden state after draft token i (H[0]: the prompt's last),
+        # i.e. the row that predicts draft token i + 1. Kept for every scored token (at most
+        # max_new_tokens rows) so a rollback or the switch needs no recomputation.
+        H = torch.empty(cap + 1, b_h.shape[-1], dtype=b_h.dtype, device=dev)   # [cap+1, d]
+        H[0] = b_h[0]
+        scored: list[int] = []               # base draft ids scored so far (= handoff.emitted)
+        drafted: list[int] = []              # pilot ids
+        k: Optional[int] = None
+        pilot_done = False
+        while k is None and not pilot_done:
+            # -- the pilot drafts a chunk
+            new_p: list[int] = []
+            while len(new_p) < params.chunk:
+                tok = int(p_sampler.sample(p_logits))
+                if tok in self.pilot_eos:
+                    pilot_done = True
+                    break
+                new_p.append(tok)
+                drafted.append(tok)
+                if len(drafted) == params.draft_max_tokens:
+                    pilot_done = True
+                    break
+                p_logits = pilot.decode_one_token(torch.tensor([tok], device=pilot.device))
+            t0 = timer.add("drafting", t0)
+            # -- map to base ids (identity, or the stable re-encode with rollback)
+            start, new_b = handoff.push(new_p, final=pilot_done)
+            if start < len(scored):          # an already scored token changed: roll back
+                state.truncate(start)
+                del scored[start:]
+            new_b = new_b[:cap - start]
+            if new_b:
+                # -- ONE base forward over the chunk at its positions (writes the KV cache),
+                #    then the rule on log p of each chunk token
+                m = len(new_b)
+                ids_t = torch.tensor(new_b, device=dev)                          # [m]
+                H[start + 1:start + 1 + m] = base.score_chunk(ids_t, P + start,
+                                                              return_hidden=True)
+                logp = self._draft_logp(H[start:start + m], ids_t)               # [m] fp32
+                k = state.update(logp)
+                scored.extend(new_b)
+                if k is not None:
+                    base.truncate(P + k)     # drop the draft after t_k: O(1)
+                t0 = timer.add("scoring", t0)
+            if k is None and len(scored) >= cap:
+                k = len(scored)              # the draft alone fills max_new_tokens
+            if k is None:
+                yield from out.feed(scored)
+        switched = state.finished
+        if k is None:
+            k = len(scored)                  # no window passed: keep the whole draft
+        kept = scored[:k]
+        yield from out.feed(kept)
+
+        # -- the base writes the rest, from the row of t_k
+        cont: list[int] = []
+        finish = "length"
+        draft_chars = len(decode(base.tokenizer, kept))
+        max_stop = max((len(s) for s in stops), default=0)
+        budget = params.max_new_tokens - k
+        logits = base.logits(H[k:k + 1])[0] if budget > 0 else None                # [V]
+        while budget > 0:
+            tok = int(b_sampler.sample(logits))
+            if tok in self.base_eos:
+                finish = "eos"
+                break
+            cont.append(tok)
+            seen = len(out.detok.text)
+            out.push_cont(tok)
+            if stops and find_stop(out.detok.text, stops, max(draft_chars, seen - max_stop)) != -1:
+                finish = "stop"
+                break
+            if len(cont) == budget:
+                break
+            logits = base.decode_one_token(torch.tensor([tok], device=dev))
+            yield from out.flush_safe()
+        t0 = timer.add("continuation", t0)
+        text, token_ids, stopped = finish_text(base.tokenizer, kept, cont, stops)
+        if stopped:
+            finish = "stop"
+        yield from out.finish(text)
+        timer.t["total"] = t0 - t_start
+        res = WSDResult(
+            text=text, token_ids=token_ids, switch_index=k, switched=switched,
+            finish_reason=finish, draft_tokens=len(drafted),
+            draft_text=decode(base.tokenizer, kept), base_tokens=len(cont),
+            prompt_tokens={"pilot": len(p_ids), "base": P}, timings=timer.t,
+            rollbacks=handoff.n_rollbacks)
+        self.last_result = res
+        return res
+
+    def _draft_logp(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log p of each draft token under the base: rows [m, d] predict ids [m] -> [m] fp32."""
+        logits = self.base.logits(rows)                                   # [m, V] fp32
+        return torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
+
+
+class _Streamer:
+    """Emits the answer's text as it becomes final: scored draft tokens (the rule cannot
+    drop them any more) and continuation tokens, holding back the last `hold` characters
+    and trailing whitespace, which a stop string could still cut."""
+
+    def __init__(self, tok, hold: int):
+        self.tok, self.hold = tok, hold
+        self.detok = IncrementalDetokenizer(tok)
+        self.emitted = ""
+
+    def feed(self, ids: list[int]):
+        if ids[:len(self.detok.ids)] != self.detok.ids:   # a cross-tokenizer rollback
+            self.detok = IncrementalDetokenizer(self.tok)
+        self.detok.push(ids[len(self.detok.ids):])
+        yield from self.flush_safe()
+
+    def push_cont(self, tok: int):
+        self.detok.push([tok])
+
+    def flush_safe(self):
+        text = self.detok.text
+        end = len(text) - self.hold
+        while end > len(self.emitted) and text[end - 1].isspace():
+            end -= 1
+        if end > len(self.emitted) and text.startswith(self.emitted):
+            piece = text[len(self.emitted):end]
+            self.emitted += piece
+            yield piece
+
+    def finish(self, final_text: str):
+        if final_text.startswith(self.emitted) and len(final_text) > len(self.emitted):
+            piece = final_text[len(self.emitted):]
+            self.emitted += piece
+            yield piece
+        elif not final_text.startswith(self.emitted):
+            raise WSDError("internal error: streamed text is not a prefix of the final text")
