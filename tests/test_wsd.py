@@ -226,7 +226,7 @@ def test_bad_requests_leave_engine_usable(mid):
     with pytest.raises(ContextOverflowError, match="pilot prompt .* exceeds"):
         wsd.generate("word " * 600, params)
     with pytest.raises(ContextOverflowError, match="max_new_tokens"):
-        wsd.generate(PROMPT, WSDParams(max_new_tokens=100000))
+        wsd.generate(PROMPT, WSDParams(draft_max_tokens=DRAFT, max_new_tokens=100000))
     with pytest.raises(RequestError, match="WSDParams"):
         wsd.generate(PROMPT, {"window": 6})
     # an error in the middle of a stream, then a normal request
