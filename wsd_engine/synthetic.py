@@ -99,7 +99,7 @@ def make_model(out_dir: str, family: str = "llama", seed: int = 0, tokenizer=Non
 
 def make_wsd_pair(root: str, perturb: float = 0.5, sharpen: float = 100.0, damp: float = 0.3,
                   seed: int = 0, tokenizer=None, pilot_tokenizer=None, family: str = "llama",
-                  **overrides) -> tuple[str, str]:
+                  readable: bool = False, **overrides) -> tuple[str, str]:
     """A (pilot_dir, base_dir) pair on which the WSD switch really fires.
 
     The pilot and base see different prompts (chat template vs the [User] template), so
@@ -109,8 +109,13 @@ def make_wsd_pair(root: str, perturb: float = 0.5, sharpen: float = 100.0, damp:
     base with Gaussian noise of relative size `perturb` added to its lm_head, so `perturb`
     moves the switch from k = w (small) to "never" (large). With `pilot_tokenizer` (a
     different tokenizer) the pilot is an independent random model of that vocabulary.
+    `readable` zeroes the lm_head rows of tokens that are not letters, spaces or simple
+    punctuation, so the random text at least prints cleanly (the demo uses it).
     """
     tok = tokenizer or make_tokenizer(320)
+    ok = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,!?'"
+    unreadable = [i for i in range(len(tok))
+                  if not (s := tok.decode([i])).strip() or any(ch not in ok for ch in s)]
 
     def sharpen_fn(noise_seed=None):
         def fn(model):
@@ -125,6 +130,8 @@ def make_wsd_pair(root: str, perturb: float = 0.5, sharpen: float = 100.0, damp:
                     g = torch.Generator().manual_seed(noise_seed)
                     w = model.lm_head.weight
                     w.add_(perturb * w.std() * torch.randn(w.shape, generator=g))
+                if readable and model.config.vocab_size == len(tok):
+                    model.lm_head.weight[unreadable] = 0.0
         return fn
 
     base = make_model(os.path.join(root, "base"), family, seed=seed, tokenizer=tok,

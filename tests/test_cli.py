@@ -1,0 +1,31 @@
+"""The command line: demo on the built-in pair, generate with --pilot/--base and --model."""
+import json
+
+from wsd_engine.cli import demo_pair, main
+
+
+def test_demo_switch_fires(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["switched"] and 6 <= out["switch_index"] < out["draft_tokens"] + 1
+    assert out["text"] and out["base_tokens"] > 0
+
+
+def test_generate_text_output_marks_the_draft(tmp_path, capsys):
+    pilot, base = demo_pair(str(tmp_path))
+    rc = main(["generate", "--pilot", pilot, "--base", base, "--prompt", "Hello there",
+               "--draft-max-tokens", "32", "--max-new-tokens", "40", "--chunk", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "\u00ab" in text and "k = " in text and "timings (s)" in text
+
+
+def test_generate_single_model_and_errors(tmp_path, capsys):
+    pilot, base = demo_pair(str(tmp_path))
+    assert main(["generate", "--model", base, "--prompt", "Hi", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 5
+    assert main(["generate", "--pilot", pilot, "--base", base, "--prompt", "Hi",
+                 "--threshold", "1.5", "--draft-max-tokens", "8", "--max-new-tokens", "8"]) == 1
+    assert "threshold" in capsys.readouterr().err
+    assert main(["generate", "--pilot", pilot, "--prompt", "Hi"]) == 2
