@@ -1,0 +1,381 @@
+"""Fused WSD switch scoring: lm_head + log-softmax + rolling window + first switch.
+
+For the c draft tokens of one chunk the base model's final-normed hidden states are scored
+against the lm_head in one pass over the weight:
+
+    logits[j] = hidden[j] @ weight.T                      (fp32, never written to memory)
+    logp[j]   = logits[j, draft_ids[j]] - logsumexp(logits[j])
+    mean[j]   = mean(log p of draft tokens i-w+1..i),  i = n_prev + j + 1, defined for i >= w
+    first     = min{ j : mean[j] defined and mean[j] >= log_gamma }, else -1
+
+Two launches, no host sync:
+  1. `_switch_score_kernel`, grid (P,): program p owns vocab tiles [p*TILES, (p+1)*TILES) of
+     BLOCK_V rows, reads each weight row once and scores all c positions against it with
+     tl.dot (the c rows are padded to BLOCK_C >= 16; the vocab tile is the M side, "swap AB",
+     because tl.dot needs every side >= 16 and c is ~8). Per program and row it keeps an
+     online (max, sumexp), the best logit and its index, and the draft token's logit, and
+     writes them to a [4, P, BLOCK_C] fp32 + [P, BLOCK_C] int32 workspace.
+  2. `_switch_score_combine_kernel`, grid (1,): merges the P partials (lse, argmax, logp),
+     then the rolling window over [carry, logp] and `first`.
+
+Exactness of the switch decision: the window sum is accumulated oldest to newest in fp32,
+divided by w with round-to-nearest (tl.math.div_rn; plain fp32 `/` is approximate on
+NVIDIA), and compared with log_gamma rounded to fp32. `switch_window_ref` does the same
+operations in the same order, so on equal log p's the two agree bit for bit.
+
+Precision of the logits: bf16/fp16 operands go to tl.dot as they are on a GPU (their
+products are exact in fp32 and the accumulator is fp32, so this equals the fp32 reference
+up to summation order); fp32 operands use input_precision="ieee" (no TF32). On CPU (Triton
+interpreter, which computes bf16 dots wrongly) every operand is upcast to fp32 after loading.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_CHUNK = 64
+
+
+class SwitchScore(NamedTuple):
+    """Outputs of `switch_score`, all on the input device."""
+
+    logp: torch.Tensor    # [c] fp32  log p of draft_ids[j] at position j
+    lse: torch.Tensor     # [c] fp32  logsumexp of the logits row
+    argmax: torch.Tensor  # [c] int64 base greedy next token (lowest index on ties)
+    mean: torch.Tensor    # [c] fp32  window mean of log p, NaN where the window is undefined
+    first: torch.Tensor   # [1] int32 first j whose window passes, -1 if none
+
+
+@triton.jit
+def _switch_score_kernel(
+    h_ptr, h_row_stride,      # [c, d]
+    w_ptr, w_row_stride,      # [V, d]
+    ids_ptr,                  # [c] int32/int64
+    wsf_ptr,                  # [4, P, BLOCK_C] fp32: max, sumexp, best logit, draft logit
+    wsi_ptr,                  # [P, BLOCK_C] int32: index of the best logit
+    C, D, V, P,
+    TILES_PER_PROG: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_d = tl.arange(0, BLOCK_D)
+    c_mask = offs_c < C
+    ids = tl.load(ids_ptr + offs_c, mask=c_mask, other=-1).to(tl.int32)  # [BLOCK_C]
+
+    m = tl.full([BLOCK_C], float("-inf"), tl.float32)       # running max
+    s = tl.zeros([BLOCK_C], tl.float32)                     # running sum of exp(logit - m)
+    best = tl.full([BLOCK_C], float("-inf"), tl.float32)    # best logit so far
+    best_i = tl.zeros([BLOCK_C], tl.int32)                  # its vocab index
+    tgt = tl.zeros([BLOCK_C], tl.float32)                   # logit of the draft token
+
+    for t in range(TILES_PER_PROG):
+        v0 = (pid * TILES_PER_PROG + t) * BLOCK_V
+        vs = v0 + offs_v                                    # [BLOCK_V]
+        v_mask = vs < V
+        w_rows = w_ptr + vs.to(tl.int64)[:, None] * w_row_stride
+        acc = tl.zeros([BLOCK_V, BLOCK_C], tl.float32)      # logits^T of this tile
+        for k0 in range(0, D, BLOCK_D):
+            ds = k0 + offs_d
+            d_mask = ds < D
+            w = tl.load(w_rows + ds[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+            h = tl.load(h_ptr + offs_c[:, None] * h_row_stride + ds[None, :],
+                        mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)                        # [BLOCK_V, BLOCK_D]
+                h = h.to(tl.float32)                        # [BLOCK_C, BLOCK_D]
+            acc = tl.dot(w, tl.trans(h), acc, input_precision="ieee")
+        logits = tl.where(v_mask[:, None], acc, float("-inf"))  # [BLOCK_V, BLOCK_C]
+        tile_max = tl.max(logits, axis=0)                   # [BLOCK_C]
+        tile_arg = tl.argmax(logits, axis=0)                # lowest index on ties
+        new_m = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(logits - new_m[None, :]), axis=0)
+        m = new_m
+        better = tile_max > best                            # strict: earlier tile wins ties
+        best_i = tl.where(better, v0 + tile_arg, best_i)
+        best = tl.where(better, tile_max, best)
+        tgt += tl.sum(tl.where(vs[:, None] == ids[None, :], acc, 0.0), axis=0)
+
+    row = pid * BLOCK_C + offs_c
+    plane = P * BLOCK_C
+    tl.store(wsf_ptr + row, m)
+    tl.store(wsf_ptr + plane + row, s)
+    tl.store(wsf_ptr + 2 * plane + row, best)
+    tl.store(wsf_ptr + 3 * plane + row, tgt)
+    tl.store(wsi_ptr + row, best_i)
+
+
+@triton.jit
+def _switch_score_combine_kernel(
+    wsf_ptr, wsi_ptr, P,      # partials of _switch_score_kernel (unused when FROM_LOGP)
+    logp_in_ptr,              # [c] fp32 given log p's (only when FROM_LOGP)
+    carry_ptr,                # [window-1] fp32
+    n_prev,                   # int, or pointer to a 1-element int tensor (N_PREV_IS_PTR)
+    window, window_f, log_gamma, C,
+    logp_ptr, lse_ptr, argmax_ptr, mean_ptr, first_ptr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    N_PREV_IS_PTR: tl.constexpr, FROM_LOGP: tl.constexpr,
+):
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    if FROM_LOGP:
+        logp = tl.load(logp_in_ptr + offs_c, mask=c_mask, other=0.0)
+    else:
+        offs_p = tl.arange(0, BLOCK_P)
+        plane = P * BLOCK_C
+        M = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        S = tl.zeros([BLOCK_C], tl.float32)
+        best = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        best_i = tl.zeros([BLOCK_C], tl.int32)
+        tgt = tl.zeros([BLOCK_C], tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            ps = p0 + offs_p
+            pm = (ps < P)[:, None]
+            idx = ps[:, None] * BLOCK_C + offs_c[None, :]    # [BLOCK_P, BLOCK_C]
+            mp = tl.load(wsf_ptr + idx, mask=pm, other=float("-inf"))
+            sp = tl.load(wsf_ptr + plane + idx, mask=pm, other=0.0)
+            bv = tl.load(wsf_ptr + 2 * plane + idx, mask=pm, other=float("-inf"))
+            tp = tl.load(wsf_ptr + 3 * plane + idx, mask=pm, other=0.0)
+            bi = tl.load(wsi_ptr + idx, mask=pm, other=2147483647)
+            new_M = tl.maximum(M, tl.max(mp, axis=0))
+            S = S * tl.exp(M - new_M) + tl.sum(sp * tl.exp(mp - new_M[None, :]), axis=0)
+            M = new_M
+            cb = tl.max(bv, axis=0)
+            ci = tl.min(tl.where(bv == cb[None, :], bi, 2147483647), axis=0)  # lowest index
+            better = cb > best                               # strict: earlier programs win ties
+            best_i = tl.where(better, ci, best_i)
+            best = tl.where(better, cb, best)
+            tgt += tl.sum(tp, axis=0)
+        lse = M + tl.log(S)
+        logp = tgt - lse
+        tl.store(lse_ptr + offs_c, lse, mask=c_mask)
+        tl.store(argmax_ptr + offs_c, best_i.to(tl.int64), mask=c_mask)
+    tl.store(logp_ptr + offs_c, logp, mask=c_mask)
+
+    # Rolling window over ext = [carry (w-1 values), logp (c values)]: position j covers
+    # ext[j .. j+w-1]. logp goes through memory (stored above; the barrier makes every
+    # thread's store visible to the whole program) so its shifted copies can be gathered;
+    # the terms are summed oldest first, exactly like switch_window_ref (a tree reduction
+    # could round differently and flip a decision that sits on the threshold).
+    tl.debug_barrier()
+    if N_PREV_IS_PTR:
+        n_prev_v = tl.load(n_prev).to(tl.int32)
+    else:
+        n_prev_v = n_prev
+    i = n_prev_v + offs_c + 1                                # 1-based draft index
+    defined = c_mask & (i >= window)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    e = offs_c + 0                                           # index in ext of the k-th term
+    for k in range(0, window):
+        from_carry = e < window - 1
+        cv = tl.load(carry_ptr + e, mask=c_mask & from_carry, other=0.0)
+        lv = tl.load(logp_ptr + (e - (window - 1)), mask=c_mask & (e >= window - 1), other=0.0)
+        acc = acc + tl.where(from_carry, cv, lv)
+        e += 1
+    mean = tl.math.div_rn(acc, tl.zeros([BLOCK_C], tl.float32) + window_f)
+    mean = tl.where(defined, mean, float("nan"))
+    fire = defined & (mean >= log_gamma)
+    first = tl.min(tl.where(fire, offs_c, BLOCK_C), axis=0)
+    first = tl.where(first == BLOCK_C, -1, first)
+    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
+    tl.store(first_ptr, first.to(tl.int32))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fp32(x: float) -> float:
+    """Round a python float to the nearest fp32 (the kernel compares in fp32)."""
+    return torch.tensor(float(x), dtype=torch.float32).item()
+
+
+def _check_n_prev(n_prev, device):
+    if isinstance(n_prev, torch.Tensor):
+        if n_prev.numel() != 1 or n_prev.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"n_prev tensor must have 1 int32/int64 element, got shape "
+                             f"{tuple(n_prev.shape)} dtype {n_prev.dtype}")
+        if n_prev.device != device:
+            raise ValueError(f"n_prev is on {n_prev.device}, hidden on {device}; move it")
+        return True
+    if isinstance(n_prev, bool) or not isinstance(n_prev, int) or n_prev < 0:
+        raise ValueError(f"n_prev must be an int >= 0 or a 1-element int tensor, got {n_prev!r}")
+    return False
+
+
+def _check_window(carry, window, device, c):
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a python int >= 1, got {window!r}")
+    if carry.dim() != 1 or carry.shape[0] != window - 1 or carry.dtype != torch.float32:
+        raise ValueError(f"carry must be fp32 [window-1] = [{window - 1}], got "
+                         f"{carry.dtype} {tuple(carry.shape)}")
+    if carry.device != device or not carry.is_contiguous():
+        raise ValueError(f"carry must be contiguous on {device}")
+    if not 1 <= c <= MAX_CHUNK:
+        raise ValueError(f"chunk size c must be in 1..{MAX_CHUNK}, got {c}")
+
+
+def _alloc_out(c, device, out):
+    if out is None:
+        return SwitchScore(
+            logp=torch.empty(c, device=device, dtype=torch.float32),
+            lse=torch.empty(c, device=device, dtype=torch.float32),
+            argmax=torch.empty(c, device=device, dtype=torch.int64),
+            mean=torch.empty(c, device=device, dtype=torch.float32),
+            first=torch.empty(1, device=device, dtype=torch.int32),
+        )
+    want = {"logp": ((c,), torch.float32), "lse": ((c,), torch.float32),
+            "argmax": ((c,), torch.int64), "mean": ((c,), torch.float32),
+            "first": ((1,), torch.int32)}
+    for name, (shape, dtype) in want.items():
+        t = getattr(out, name)
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+            raise ValueError(f"out.{name} must be a contiguous {dtype} {list(shape)} on {device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    return out
+
+
+def _launch_combine(wsf, wsi, P, logp_in, carry, n_prev, window, log_gamma, c, out, block_p):
+    BLOCK_C = max(16, triton.next_power_of_2(c))
+    n_is_ptr = isinstance(n_prev, torch.Tensor)
+    carry_arg = carry if window > 1 else out.logp  # never read when window == 1 (all masked)
+    _switch_score_combine_kernel[(1,)](
+        wsf, wsi, P, logp_in, carry_arg, n_prev, window, float(window), _fp32(log_gamma), c,
+        out.logp, out.lse, out.argmax, out.mean, out.first,
+        BLOCK_C=BLOCK_C, BLOCK_P=block_p, N_PREV_IS_PTR=n_is_ptr, FROM_LOGP=logp_in is not None,
+        num_warps=4,
+    )
+
+
+def switch_score(hidden, weight, draft_ids, carry, n_prev, window, log_gamma, out=None, *,
+                 block_v=None, block_d=None, tiles_per_prog=None, block_p=None,
+                 num_warps=None, num_stages=None) -> SwitchScore:
+    """Score a chunk of c draft tokens with the base lm_head and apply the WSD window rule.
+
+    hidden [c, d] (c <= 64) and weight [V, d] share a float dtype and device; rows may be
+    strided but the last dim must be contiguous. draft_ids [c] int32/int64. carry [window-1]
+    fp32 holds the log p of the last window-1 scored draft tokens, oldest first (entries for
+    tokens that do not exist are ignored). n_prev (python int or 1-element int tensor on the
+    device, for CUDA graphs) is the number of draft tokens scored before this chunk.
+    draft_ids are not range-checked (that would sync): an id outside [0, V) gives
+    logp = -lse. `out` (a SwitchScore of preallocated tensors) is filled in place when given.
+    Block sizes default per device (GPU: BLOCK_V=64, BLOCK_D=128, ~4 programs per SM).
+    No host sync. Returns a SwitchScore.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dim() != 2 or t.dtype not in _FLOAT_DTYPES or t.stride(1) != 1:
+            raise ValueError(f"{name} must be a 2-D fp32/bf16/fp16 tensor with a contiguous last "
+                             f"dim, got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    c, d = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != d or weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)} on {weight.device} must be "
+                         f"[V, {d}] {hidden.dtype} on {hidden.device} like hidden")
+    device = hidden.device
+    if (draft_ids.dim() != 1 or draft_ids.shape[0] != c or draft_ids.device != device
+            or draft_ids.dtype not in (torch.int32, torch.int64) or not draft_ids.is_contiguous()):
+        raise ValueError(f"draft_ids must be a contiguous int32/int64 [{c}] tensor on {device}, got "
+                         f"{draft_ids.dtype} {tuple(draft_ids.shape)} on {draft_ids.device}")
+    _check_window(carry, window, device, c)
+    _check_n_prev(n_prev, device)
+    out = _alloc_out(c, device, out)
+
+    on_gpu = device.type == "cuda"
+    BLOCK_C = max(16, triton.next_power_of_2(c))
+    if on_gpu:
+        # bf16, 64x128 tiles, 4 stages: 80 KB of shared memory (16 B cp.async loads, wgmma
+        # on sm_90, checked by compiling for sm_90; not yet timed). fp32 weights are a
+        # test-only case: smaller tiles and 2 stages so they fit any GPU's shared memory.
+        block_v = block_v or 64
+        block_d = block_d or (64 if hidden.dtype == torch.float32 else 128)
+        num_stages = num_stages or (2 if hidden.dtype == torch.float32 else 4)
+    else:  # interpreter: few, large blocks
+        block_v = block_v or min(4096, max(16, triton.next_power_of_2(V)))
+        block_d = block_d or max(16, triton.next_power_of_2(d))
+    for name, b in (("block_v", block_v), ("block_d", block_d)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {b}")
+    if tiles_per_prog is not None and tiles_per_prog < 1:
+        raise ValueError(f"tiles_per_prog must be >= 1, got {tiles_per_prog}")
+    n_tiles = triton.cdiv(V, block_v)
+    if tiles_per_prog is None:
+        # GPU: ~4 programs per SM so the memory system stays busy; CPU: one program.
+        target = 4 * _sm_count(device.index if device.index is not None else 0) if on_gpu else 1
+        tiles_per_prog = triton.cdiv(n_tiles, target)
+    P = triton.cdiv(n_tiles, tiles_per_prog)
+    block_p = block_p or min(256, triton.next_power_of_2(P))
+
+    wsf = torch.empty(4, P, BLOCK_C, device=device, dtype=torch.float32)
+    wsi = torch.empty(P, BLOCK_C, device=device, dtype=torch.int32)
+    _switch_score_kernel[(P,)](
+        hidden, hidden.stride(0), weight, weight.stride(0), draft_ids, wsf, wsi,
+        c, d, V, P,
+        TILES_PER_PROG=tiles_per_prog, BLOCK_C=BLOCK_C, BLOCK_V=block_v, BLOCK_D=block_d,
+        UPCAST=(not on_gpu) or hidden.dtype == torch.float32,
+        num_warps=num_warps or 4, num_stages=num_stages or 4,
+    )
+    _launch_combine(wsf, wsi, P, None, carry, n_prev, window, log_gamma, c, out, block_p)
+    return out
+
+
+def switch_window(logp, carry, n_prev, window, log_gamma, out=None) -> SwitchScore:
+    """The window/threshold half of `switch_score` on given log p's [c] fp32 (same kernel).
+
+    Returns a SwitchScore whose logp, mean and first are filled; lse and argmax are not
+    written (left uninitialised).
+    """
+    if logp.dim() != 1 or logp.dtype != torch.float32 or not logp.is_contiguous():
+        raise ValueError(f"logp must be a contiguous fp32 [c] tensor, got {logp.dtype} "
+                         f"{tuple(logp.shape)}")
+    c, device = logp.shape[0], logp.device
+    _check_window(carry, window, device, c)
+    _check_n_prev(n_prev, device)
+    out = _alloc_out(c, device, out)
+    _launch_combine(logp, logp, 1, logp, carry, n_prev, window, log_gamma, c, out, 16)
+    return out
+
+
+def switch_window_ref(logp, carry, n_prev, window, log_gamma):
+    """Torch reference of the window rule: (mean [c] fp32 with NaN, first [1] int32).
+
+    Sums oldest to newest in fp32, divides by w (correctly rounded) and compares with
+    log_gamma rounded to fp32, exactly as the kernel does.
+    """
+    n_prev = int(n_prev)  # host sync on tensors: fine for a reference
+    c = logp.shape[0]
+    ext = torch.cat([carry.float().cpu(), logp.float().cpu()])  # [w-1+c]
+    lg = torch.tensor(log_gamma, dtype=torch.float32)
+    mean = torch.full((c,), float("nan"), dtype=torch.float32)
+    first = -1
+    for j in range(c):
+        if n_prev + j + 1 < window:
+            continue
+        acc = ext[j].clone()
+        for k in range(1, window):
+            acc = acc + ext[j + k]
+        mean[j] = acc / window
+        if first < 0 and bool(mean[j] >= lg):
+            first = j
+    return mean.to(logp.device), torch.tensor([first], dtype=torch.int32, device=logp.device)
+
+
+def switch_score_ref(hidden, weight, draft_ids, carry, n_prev, window, log_gamma) -> SwitchScore:
+    """Pure-torch reference: fp32 logits, torch.log_softmax, a plain window loop."""
+    logits = hidden.float() @ weight.float().T                          # [c, V]
+    logp = torch.log_softmax(logits, dim=-1).gather(1, draft_ids.long()[:, None])[:, 0]  # [c]
+    lse = torch.logsumexp(logits, dim=-1)                               # [c]
+    argmax = logits.argmax(dim=-1)                                      # [c]
+    mean, first = switch_window_ref(logp, carry, n_prev, window, log_gamma)
+    return SwitchScore(logp=logp, lse=lse, argmax=argmax, mean=mean, first=first)
+
+
+__all__ = ["SwitchScore", "switch_score", "switch_score_ref", "switch_window", "switch_window_ref",
+           "MAX_CHUNK"]
