@@ -236,7 +236,7 @@ class WSD:
                 ids_t = torch.tensor(new_b, device=dev)                          # [m]
                 H[start + 1:start + 1 + m] = base.score_chunk(ids_t, P + start,
                                                               return_hidden=True)
-                logp = self._draft_logp(H[start:start + m], ids_t)               # [m] fp32
+                logp = self._draft_logp(H[start:start + m], ids_t, state)        # [m] fp32
                 k = state.update(logp)
                 scored.extend(new_b)
                 if k is not None:
@@ -289,8 +289,17 @@ class WSD:
         self.last_result = res
         return res
 
-    def _draft_logp(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """log p of each draft token under the base: rows [m, d] predict ids [m] -> [m] fp32."""
+    def _draft_logp(self, rows: torch.Tensor, ids: torch.Tensor, state: SwitchState) -> torch.Tensor:
+        """log p of each draft token under the base: rows [m, d] predict ids [m] -> [m] fp32.
+
+        The triton backend uses the fused kernel (the lm_head is read once for the chunk and
+        the [m, V] logits never reach memory); the rule itself is then applied by
+        `SwitchState.update` on the m log-probs, one small read-back per chunk."""
+        if self.base.backend == "triton":
+            from .kernels.switch_score import switch_score
+            return switch_score(rows, self.base.weights["lm_head"], ids,
+                                state.carry_tensor(rows.device), state.n_scored, state.window,
+                                state.log_gamma).logp
         logits = self.base.logits(rows)                                   # [m, V] fp32
         return torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
 

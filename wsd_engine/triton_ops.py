@@ -1,0 +1,57 @@
+"""The "triton" backend: the layer operations of `model.forward` through the kernels in
+`wsd_engine.kernels`. Same data flow and cache layout as `model.TorchOps`; matmuls stay
+cuBLAS (`F.linear`). Imported lazily (it imports Triton): `load_model(backend="triton")`.
+On a machine without CUDA the kernels run only under TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .cache import StaticKVCache
+from .config import ModelConfig
+from .errors import ConfigError
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 set "
+                              "before import, for tests on CPU); use backend='torch' on CPU")
+        try:
+            from .kernels.decode_attention import decode_attention
+            from .kernels.prefill_attention import prefill_attention
+            from .kernels.rms_norm import rms_norm
+            from .kernels.rope import rope
+            from .kernels.swiglu import swiglu
+        except ImportError as e:
+            raise ConfigError(f"backend='triton' needs Triton: {e}; `pip install triton` or use "
+                              "backend='torch'") from e
+        self.cfg = cfg
+        self._decode_attention, self._prefill_attention = decode_attention, prefill_attention
+        self._rms_norm, self._rope, self._swiglu = rms_norm, rope, swiglu
+
+    def rms_norm(self, x, weight, residual=None):
+        """norm(x + residual) and the new residual stream, one kernel (fused add)."""
+        if residual is None:
+            return self._rms_norm(x, weight, self.cfg.rms_norm_eps), x
+        return self._rms_norm(x, weight, self.cfg.rms_norm_eps, residual=residual)
+
+    def attention(self, q, k, v, cache: StaticKVCache, layer: int, positions, cos, sin,
+                  start: int):
+        """q [T, nq, hd], k/v [T, nkv, hd] unrotated (strided views of the fused qkv)."""
+        kc, vc = cache.k[layer], cache.v[layer]                         # [nkv, S, hd]
+        if q.shape[0] == 1:
+            # decode: RoPE, write this token's K/V, then flash-decoding over the cache
+            q, k = self._rope(q, k, cos, sin, positions)
+            kc[:, start] = k[0]
+            vc[:, start] = v[0]
+            return self._decode_attention(q[0], kc, vc, start + 1)[None]   # [1, nq, hd]
+        # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
+        return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
+
+    def swiglu(self, gate_up):
+        return self._swiglu(gate_up)
