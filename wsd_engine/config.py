@@ -244,3 +244,38 @@ def _read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return data
+
+
+# Real model shapes (for benchmarks with random weights; DESIGN §5).
+PRESETS = {
+    "llama3.2-1b": dict(architectures=["LlamaForCausalLM"], hidden_size=2048,
+                        intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                        tie_word_embeddings=True),
+    "llama3.2-3b": dict(architectures=["LlamaForCausalLM"], hidden_size=3072,
+                        intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                        tie_word_embeddings=True),
+    "llama3.1-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096,
+                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                        tie_word_embeddings=False),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       rope_theta=1000000.0, max_position_embeddings=32768),
+}
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    d = dict(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+             rope_scaling=_LLAMA3_ROPE, dtype="bfloat16", bos_token_id=128000,
+             eos_token_id=[128001, 128008, 128009])
+    if name.startswith("qwen"):
+        d.update(rope_scaling=None, bos_token_id=None, eos_token_id=151643, rms_norm_eps=1e-6)
+    d.update(PRESETS[name])
+    return ModelConfig.from_dict(d)

@@ -159,16 +159,7 @@ class Model:
         return out
 
 
-def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
-               backend: str = "torch") -> Model:
-    """Load a Llama / Qwen2 / Mistral safetensors checkpoint folder into the engine.
-
-    dtype: None keeps the checkpoint's dtype; else torch.float32 / bfloat16 / float16.
-    max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
-    backend: "torch" (reference, runs anywhere) or "triton" (the fused kernels).
-    """
-    path = os.fspath(path)
-    cfg = ModelConfig.from_pretrained(path)
+def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
@@ -182,10 +173,49 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
     cfg.check_context(max_seq_len)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return device, dtype, max_seq_len
+
+
+def build_model(cfg: ModelConfig, weights: dict, device, dtype, max_seq_len: int,
+                backend: str = "torch", path: str = "") -> Model:
+    """A Model around already loaded (fused, engine-named) weights: allocates the cache
+    and RoPE tables. `load_model` uses it; benchmarks use it with random weights."""
     ops = _make_ops(backend, cfg, device)
-    weights = load_weights(path, cfg, device, dtype)
     cache = StaticKVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
                                    dtype, device)
     cos, sin = rope_tables(cfg, max_seq_len, device)
     return Model(path=path, config=cfg, weights=weights, cache=cache, cos=cos, sin=sin,
                  ops=ops, device=device, dtype=dtype)
+
+
+def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
+               backend: str = "torch") -> Model:
+    """Load a Llama / Qwen2 / Mistral safetensors checkpoint folder into the engine.
+
+    dtype: None keeps the checkpoint's dtype; else torch.float32 / bfloat16 / float16.
+    max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
+    backend: "torch" (reference, runs anywhere) or "triton" (the fused kernels).
+    """
+    path = os.fspath(path)
+    cfg = ModelConfig.from_pretrained(path)
+    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend)
+    _make_ops(backend, cfg, device)          # fail on a bad backend before reading weights
+    weights = load_weights(path, cfg, device, dtype)
+    return build_model(cfg, weights, device, dtype, max_seq_len, backend, path)
+
+
+def random_model(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096,
+                 backend: str = "torch", seed: int = 0) -> Model:
+    """A model of cfg's shapes with random weights made on the device (never zeros):
+    for speed measurements at real shapes without a checkpoint. No tokenizer."""
+    from .loader import expected_shapes, _fuse
+    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend)
+    g = torch.Generator(device=device).manual_seed(seed)
+    raw = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
+        else:   # ~ 1/sqrt(fan_in) so activations stay O(1) through the layers
+            t = torch.randn(shape, generator=g, device=device) * (shape[-1] ** -0.5)
+        raw[name] = t.to(dtype)
+    return build_model(cfg, _fuse(raw, cfg), device, dtype, max_seq_len, backend)
