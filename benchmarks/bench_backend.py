@@ -1,0 +1,99 @@
+"""The whole forward at real shapes: backend "triton" against backend "torch".
+
+    python benchmarks/bench_backend.py --preset llama3.1-8b --out backend.json   # CUDA
+    python benchmarks/bench_backend.py --cpu-smoke                               # tiny, CPU
+
+Random bf16 weights made on the device (never zeros). Checks that the triton backend's
+logits agree with the torch backend's within bf16 tolerance and that greedy tokens agree;
+times one eager decode step and one 8-token chunk-scoring forward per backend, against the
+floor (weight bytes / copy bandwidth measured in the same run). These are eager steps
+(Python launches every kernel); CUDA graphs are a separate step.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+try:
+    from benchmarks.bench_switch_score import copy_bandwidth_gbps, setup_backend, time_ms
+except ImportError:  # run as a script from benchmarks/
+    from bench_switch_score import copy_bandwidth_gbps, setup_backend, time_ms
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama3.1-8b")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-smoke", action="store_true")
+    a = ap.parse_args(argv)
+    dev = setup_backend(a.cpu_smoke)
+    from wsd_engine.config import preset_config
+    from wsd_engine.runner import build_model, random_model
+
+    cfg = preset_config(a.preset)
+    dtype = torch.bfloat16
+    if a.cpu_smoke:   # 2 layers, small vocab: the interpreter is slow
+        cfg = dataclasses.replace(cfg, num_layers=2, vocab_size=1000, hidden_size=256,
+                                  intermediate_size=512, num_heads=4, num_kv_heads=2,
+                                  head_dim=64)
+        dtype, a.prompt_len, a.gen = torch.float32, 16, 4
+    ref = random_model(cfg, dev, dtype, max_seq_len=a.prompt_len + a.gen + 16, backend="torch")
+    tri = build_model(cfg, ref.weights, dev, dtype, ref.max_seq_len, backend="triton")
+    weight_bytes = sum(t.numel() * t.element_size() for n, t in ref.weights.items()
+                       if not (n == "lm_head" and cfg.tie_word_embeddings) and n != "embed") \
+        + (ref.weights["embed"].numel() * ref.weights["embed"].element_size()
+           if cfg.tie_word_embeddings else 0)
+    bw = copy_bandwidth_gbps(dev)
+    floor_ms = weight_bytes / (bw * 1e9) * 1e3
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (a.prompt_len,), device=dev, generator=g)
+
+    lr, lt = ref.score(ids), tri.score(ids)                                 # [T, V] fp32
+    rel = ((lr - lt).abs().max() / lr.abs().max()).item()
+    agree = (lr.argmax(-1) == lt.argmax(-1)).float().mean().item()
+    gr = ref.generate(ids, a.gen, stop_at_eos=False)
+    gt = tri.generate(ids, a.gen, stop_at_eos=False)
+    same_prefix = next((i for i, (x, y) in enumerate(zip(gr, gt)) if x != y), len(gr))
+
+    res = {"preset": a.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda"
+           else "cpu", "dtype": str(dtype), "weight_bytes": weight_bytes, "copy_gbps": bw,
+           "floor_ms_per_step": floor_ms, "logits_max_rel_diff": rel, "argmax_agree": agree,
+           "greedy_identical_prefix": same_prefix, "greedy_len": len(gr)}
+    chunk = ids[:8]
+    for name, m in (("torch", ref), ("triton", tri)):
+        m.cache.reset()
+        m.prefill(ids)
+        P = a.prompt_len
+        tok = ids[-1:]
+
+        def step():
+            m.cache.length = P
+            m.decode_one_token(tok)
+
+        def score8():
+            m.cache.length = P
+            m.score_chunk(chunk, P, return_hidden=True)
+
+        d_ms = time_ms(step, dev, reps=50)
+        s_ms = time_ms(score8, dev, reps=50)
+        res[name] = {"decode_ms": d_ms, "decode_frac_of_floor": floor_ms / d_ms,
+                     "score8_ms": s_ms, "score8_over_decode": s_ms / d_ms}
+    print(json.dumps(res, indent=1))
+    print(f"\n| backend | decode ms | fraction of floor ({floor_ms:.2f} ms) | chunk-8 ms | "
+          "chunk-8 / decode |\n|---|---|---|---|---|")
+    for name in ("torch", "triton"):
+        r = res[name]
+        print(f"| {name} | {r['decode_ms']:.3f} | {r['decode_frac_of_floor']:.2f} | "
+              f"{r['score8_ms']:.3f} | {r['score8_over_decode']:.2f} |")
+    if a.out:
+        json.dump(res, open(a.out, "w"), indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
