@@ -1,0 +1,372 @@
+"""Attention kernels at Llama-3.1-8B shapes (bf16, n_q=32, n_kv=8, hd=128) vs torch.
+
+    python -m benchmarks.bench_attention [--out attn.json] [--sweep]   # CUDA
+    python -m benchmarks.bench_attention --cpu-smoke                    # interpreter, tiny
+    python -m benchmarks.bench_attention --compile-check                # sm_90 AOT, no GPU
+
+Timing: every implementation runs once per layer of a multi-layer cache (>= 256 MiB of K/V in
+all, so the 50 MB L2 of an H100 cannot hold it, as in a real forward), the whole sweep
+captured in one CUDA graph (the engine replays graphs; this removes Python launch overhead,
+~20 us per Triton launch, which would otherwise dominate a 10 us kernel); median of
+replays / n_layers. Implementations that cannot be captured are timed eagerly ("eager").
+Decode bandwidth counts the K/V bytes read (n_kv * ctx * hd * 2 B * 2) and is reported as a
+fraction of a device-to-device copy measured in the same run (1 GiB, bytes read + written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+N_Q, N_KV, HD = 32, 8, 128          # Llama-3.1-8B attention
+DECODE_CTX = (1024, 4096, 8192, 32768)
+PREFILL_L = (8, 64, 512)
+PREFILL_PREFIX = 1024
+L2_DEFEAT_BYTES = 256 << 20
+
+
+def _kernels():
+    # Imported late: --cpu-smoke must set TRITON_INTERPRET before the kernels are decorated.
+    from wsd_engine.kernels import decode_attention as dec
+    from wsd_engine.kernels import prefill_attention as pre
+    return dec, pre
+
+
+# ---------------------------------------------------------------------------- timing
+def time_per_call(calls, reps=30, graph=True):
+    """Median microseconds per call of `calls` (one zero-arg callable per layer)."""
+    for c in calls:   # warm-up (compiles)
+        c()
+    if not torch.cuda.is_available():   # --cpu-smoke: wall clock of the interpreter
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        return (time.perf_counter() - t0) * 1e6 / len(calls), "cpu-interpreter"
+    torch.cuda.synchronize()
+    run, method = (lambda: [c() for c in calls]), "eager"
+    if graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for c in calls:
+                    c()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for c in calls:
+                    c()
+            run, method = g.replay, "graph"
+        except Exception as e:  # noqa: BLE001 - fall back to eager timing, say so
+            print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:80]}; timing eagerly)",
+                  file=sys.stderr)
+            torch.cuda.synchronize()
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times), method
+
+
+def copy_bandwidth_gbps(device, nbytes=1 << 30):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    us, _ = time_per_call([lambda: dst.copy_(src)], reps=20, graph=False)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def n_layers_for(bytes_per_layer, device):
+    if device == "cpu":
+        return 1
+    return max(2, min(64, math.ceil(L2_DEFEAT_BYTES / bytes_per_layer)))
+
+
+# ---------------------------------------------------------------------------- baselines
+def sdpa_decode(q, k_cache, v_cache, n):
+    """bf16 SDPA (GQA-native) of one token over cache[:, :n]: the fair torch baseline."""
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q[None, :, None, :], k_cache[None, :, :n], v_cache[None, :, :n], enable_gqa=True)
+    return o[0, :, 0]                                                   # [n_q, hd]
+
+
+def sdpa_prefill(q, k, v, k_cache, v_cache, cos, sin, start, bias):
+    """Torch prefill as a model would do it: bf16 RoPE (HF), cache write, flash SDPA with a
+    lower-right causal bias (queries are the last L of start+L keys)."""
+    L = q.shape[0]
+    c = cos[start:start + L, None].to(q.dtype)                          # [L, 1, hd]
+    s = sin[start:start + L, None].to(q.dtype)
+    half = q.shape[-1] // 2
+
+    def rot(x):
+        return torch.cat((-x[..., half:], x[..., :half]), -1)
+    qr, kr = q * c + rot(q) * s, k * c + rot(k) * s
+    k_cache[:, start:start + L] = kr.transpose(0, 1)
+    v_cache[:, start:start + L] = v.transpose(0, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qr.transpose(0, 1)[None], k_cache[None, :, :start + L], v_cache[None, :, :start + L],
+        attn_mask=bias, enable_gqa=True)                                # [1, n_q, L, hd]
+    return o[0].transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------- benches
+@dataclass(frozen=True)
+class Setup:
+    n_q: int = N_Q
+    n_kv: int = N_KV
+    hd: int = HD
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cuda"
+
+
+def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
+    rows = []
+    on_gpu = su.device == "cuda"
+    for ctx in ctxs:
+        kv_bytes = su.n_kv * ctx * su.hd * su.dtype.itemsize * 2
+        n_layers = n_layers_for(kv_bytes, su.device)
+        cache = torch.randn(n_layers, 2, su.n_kv, ctx, su.hd, device=su.device, dtype=su.dtype)
+        q = torch.randn(su.n_q, su.hd, device=su.device, dtype=su.dtype)          # [n_q, hd]
+        n_t = torch.tensor([ctx], dtype=torch.int32, device=su.device)
+        want = dec.decode_attention_ref(q, cache[0, 0], cache[0, 1], ctx)     # [n_q, hd]
+        impls = {
+            "triton": lambda i: dec.decode_attention(q, cache[i, 0], cache[i, 1], n_t),
+            "triton_int_len": lambda i: dec.decode_attention(q, cache[i, 0], cache[i, 1], ctx),
+            "sdpa": lambda i: sdpa_decode(q, cache[i, 0], cache[i, 1], ctx),
+            "ref_fp32": lambda i: dec.decode_attention_ref(q, cache[i, 0], cache[i, 1], ctx),
+        }
+        if on_gpu:   # inductor on CPU needs a C++ toolchain and minutes: GPU only
+            compiled = torch.compile(dec.decode_attention_ref, dynamic=False)
+            impls["compile(ref)"] = lambda i: compiled(q, cache[i, 0], cache[i, 1], ctx)
+        if sweep and on_gpu:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            for bn in (32, 64, 128):
+                for stages in (2, 3, 4):
+                    for per_sm in (2, 4, 8):
+                        ns = max(1, min(math.ceil(per_sm * sms / su.n_kv), math.ceil(ctx / bn)))
+                        impls[f"triton[bn={bn},st={stages},splits={ns}]"] = (
+                            lambda i, bn=bn, st=stages, ns=ns: dec.decode_attention(
+                                q, cache[i, 0], cache[i, 1], n_t, num_splits=ns, block_n=bn,
+                                num_stages=st))
+        for name, fn in impls.items():
+            try:
+                err = (fn(0).float() - want.float()).abs().max().item()
+                us, method = time_per_call([lambda i=i, fn=fn: fn(i) for i in range(n_layers)])
+            except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
+                print(f"  decode ctx={ctx} {name}: failed ({type(e).__name__}: {e})",
+                      file=sys.stderr)
+                continue
+            gbps = kv_bytes / (us * 1e-6) / 1e9
+            rows.append(dict(op="decode", ctx=ctx, impl=name, us=us, gbps=gbps,
+                             frac_copy=gbps / copy_gbps, method=method, max_abs_err=err))
+        del cache
+    return rows
+
+
+def bench_prefill(pre, su: Setup, Ls, prefix, sweep=False):
+    from torch.nn.attention.bias import causal_lower_right
+    rows = []
+    dev = su.device
+    max_seq = prefix + max(Ls)
+    cos, sin = _rope_tables(max_seq, su.hd, dev)
+    for L in Ls:
+        n_layers = n_layers_for(su.n_kv * (prefix + L) * su.hd * su.dtype.itemsize * 2, dev)
+        cache = torch.randn(n_layers, 2, su.n_kv, max_seq, su.hd, device=dev, dtype=su.dtype)
+        q = torch.randn(L, su.n_q, su.hd, device=dev, dtype=su.dtype)           # [L, n_q, hd]
+        k = torch.randn(L, su.n_kv, su.hd, device=dev, dtype=su.dtype)
+        v = torch.randn(L, su.n_kv, su.hd, device=dev, dtype=su.dtype)
+        pos = torch.tensor([prefix], dtype=torch.int64, device=dev)
+        ref_cache = cache[0].clone()
+        want = pre.prefill_attention_ref(q, k, v, ref_cache[0], ref_cache[1], cos, sin, prefix)
+        bias = causal_lower_right(L, prefix + L)
+        mask = torch.ones(L, prefix + L, dtype=torch.bool, device=dev).tril(prefix)  # [L, P+L]
+        flops = 4 * su.n_q * su.hd * L * (prefix + (L + 1) / 2)          # QK^T + PV, causal
+        impls = {
+            "triton": lambda i: pre.prefill_attention(q, k, v, cache[i, 0], cache[i, 1],
+                                                      cos, sin, pos),
+            "triton_int_pos": lambda i: pre.prefill_attention(q, k, v, cache[i, 0], cache[i, 1],
+                                                              cos, sin, prefix),
+            "sdpa_lower_right": lambda i: sdpa_prefill(q, k, v, cache[i, 0], cache[i, 1],
+                                                       cos, sin, prefix, bias),
+            "sdpa_mask": lambda i: sdpa_prefill(q, k, v, cache[i, 0], cache[i, 1],
+                                                cos, sin, prefix, mask),
+            "ref_fp32": lambda i: pre.prefill_attention_ref(q, k, v, cache[i, 0], cache[i, 1],
+                                                            cos, sin, prefix),
+        }
+        if sweep and dev == "cuda":
+            for bn in (64, 128):
+                for nw in (4, 8):
+                    for st in (2, 3):
+                        for ns in (1, 4):
+                            impls[f"triton[bn={bn},w={nw},st={st},splits={ns}]"] = (
+                                lambda i, bn=bn, nw=nw, st=st, ns=ns: pre.prefill_attention(
+                                    q, k, v, cache[i, 0], cache[i, 1], cos, sin, pos,
+                                    block_n=bn, num_warps=nw, num_stages=st, num_splits=ns))
+        for name, fn in impls.items():
+            try:   # (every impl rewrites the same new positions; the prefix it reads is fixed)
+                err = (fn(0).float() - want.float()).abs().max().item()
+                us, method = time_per_call([lambda i=i, fn=fn: fn(i) for i in range(n_layers)])
+            except Exception as e:  # noqa: BLE001
+                print(f"  prefill L={L} {name}: failed ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            rows.append(dict(op="prefill", L=L, prefix=prefix, impl=name, us=us,
+                             tflops=flops / (us * 1e-6) / 1e12, method=method, max_abs_err=err))
+        del cache
+    return rows
+
+
+def _rope_tables(max_seq, hd, device, base=500000.0):
+    inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)     # [hd/2]
+    emb = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv).repeat(1, 2)  # [S, hd]
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def print_table(title, rows, copy_gbps):
+    print(f"\n{title}\ndevice-to-device copy: {copy_gbps:.0f} GB/s (read + write)\n")
+    dec = [r for r in rows if r["op"] == "decode"]
+    if dec:
+        print("| decode ctx | impl | us | K/V GB/s | of copy BW | timing | max abs err |")
+        print("|---:|---|---:|---:|---:|---|---:|")
+        for r in dec:
+            print(f"| {r['ctx']} | {r['impl']} | {r['us']:.1f} | {r['gbps']:.0f} | "
+                  f"{r['frac_copy']:.0%} | {r['method']} | {r['max_abs_err']:.1e} |")
+    pre = [r for r in rows if r["op"] == "prefill"]
+    if pre:
+        print("\n| prefill L @ prefix | impl | us | TFLOP/s | timing | max abs err |")
+        print("|---:|---|---:|---:|---|---:|")
+        for r in pre:
+            print(f"| {r['L']} @ {r['prefix']} | {r['impl']} | {r['us']:.1f} | "
+                  f"{r['tflops']:.3g} | {r['method']} | {r['max_abs_err']:.1e} |")
+
+
+def compile_check(arch=90):
+    """Compile the default GPU configs for sm_<arch> without a GPU (needs the ptxas that ships
+    with Triton's NVIDIA backend) and print shared memory, registers and spills per config."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    dec, pre = _kernels()
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    fp32_args = {"o_part_ptr", "lse_part_ptr", "cos_ptr", "sin_ptr"}
+
+    def build(fn, dt, consts, num_warps, num_stages):
+        sig = {}
+        for n in fn.arg_names:
+            if n in consts:
+                sig[n] = "constexpr"
+            elif n.endswith("_ptr"):
+                sig[n] = "*fp32" if n in fp32_args else "*i64" if n in ("pos_ptr", "len_ptr") \
+                    else f"*{dt}"
+            else:
+                sig[n] = "fp32" if n == "qk_scale" else "i32"
+        # what the JIT sees at run time: 16-byte aligned pointers and strides (cp.async needs it)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))}
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=num_warps, num_stages=num_stages))
+        usage = ""
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            if os.path.exists(cuobjdump):
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
+                                       text=True).stdout
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+        return k.metadata.shared, (m.group(1), m.group(2)) if m else ("?", "?")
+
+    print(f"| kernel | config | smem KB | regs | stack B |  (sm_{arch}, triton {triton.__version__})")
+    print("|---|---|---:|---:|---:|")
+    dev = torch.device("cuda")
+    for L in (1, 8, 64, 512):
+        cfg = pre.prefill_config(L, N_Q // N_KV, HD, torch.bfloat16, dev)
+        g_pad = triton.next_power_of_2(N_Q // N_KV)
+        for splits in (1, 8):
+            consts = dict(GROUP=N_Q // N_KV, G_PAD=g_pad, HEAD_DIM=HD,
+                          BLOCK_T=cfg["block_r"] // g_pad, BLOCK_R=cfg["block_r"],
+                          BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, POS_FROM_PTR=True,
+                          FP32_DOT=False)
+            smem, (regs, stack) = build(pre._prefill_attention_kernel, "bf16", consts,
+                                        cfg["num_warps"], cfg["num_stages"])
+            print(f"| prefill L={L} | {cfg} splits={splits} | {smem // 1024} | {regs} | {stack} |")
+    consts = dict(GROUP=N_Q // N_KV, BLOCK_H=16, HEAD_DIM=HD, BLOCK_N=64, NUM_SPLITS=64,
+                  LEN_FROM_PTR=True, FP32_DOT=False)
+    smem, (regs, stack) = build(dec._decode_attention_kernel, "bf16", consts, 4, 3)
+    print(f"| decode | block_n=64 warps=4 stages=3 | {smem // 1024} | {regs} | {stack} |")
+    consts = dict(NUM_SPLITS=64, BLOCK_S=64, HEAD_DIM=HD, BLOCK_ROWS=1)
+    smem, (regs, stack) = build(dec._attention_combine_kernel, "bf16", consts, 4, 1)
+    print(f"| combine | splits=64 | {smem // 1024} | {regs} | {stack} |")
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="write the results as JSON to this path")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes under the Triton interpreter: the same code paths, no "
+                         "timing claims")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time block-size / split variants (tuning on a new GPU)")
+    ap.add_argument("--ctx", type=int, nargs="*", help=f"decode contexts (default {DECODE_CTX})")
+    ap.add_argument("--L", type=int, nargs="*", help=f"prefill lengths (default {PREFILL_L})")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="compile the default configs for sm_90 (no GPU needed): smem, regs, "
+                         "spills")
+    args = ap.parse_args(argv)
+    if args.compile_check:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("bench_attention: --compile-check needs TRITON_INTERPRET unset", file=sys.stderr)
+            return 2
+        return compile_check()
+
+    if args.cpu_smoke:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        su = Setup(n_q=8, n_kv=2, hd=64, dtype=torch.float32,
+                   device="cuda" if torch.cuda.is_available() else "cpu")
+        ctxs, Ls, prefix, copy_bytes = args.ctx or [77], args.L or [7], 77, 64 << 20
+        title = f"smoke ({su.device}, Triton interpreter): n_q=8, n_kv=2, hd=64, fp32"
+    else:
+        if not torch.cuda.is_available():
+            print("bench_attention: needs a CUDA GPU; use --cpu-smoke on a CPU-only machine",
+                  file=sys.stderr)
+            return 2
+        su = Setup()
+        ctxs, Ls = args.ctx or DECODE_CTX, args.L or PREFILL_L
+        prefix, copy_bytes = PREFILL_PREFIX, 1 << 30
+        title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
+                 f"n_q={su.n_q}, n_kv={su.n_kv}, hd={su.hd} (Llama-3.1-8B)")
+    dec, pre = _kernels()
+    copy_gbps = copy_bandwidth_gbps(su.device, copy_bytes)
+    rows = bench_decode(dec, su, copy_gbps, ctxs, args.sweep)
+    rows += bench_prefill(pre, su, Ls, prefix, args.sweep)
+    print_table(title, rows, copy_gbps)
+    ok = all(r["max_abs_err"] < (1e-4 if su.dtype == torch.float32 else 5e-2)
+             for r in rows if r["impl"].startswith("triton"))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(title=title, torch=torch.__version__, copy_gbps=copy_gbps,
+                           rows=rows, ok=ok), f, indent=1)
+    if not ok:
+        print("bench_attention: a Triton result disagrees with its reference", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

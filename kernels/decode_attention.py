@@ -1,0 +1,278 @@
+"""Decode attention: one query token against a long KV cache, split along the sequence.
+
+Batch-1 decode has n_kv programs' worth of work per layer (8 for Llama-3.1-8B), far too few
+to fill a GPU, so the sequence is cut in NUM_SPLITS pieces (flash-decoding):
+  stage 1, grid (n_kv, NUM_SPLITS): one program = all GROUP query heads of one kv head (each
+           K/V block is read once per GQA group) over one piece; writes the piece's
+           normalised output and log-sum-exp (base 2) to an fp32 workspace;
+  stage 2: merges the pieces (`combine_splits`, shared with the split path of
+           `prefill_attention`).
+The grid never depends on seq_len: a fixed number of pieces covers [0, seq_len) evenly
+(piece length rounded up to BLOCK_N, computed in the kernel), pieces past the end write an
+empty result. With seq_len a device tensor the launch is CUDA-graph replayable at any length.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    # fp32 operands: exact fp32 products ("ieee", not tf32) -- the CPU interpreter path and
+    # fp32 models; otherwise bf16/fp16 tensor-core operands with fp32 accumulation.
+    if FP32_DOT:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _softmax_update(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
+    """One online-softmax step. s [R, N] scores in log2 units (masked = -inf), v [N, HD]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))                               # [R]; m_i starts at -1e30
+    alpha = tl.exp2(m_i - m_new)                                        # [R]
+    p = tl.exp2(s - m_new[:, None])                                     # [R, N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)       # [R, HD]
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["len_val"])
+def _decode_attention_kernel(
+    q_ptr, kc_ptr, vc_ptr, out_ptr, o_part_ptr, lse_part_ptr, len_ptr,
+    len_val, max_seq, qk_scale,
+    stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs, stride_oh, stride_po, stride_pl,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, LEN_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    if LEN_FROM_PTR:
+        seq_len = tl.load(len_ptr).to(tl.int32)
+    else:
+        seq_len = len_val
+    seq_len = tl.minimum(seq_len, max_seq)
+
+    offs_h = tl.arange(0, BLOCK_H)                                      # [H] (>= 16 for tl.dot)
+    h_ok = offs_h < GROUP
+    head = kvh * GROUP + offs_h                                         # [H]
+    offs_d = tl.arange(0, HEAD_DIM)                                     # [HD]
+    q = tl.load(q_ptr + head[:, None] * stride_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)                                            # [H, HD]
+
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)               # [H, HD]
+    kc_base = kc_ptr + kvh * stride_kch
+    vc_base = vc_ptr + kvh * stride_vch
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)                             # [N]
+        n_ok = offs_n < hi
+        kt = tl.load(kc_base + offs_n[None, :] * stride_kcs + offs_d[:, None],
+                     mask=n_ok[None, :], other=0.0)                     # [HD, N] (K^T)
+        v = tl.load(vc_base + offs_n[:, None] * stride_vcs + offs_d[None, :],
+                    mask=n_ok[:, None], other=0.0)                      # [N, HD]
+        if FP32_DOT:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, kt, FP32_DOT) * qk_scale                            # [H, N]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
+
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + head[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+    else:   # a piece past the end (lo >= hi) stores lse = -inf, o = 0
+        has = l_i > 0.0
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # [H]
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        tl.store(o_part_ptr + split * stride_po + head[:, None] * HEAD_DIM + offs_d[None, :],
+                 o, mask=h_ok[:, None])
+        tl.store(lse_part_ptr + split * stride_pl + head, lse, mask=h_ok)
+
+
+@triton.jit
+def _attention_combine_kernel(
+    o_part_ptr, lse_part_ptr, out_ptr, n_rows, n_heads, stride_ol, stride_oh, stride_po, stride_pl,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Merge the split results of BLOCK_ROWS rows (row = token * n_heads + head).
+
+    o_part [S, rows, HD] fp32 (normalised per piece), lse_part [S, rows] fp32 (log2 units).
+    The tile is [S, BLOCK_ROWS * HD]; each column looks up its row's lse (a cached gather).
+    """
+    offs_s = tl.arange(0, BLOCK_S)                                      # [S]
+    cols = tl.program_id(0) * (BLOCK_ROWS * HEAD_DIM) + tl.arange(0, BLOCK_ROWS * HEAD_DIM)  # [C]
+    row = cols // HEAD_DIM                                              # [C]
+    ok = (offs_s[:, None] < NUM_SPLITS) & (row < n_rows)[None, :]       # [S, C]
+    lse = tl.load(lse_part_ptr + offs_s[:, None] * stride_pl + row[None, :], mask=ok,
+                  other=float("-inf"))                                  # [S, C]
+    m = tl.max(lse, 0)                                                  # [C]
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m[None, :])                                       # [S, C]; empty pieces -> 0
+    o = tl.load(o_part_ptr + offs_s[:, None] * stride_po + cols[None, :], mask=ok, other=0.0)
+    w_sum = tl.sum(w, 0)                                                # [C]
+    o = tl.sum(o * w, 0) / tl.where(w_sum > 0.0, w_sum, 1.0)            # [C]
+    tok = row // n_heads
+    h = row % n_heads
+    tl.store(out_ptr + tok * stride_ol + h * stride_oh + cols % HEAD_DIM,
+             o.to(out_ptr.dtype.element_ty), mask=row < n_rows)
+
+
+def combine_splits(o_part, lse_part, out, n_heads: int) -> None:
+    """Stage 2: out[tok, head] = merge over pieces of o_part[:, tok * n_heads + head].
+
+    o_part [S, rows, hd] fp32, lse_part [S, rows] fp32, out [L, n_heads, hd] or [n_heads, hd].
+    """
+    num_splits, n_rows, hd = o_part.shape
+    block_s = triton.next_power_of_2(num_splits)
+    # GPU: ~8K fp32 elements per tile; interpreter: big tiles (it pays per op, not per element).
+    budget = 8192 if o_part.device.type == "cuda" else 1 << 17
+    block_rows = min(triton.next_power_of_2(n_rows), max(1, budget // (block_s * hd)))
+    stride_ol = out.stride(0) if out.dim() == 3 else 0
+    _attention_combine_kernel[(triton.cdiv(n_rows, block_rows),)](
+        o_part, lse_part, out, n_rows, n_heads, stride_ol, out.stride(-2),
+        o_part.stride(0), lse_part.stride(0),
+        NUM_SPLITS=num_splits, BLOCK_S=block_s, HEAD_DIM=hd, BLOCK_ROWS=block_rows,
+        num_warps=4,
+    )
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """About 4 programs per SM (memory-bound: many loads in flight), >= 1 key block each."""
+    if device.type != "cuda":
+        return min(4, triton.cdiv(max_len, block_n))
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    n = max(1, min(triton.cdiv(4 * sms, n_kv), triton.cdiv(max_len, block_n), 128))
+    return 1 << (n.bit_length() - 1)    # a power of two: no padding in the combine tile
+
+
+def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
+                     block_n=None, num_warps=None, num_stages=None):
+    """Attention of one (already rotated) query token over cache positions [0, seq_len).
+
+    q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, current token's K/V
+    already written, stride(-1) == 1); seq_len: int or 1-element int32/int64 tensor on q's
+    device (read in the kernel, clamped to max_seq; no host sync). num_splits: fixed piece
+    count (default: ~4 programs per SM, capped by the blocks in max_seq, or in seq_len when
+    it is an int). Returns out [n_q, hd] in q's dtype (written into `out` when given).
+    """
+    n_q, hd, n_kv, max_seq = _validate(q, k_cache, v_cache, seq_len, out)
+    if out is None:
+        out = torch.empty((n_q, hd), dtype=q.dtype, device=q.device)   # [n_q, hd]
+    group = n_q // n_kv
+    len_is_tensor = isinstance(seq_len, torch.Tensor)
+    on_gpu = q.device.type == "cuda"
+    if block_n is None:
+        block_n = 64
+    if num_splits is None:
+        max_len = max_seq if len_is_tensor else max(1, int(seq_len))
+        num_splits = default_num_splits(n_kv, max_len, block_n, q.device)
+    if num_splits < 1:
+        raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:   # sm_90 compile, bf16, hd=128, 64 keys: 70 KB smem, 89 regs
+        num_stages = 3 if q.dtype != torch.float32 else 2
+    if num_splits > 1:
+        o_part = torch.empty((num_splits, n_q, hd), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, n_q), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out   # unused
+    _decode_attention_kernel[(n_kv, num_splits)](
+        q, k_cache, v_cache, out, o_part, lse_part,
+        seq_len if len_is_tensor else q, 0 if len_is_tensor else int(seq_len), max_seq,
+        _LOG2E / math.sqrt(hd),
+        q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), n_q * hd, n_q,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
+        FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        combine_splits(o_part, lse_part, out, n_q)
+    return out
+
+
+def _check_dtype_device(fn, ref, same_dtype: dict, fp32: dict) -> None:
+    if ref.dtype not in _DTYPES:
+        raise ValueError(f"{fn}: dtype {ref.dtype} not supported (use one of {_DTYPES})")
+    for name, t in {**same_dtype, **fp32}.items():
+        if t.device != ref.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, q on {ref.device}; "
+                             f"move them to one device")
+    for name, t in same_dtype.items():
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{fn}: {name} is {t.dtype}, q is {ref.dtype}; "
+                             f"all activations and the cache must share the model dtype")
+
+
+def _validate(q, k_cache, v_cache, seq_len, out):
+    for name, t, nd in (("q", q, 2), ("k_cache", k_cache, 3), ("v_cache", v_cache, 3)):
+        if not isinstance(t, torch.Tensor) or t.dim() != nd:
+            raise ValueError(f"decode_attention: {name} must be a {nd}-D tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode_attention: {name} needs a unit last-dim stride "
+                             f"(got strides {t.stride()}); call .contiguous()")
+    n_q, hd = q.shape
+    n_kv, max_seq = k_cache.shape[0], k_cache.shape[1]
+    if v_cache.shape != k_cache.shape or k_cache.shape[2] != hd:
+        raise ValueError(f"decode_attention: k_cache {tuple(k_cache.shape)} and v_cache "
+                         f"{tuple(v_cache.shape)} must both be [n_kv, max_seq, hd={hd}]")
+    if n_q % n_kv != 0:
+        raise ValueError(f"decode_attention: n_q={n_q} is not a multiple of n_kv={n_kv}")
+    if hd < 16 or hd & (hd - 1):
+        raise ValueError(f"decode_attention: head_dim={hd} must be a power of two >= 16")
+    _check_dtype_device("decode_attention", q, {"k_cache": k_cache, "v_cache": v_cache}, {})
+    if isinstance(seq_len, torch.Tensor):
+        if seq_len.numel() != 1 or seq_len.dtype not in (torch.int32, torch.int64) \
+                or seq_len.device != q.device:
+            raise ValueError(f"decode_attention: a tensor seq_len must be one int32/int64 "
+                             f"element on {q.device}, got {tuple(seq_len.shape)} "
+                             f"{seq_len.dtype} on {seq_len.device}")
+    elif not 1 <= int(seq_len) <= max_seq:
+        raise ValueError(f"decode_attention: seq_len={seq_len} must be in [1, {max_seq}]")
+    if out is not None and (out.shape != (n_q, hd) or out.dtype != q.dtype
+                            or out.device != q.device or out.stride(-1) != 1):
+        raise ValueError(f"decode_attention: out must be {(n_q, hd)} {q.dtype} on {q.device} "
+                         f"with unit last-dim stride, got {tuple(out.shape)} {out.dtype}")
+    return n_q, hd, n_kv, max_seq
+
+
+def decode_attention_ref(q, k_cache, v_cache, seq_len, out=None):
+    """Pure torch: SDPA (fp32) of q [n_q, hd] over cache positions [0, seq_len)."""
+    n_q, hd = q.shape
+    n_kv = k_cache.shape[0]
+    n = int(seq_len.item()) if isinstance(seq_len, torch.Tensor) else int(seq_len)
+    keys = k_cache[:, :n].float().repeat_interleave(n_q // n_kv, dim=0)   # [n_q, n, hd]
+    vals = v_cache[:, :n].float().repeat_interleave(n_q // n_kv, dim=0)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, None, :], keys, vals)                              # [n_q, 1, hd]
+    o = o[:, 0].to(q.dtype)                                             # [n_q, hd]
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o

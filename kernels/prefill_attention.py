@@ -1,0 +1,354 @@
+"""Cross-model prefix prefill: RoPE + KV-cache write + causal attention in one launch.
+
+The base model scores the pilot's chunk of L tokens in ONE forward appended to its cache:
+new tokens sit at positions start_pos .. start_pos+L-1, the cache holds [0, start_pos).
+One program handles a tile of BLOCK_T new tokens x all the GROUP query heads that share one
+kv head (BLOCK_R = BLOCK_T * G_PAD rows), so each K/V block is read once per GQA group.
+
+Why one launch is race-free: the cache slots [start_pos, start_pos+L) are written (rotated k,
+v; by the split-0 program of each token tile) but never read by this kernel; the new keys
+are read from the raw k/v inputs and rotated on the fly by every tile that needs them.
+
+With few programs (small L, e.g. L=1 decode through this path) the key range is split in
+NUM_SPLITS pieces (flash-decoding); the partial results are merged by the combine kernel
+of `decode_attention.py` (a second launch). The split count never depends on start_pos'
+value, so a device-tensor start_pos lets a CUDA graph replay at new positions.
+
+Numerics: RoPE in fp32 (HF "rotate_half" layout), the rotated q and k rounded to the model
+dtype (as stored in the cache; HF applies RoPE in the model dtype for bf16 -- our ref does
+the fp32 math then casts, and so does the kernel), softmax and accumulation in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention import _check_dtype_device, _dot, _num_sms, _softmax_update, combine_splits
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rope(x, x_partner, cos, sin, offs_d, HALF: tl.constexpr):
+    """x_rot = x*cos + rotate_half(x)*sin; x_partner[..., d] = x[..., (d + HALF) % HD]."""
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)                          # [HD]
+    return x * cos + x_partner * sign[None, :] * sin
+
+
+@triton.jit(do_not_specialize=["pos_val"])
+def _prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr,
+    out_ptr, o_part_ptr, lse_part_ptr, pos_ptr,
+    pos_val, n_tokens, pos_limit, n_q_heads, qk_scale,
+    stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh,
+    stride_kch, stride_kcs, stride_vch, stride_vcs, stride_cos,
+    stride_ol, stride_oh, stride_po, stride_pl,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, POS_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if POS_FROM_PTR:
+        start = tl.load(pos_ptr).to(tl.int32)
+    else:
+        start = pos_val
+    model_dtype = kc_ptr.dtype.element_ty
+
+    offs_d = tl.arange(0, HEAD_DIM)                                     # [HD]
+    partner_d = (offs_d + HALF) % HEAD_DIM                              # [HD]
+
+    # ---- rows of this tile: token-major, GQA group minor --------------------------------
+    offs_r = tl.arange(0, BLOCK_R)                                      # [R]
+    tok = pid_t * BLOCK_T + offs_r // G_PAD                             # [R] new-token index
+    g = offs_r % G_PAD                                                  # [R]
+    head = kvh * GROUP + g                                              # [R] query head
+    q_pos = start + tok                                                 # [R]
+    row_ok = (g < GROUP) & (tok < n_tokens) & (q_pos >= 0) & (q_pos < pos_limit)  # [R]
+
+    q_off = tok[:, None] * stride_ql + head[:, None] * stride_qh         # [R, 1]
+    q = tl.load(q_ptr + q_off + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + q_off + partner_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    cs_off = q_pos[:, None] * stride_cos + offs_d[None, :]               # [R, HD]
+    cos_q = tl.load(cos_ptr + cs_off, mask=row_ok[:, None], other=0.0)
+    sin_q = tl.load(sin_ptr + cs_off, mask=row_ok[:, None], other=0.0)
+    q = _rope(q, q2, cos_q, sin_q, offs_d, HALF).to(model_dtype)         # [R, HD] as HF/cache
+    if FP32_DOT:
+        q = q.to(tl.float32)
+
+    # ---- write this tile's rotated k and v into the cache (once: split 0) ----------------
+    if split == 0:
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                # [T]
+        t_pos = start + offs_t                                          # [T]
+        t_ok = ((offs_t < n_tokens) & (t_pos >= 0) & (t_pos < pos_limit))[:, None]  # [T, 1]
+        k_off = offs_t[:, None] * stride_kl + kvh * stride_kh
+        kx = tl.load(k_ptr + k_off + offs_d[None, :], mask=t_ok, other=0.0).to(tl.float32)
+        k2 = tl.load(k_ptr + k_off + partner_d[None, :], mask=t_ok, other=0.0).to(tl.float32)
+        ct_off = t_pos[:, None] * stride_cos + offs_d[None, :]
+        cos_t = tl.load(cos_ptr + ct_off, mask=t_ok, other=0.0)
+        sin_t = tl.load(sin_ptr + ct_off, mask=t_ok, other=0.0)
+        k_rot = _rope(kx, k2, cos_t, sin_t, offs_d, HALF)                # [T, HD]
+        tl.store(kc_ptr + kvh * stride_kch + t_pos[:, None] * stride_kcs + offs_d[None, :],
+                 k_rot.to(model_dtype), mask=t_ok)
+        vx = tl.load(v_ptr + offs_t[:, None] * stride_vl + kvh * stride_vh + offs_d[None, :],
+                     mask=t_ok, other=0.0)
+        tl.store(vc_ptr + kvh * stride_vch + t_pos[:, None] * stride_vcs + offs_d[None, :],
+                 vx.to(model_dtype), mask=t_ok)
+
+    # ---- key range of this program: [lo, hi) in absolute positions ----------------------
+    t_end = tl.minimum(n_tokens, (pid_t + 1) * BLOCK_T)                 # causal bound of the tile
+    kv_end = tl.minimum(start + t_end, pos_limit)
+    if NUM_SPLITS == 1:
+        lo = 0
+        hi = kv_end
+    else:
+        total = start + n_tokens
+        chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, kv_end)
+
+    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)                 # running max (log2 units)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)                         # running sum of exp2
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)               # [R, HD]
+
+    # cached prefix [lo, min(hi, start)): read from the cache (already rotated)
+    p_hi = tl.minimum(hi, start)
+    kc_base = kc_ptr + kvh * stride_kch
+    vc_base = vc_ptr + kvh * stride_vch
+    for n0 in range(lo, p_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)                             # [N]
+        n_ok = offs_n < p_hi
+        k = tl.load(kc_base + offs_n[:, None] * stride_kcs + offs_d[None, :],
+                    mask=n_ok[:, None], other=0.0)                      # [N, HD]
+        v = tl.load(vc_base + offs_n[:, None] * stride_vcs + offs_d[None, :],
+                    mask=n_ok[:, None], other=0.0)                      # [N, HD]
+        if FP32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
+
+    # new tokens [max(lo, start), hi): raw k/v inputs, k rotated here, causal mask
+    j_lo = tl.maximum(lo, start) - start
+    j_hi = hi - start
+    # Not software-pipelined: its k, k-partner, cos, sin (fp32) and v tiles x 3 stages need
+    # 288 KB of smem (sm_90 compile, 128 rows x 64 keys, hd 128) > the H100's 227 KB; with
+    # num_stages=1 here the kernel needs 128 KB. The cached prefix loop (most bytes) pipelines.
+    for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1):
+        offs_j = j0 + tl.arange(0, BLOCK_N)                             # [N] new-token index
+        j_ok = offs_j < j_hi
+        k_off = offs_j[:, None] * stride_kl + kvh * stride_kh
+        kx = tl.load(k_ptr + k_off + offs_d[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(k_ptr + k_off + partner_d[None, :], mask=j_ok[:, None],
+                     other=0.0).to(tl.float32)
+        cj_off = (start + offs_j)[:, None] * stride_cos + offs_d[None, :]
+        cos_j = tl.load(cos_ptr + cj_off, mask=j_ok[:, None], other=0.0)
+        sin_j = tl.load(sin_ptr + cj_off, mask=j_ok[:, None], other=0.0)
+        k = _rope(kx, k2, cos_j, sin_j, offs_d, HALF).to(model_dtype)    # [N, HD] as cached
+        v = tl.load(v_ptr + offs_j[:, None] * stride_vl + kvh * stride_vh + offs_d[None, :],
+                    mask=j_ok[:, None], other=0.0).to(model_dtype)      # [N, HD]
+        if FP32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
+        visible = j_ok[None, :] & (offs_j[None, :] <= tok[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
+
+    # ---- epilogue ---------------------------------------------------------------------
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]                                          # every row sees itself
+        tl.store(out_ptr + tok[:, None] * stride_ol + head[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        has = l_i > 0.0
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # [R]
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        row = tok * n_q_heads + head                                    # [R] row of [L*n_q]
+        tl.store(o_part_ptr + split * stride_po + row[:, None] * HEAD_DIM + offs_d[None, :],
+                 o, mask=row_ok[:, None])
+        tl.store(lse_part_ptr + split * stride_pl + row, lse, mask=row_ok)
+
+
+def _choose_splits(n_programs: int, key_bound: int, block_n: int, device: torch.device) -> int:
+    """Split the keys only when the (token tile x kv head) grid fills < half the SMs.
+
+    E.g. Llama-3.1-8B (n_kv=8) on an H100 (132 SMs): L=1..32 -> 8 programs, L=64 -> 16,
+    L=512 -> 128 (no split). Target ~2 programs per SM, >= 2 key blocks per piece; e.g.
+    L=1 at int start_pos 1000 -> 8 pieces, with a tensor start_pos and max_seq 8192 -> 32.
+    """
+    if device.type != "cuda":
+        return 1
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if n_programs >= sms // 2:
+        return 1
+    max_useful = triton.cdiv(key_bound, 2 * block_n)
+    n = max(1, min(triton.cdiv(2 * sms, n_programs), max_useful, 64))
+    return 1 << (n.bit_length() - 1)    # a power of two: no padding in the combine tile
+
+
+def prefill_config(L: int, group: int, hd: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes. rows = BLOCK_T tokens x the GQA group padded to a power of two.
+
+    GPU bf16/fp16 (sm_90 AOT compiles with triton 3.7 on a CPU machine, hd=128, group 4; not
+    yet timed on a GPU): 128 rows x 64 keys, 8 warps, 3 stages -> 128 KB smem, 246 regs, no
+    spills, wgmma; fewer rows for small L (tl.dot needs >= 16): 16 rows -> 70 KB, 158 regs.
+    fp32 on GPU ("ieee" FMA dots, a correctness path, not a fast one): 64 rows x 32 keys,
+    8 warps, 2 stages (still ~2 KB of stack per thread; 128 x 64 would spill 12 KB).
+    """
+    g_pad = triton.next_power_of_2(group)
+    block_r = max(g_pad, min(128, max(16, triton.next_power_of_2(L * g_pad))))
+    if device.type != "cuda":   # interpreter: big tiles, fewer Python-level ops
+        return dict(block_r=block_r, block_n=64, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        block_r = max(g_pad, min(block_r, 64))
+        return dict(block_r=block_r, block_n=32, num_warps=8 if block_r >= 64 else 4, num_stages=2)
+    if hd > 128:
+        block_r = max(g_pad, min(block_r, 64))
+        return dict(block_r=block_r, block_n=32, num_warps=4, num_stages=2)
+    # 64 rows, hd 128: 4 warps spill (255 regs + 24 B stack), 8 warps do not (229 regs).
+    wide = block_r >= 128 or (block_r >= 64 and hd >= 128)
+    return dict(block_r=block_r, block_n=64, num_warps=8 if wide else 4, num_stages=3)
+
+
+def prefill_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None, *,
+                      num_splits=None, block_r=None, block_n=None, num_warps=None, num_stages=None):
+    """RoPE q/k, write k/v at positions start_pos.., causal attention over cache + new tokens.
+
+    q [L, n_q, hd], k/v [L, n_kv, hd] (not rotated; any strides with stride(-1) == 1);
+    k_cache/v_cache [n_kv, max_seq, hd] (model dtype, positions [0, start_pos) filled);
+    cos/sin [>= max_seq, hd] fp32; start_pos: int or 1-element int32/int64 tensor on q's
+    device (read in the kernel: no host sync; positions past the cache/cos table are then
+    skipped, not checked). Writes k_cache/v_cache[:, start_pos:start_pos+L] in place.
+    Returns out [L, n_q, hd] in q's dtype (written into `out` when given).
+    """
+    L, n_q, hd, n_kv, max_seq = _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [L, n_q, hd]
+    group = n_q // n_kv
+    g_pad = triton.next_power_of_2(group)
+    cfg = prefill_config(L, group, hd, q.dtype, q.device)
+    block_r = block_r or cfg["block_r"]
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
+    if block_r < max(16, g_pad) or block_r & (block_r - 1) or block_n < 16 \
+            or block_n & (block_n - 1):
+        raise ValueError(f"prefill_attention: block_r={block_r} / block_n={block_n} must be powers "
+                         f"of two >= 16 (block_r >= the padded GQA group {g_pad})")
+    block_t = block_r // g_pad
+    n_tiles = triton.cdiv(L, block_t)
+    pos_is_tensor = isinstance(start_pos, torch.Tensor)
+    pos_limit = min(max_seq, cos.shape[0])
+    if num_splits is None:
+        key_bound = max_seq if pos_is_tensor else start_pos + L
+        num_splits = _choose_splits(n_tiles * n_kv, key_bound, block_n, q.device)
+    if num_splits < 1:
+        raise ValueError(f"prefill_attention: num_splits must be >= 1, got {num_splits}")
+    if num_splits > 1:
+        o_part = torch.empty((num_splits, L * n_q, hd), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, L * n_q), dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse_part = out   # unused
+    pos_ptr = start_pos if pos_is_tensor else cos
+    pos_val = 0 if pos_is_tensor else int(start_pos)
+    qk_scale = _LOG2E / math.sqrt(hd)
+    _prefill_attention_kernel[(n_tiles, n_kv, num_splits)](
+        q, k, v, k_cache, v_cache, cos, sin, out, o_part, lse_part, pos_ptr,
+        pos_val, L, pos_limit, n_q, qk_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), cos.stride(0),
+        out.stride(0), out.stride(1), L * n_q * hd, L * n_q,
+        GROUP=group, G_PAD=g_pad, HEAD_DIM=hd, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, POS_FROM_PTR=pos_is_tensor,
+        # CPU tensors run only under the interpreter, whose bf16 dots are wrong: fp32 there.
+        FP32_DOT=(q.dtype == torch.float32 or q.device.type != "cuda"),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        combine_splits(o_part, lse_part, out, n_q)
+    return out
+
+
+def _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out):
+    for name, t, nd in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 3),
+                        ("v_cache", v_cache, 3), ("cos", cos, 2), ("sin", sin, 2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != nd:
+            raise ValueError(f"prefill_attention: {name} must be a {nd}-D tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"prefill_attention: {name} needs a unit last-dim stride "
+                             f"(got strides {t.stride()}); call .contiguous()")
+    L, n_q, hd = q.shape
+    n_kv, max_seq = k_cache.shape[0], k_cache.shape[1]
+    if L < 1:
+        raise ValueError("prefill_attention: q has no tokens (L == 0)")
+    if k.shape != (L, n_kv, hd) or v.shape != (L, n_kv, hd):
+        raise ValueError(f"prefill_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+                         f"[L, n_kv, hd] = {(L, n_kv, hd)} (q is {tuple(q.shape)}, "
+                         f"k_cache is {tuple(k_cache.shape)})")
+    if v_cache.shape != k_cache.shape or k_cache.shape[2] != hd:
+        raise ValueError(f"prefill_attention: k_cache {tuple(k_cache.shape)} and v_cache "
+                         f"{tuple(v_cache.shape)} must both be [n_kv, max_seq, hd={hd}]")
+    if n_q % n_kv != 0:
+        raise ValueError(f"prefill_attention: n_q={n_q} is not a multiple of n_kv={n_kv}")
+    if hd < 16 or hd & (hd - 1):
+        raise ValueError(f"prefill_attention: head_dim={hd} must be a power of two >= 16")
+    if cos.shape != sin.shape or cos.shape[1] != hd or cos.dtype != torch.float32 \
+            or sin.dtype != torch.float32:
+        raise ValueError(f"prefill_attention: cos {tuple(cos.shape)} {cos.dtype} and sin "
+                         f"{tuple(sin.shape)} {sin.dtype} must be fp32 [max_seq, hd={hd}]")
+    _check_dtype_device("prefill_attention", q, {"k": k, "v": v, "k_cache": k_cache,
+                                                 "v_cache": v_cache}, {"cos": cos, "sin": sin})
+    limit = min(max_seq, cos.shape[0])
+    if isinstance(start_pos, torch.Tensor):
+        if start_pos.numel() != 1 or start_pos.dtype not in (torch.int32, torch.int64) \
+                or start_pos.device != q.device:
+            raise ValueError(f"prefill_attention: a tensor start_pos must be one int32/int64 "
+                             f"element on {q.device}, got {tuple(start_pos.shape)} "
+                             f"{start_pos.dtype} on {start_pos.device}")
+    else:
+        start_pos = int(start_pos)
+        if start_pos < 0 or start_pos + L > limit:
+            raise ValueError(f"prefill_attention: positions [{start_pos}, {start_pos + L}) do not "
+                             f"fit the cache / rope tables ({max_seq} / {cos.shape[0]} positions)")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise ValueError(f"prefill_attention: out must be {tuple(q.shape)} {q.dtype} on {q.device} "
+                         f"with unit last-dim stride, got {tuple(out.shape)} {out.dtype}")
+    return L, n_q, hd, n_kv, max_seq
+
+
+def _rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+
+def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None):
+    """Pure torch: fp32 RoPE (cast to the model dtype), cache write, SDPA with a bool mask."""
+    L, n_q, hd = q.shape
+    n_kv = k_cache.shape[0]
+    start = int(start_pos.item()) if isinstance(start_pos, torch.Tensor) else int(start_pos)
+    end = start + L
+    c = cos[start:end, None, :]                                         # [L, 1, hd]
+    s = sin[start:end, None, :]
+    q_rot = (q.float() * c + _rotate_half(q.float()) * s).to(q.dtype)   # [L, n_q, hd]
+    k_rot = (k.float() * c + _rotate_half(k.float()) * s).to(k_cache.dtype)
+    k_cache[:, start:end] = k_rot.transpose(0, 1)                       # [n_kv, L, hd]
+    v_cache[:, start:end] = v.to(v_cache.dtype).transpose(0, 1)
+    keys = k_cache[:, :end].float().repeat_interleave(n_q // n_kv, dim=0)    # [n_q, end, hd]
+    vals = v_cache[:, :end].float().repeat_interleave(n_q // n_kv, dim=0)
+    pos_q = torch.arange(start, end, device=q.device)[:, None]          # [L, 1]
+    mask = torch.arange(end, device=q.device)[None, :] <= pos_q         # [L, end]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q_rot.float().transpose(0, 1), keys, vals, attn_mask=mask)      # [n_q, L, hd]
+    o = o.transpose(0, 1).to(q.dtype)                                   # [L, n_q, hd]
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o

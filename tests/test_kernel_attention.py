@@ -1,0 +1,227 @@
+"""prefill_attention / decode_attention (Triton) against their torch references.
+
+CPU: the Triton interpreter (small shapes, ~1 ms per block op). GPU (`-m gpu`): Llama-3.1-8B
+shapes and CUDA-graph replays at new positions.
+"""
+import pytest
+import torch
+
+from wsd_engine.kernels.decode_attention import decode_attention, decode_attention_ref
+from wsd_engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
+       # bf16: the interpreter rounds fp32->bf16 by truncation, so the rotated q/k can be 1 ulp
+       # off the reference's; scores then move by ~1e-2 and outputs by ~1 bf16 ulp of O(1).
+       torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+def rope_tables(max_seq, hd, device="cpu", base=10000.0):
+    inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)   # [hd/2]
+    freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)     # [S, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                                  # [S, hd]
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def make_prefill(n_q, n_kv, hd, L, prefix, max_seq, dtype, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):   # randn, never zeros; O(1) values
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(L, n_q, hd), rnd(L, n_kv, hd), rnd(L, n_kv, hd)       # [L, H, hd]
+    cache = rnd(2, n_kv, max_seq, hd)           # k and v of one layer: [2, n_kv, S, hd] views
+    cos, sin = rope_tables(max_seq, hd, device)
+    return q, k, v, cache, cos, sin
+
+
+def assert_cache_close(got, want, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    else:   # 1 bf16 ulp (the interpreter truncates on the fp32 -> bf16 cast)
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2.0 ** -7 + 1e-30).all(), diff.max()
+
+
+def run_prefill_case(n_q, n_kv, hd, L, prefix, dtype, pos_tensor, num_splits=None,
+                     max_seq=None, device="cpu", fused_qkv=False):
+    max_seq = max_seq or prefix + L + 9
+    q, k, v, cache, cos, sin = make_prefill(n_q, n_kv, hd, L, prefix, max_seq, dtype, device)
+    if fused_qkv:   # q, k, v as column slices of one [L, (n_q + 2 n_kv) hd] projection
+        qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+        q = qkv[:, : n_q * hd].view(L, n_q, hd)
+        k = qkv[:, n_q * hd:(n_q + n_kv) * hd].view(L, n_kv, hd)
+        v = qkv[:, (n_q + n_kv) * hd:].view(L, n_kv, hd)
+    ref_cache = cache.clone()
+    start = torch.tensor([prefix], dtype=torch.int32, device=device) if pos_tensor else prefix
+    out = prefill_attention(q, k, v, cache[0], cache[1], cos, sin, start, num_splits=num_splits)
+    want = prefill_attention_ref(q, k, v, ref_cache[0], ref_cache[1], cos, sin, prefix)
+    assert out.shape == (L, n_q, hd) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+    assert_cache_close(cache, ref_cache, dtype)     # rotated k, v written; nothing else touched
+
+
+# (n_q, n_kv, hd, L, prefix, dtype, start_pos as tensor, num_splits)
+PREFILL_CASES = [
+    (8, 2, 64, 1, 0, torch.float32, False, None),
+    (8, 2, 64, 7, 5, torch.float32, True, None),
+    (4, 4, 128, 7, 77, torch.float32, False, None),
+    (8, 2, 64, 130, 300, torch.float32, False, None),
+    (4, 4, 128, 130, 0, torch.float32, True, None),
+    (4, 4, 128, 1, 77, torch.float32, False, 4),
+    (8, 2, 64, 130, 77, torch.float32, True, 3),     # split path with many token tiles
+    (6, 2, 64, 7, 77, torch.float32, False, 2),      # GQA group 3 (padded to 4)
+    (8, 2, 128, 1, 300, torch.bfloat16, True, 3),
+    (4, 4, 64, 7, 300, torch.bfloat16, False, None),
+    (8, 2, 128, 130, 5, torch.bfloat16, False, None),
+]
+
+
+@pytest.mark.parametrize("n_q,n_kv,hd,L,prefix,dtype,pos_tensor,num_splits", PREFILL_CASES)
+def test_prefill_attention(n_q, n_kv, hd, L, prefix, dtype, pos_tensor, num_splits):
+    run_prefill_case(n_q, n_kv, hd, L, prefix, dtype, pos_tensor, num_splits)
+
+
+def test_prefill_attention_strided_inputs_and_out():
+    run_prefill_case(8, 2, 64, 7, 77, torch.float32, True, None, fused_qkv=True)
+    q, k, v, cache, cos, sin = make_prefill(4, 2, 64, 5, 20, 40, torch.float32, seed=1)
+    out = torch.full((5, 4, 64), float("nan"))
+    got = prefill_attention(q, k, v, cache[0], cache[1], cos, sin, 20, out=out)
+    assert got is out and not out.isnan().any()
+
+
+def test_prefill_splits_past_the_end():
+    # More pieces than key blocks: pieces past the end must contribute nothing.
+    run_prefill_case(8, 2, 64, 7, 5, torch.float32, True, num_splits=16)
+
+
+def test_prefill_rejects_bad_inputs():
+    q, k, v, cache, cos, sin = make_prefill(8, 2, 64, 4, 10, 20, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        prefill_attention(q, k, v, cache[0], cache[1], cos, sin, 17)
+    with pytest.raises(ValueError, match="multiple"):
+        prefill_attention(q[:, :7], k, v, cache[0], cache[1], cos, sin, 0)
+    with pytest.raises(ValueError, match="model dtype"):
+        prefill_attention(q, k.double(), v, cache[0], cache[1], cos, sin, 0)
+    with pytest.raises(ValueError, match="int32/int64"):
+        prefill_attention(q, k, v, cache[0], cache[1], cos, sin, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="fp32"):
+        prefill_attention(q, k, v, cache[0], cache[1], cos.half(), sin, 0)
+
+
+def run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, max_seq=None,
+                    device="cpu", seed=0):
+    max_seq = max_seq or seq_len + 11
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(n_q, hd, generator=g).to(device=device, dtype=dtype)           # [n_q, hd]
+    cache = torch.randn(2, n_kv, max_seq, hd, generator=g).to(device=device, dtype=dtype)
+    n = torch.tensor([seq_len], device=device) if len_tensor else seq_len
+    out = decode_attention(q, cache[0], cache[1], n, num_splits=num_splits)
+    want = decode_attention_ref(q, cache[0], cache[1], seq_len)
+    assert out.shape == (n_q, hd) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+
+
+# (n_q, n_kv, hd, seq_len, dtype, seq_len as tensor, num_splits)
+DECODE_CASES = [
+    (8, 2, 64, 77, torch.float32, False, None),
+    (4, 4, 128, 300, torch.float32, True, 4),
+    (8, 2, 64, 1, torch.float32, False, 3),          # pieces past the end
+    (8, 2, 128, 5, torch.bfloat16, True, 8),         # pieces past the end
+    (4, 4, 64, 300, torch.bfloat16, False, 1),
+    (6, 2, 128, 130, torch.float32, True, 5),        # GQA group 3
+    (8, 2, 128, 300, torch.bfloat16, True, None),
+]
+
+
+@pytest.mark.parametrize("n_q,n_kv,hd,seq_len,dtype,len_tensor,num_splits", DECODE_CASES)
+def test_decode_attention(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits):
+    run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits)
+
+
+def test_decode_same_launch_new_length():
+    # The grid depends on num_splits and max_seq only: one tensor, rewritten in place (as a
+    # CUDA graph replay would), gives the right answer at each length.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(8, 64, generator=g)
+    cache = torch.randn(2, 2, 200, 64, generator=g)
+    n = torch.tensor([1], dtype=torch.int32)
+    for length in (1, 63, 64, 65, 200):
+        n.fill_(length)
+        out = decode_attention(q, cache[0], cache[1], n, num_splits=4)
+        torch.testing.assert_close(out, decode_attention_ref(q, cache[0], cache[1], length),
+                                   **TOL[torch.float32])
+
+
+def test_prefill_L1_matches_decode():
+    # The engine may decode through prefill_attention(L=1): same answer as rope + decode.
+    q, k, v, cache, cos, sin = make_prefill(8, 2, 64, 1, 77, 90, torch.float32, seed=2)
+    out = prefill_attention(q, k, v, cache[0], cache[1], cos, sin, 77)       # writes pos 77
+    c, s = cos[77], sin[77]
+    q_rot = q[0] * c + torch.cat((-q[0, :, 32:], q[0, :, :32]), -1) * s     # [n_q, hd]
+    want = decode_attention(q_rot, cache[0], cache[1], 78, num_splits=3)
+    torch.testing.assert_close(out[0], want, **TOL[torch.float32])
+
+
+def test_decode_rejects_bad_inputs():
+    q = torch.randn(8, 64)
+    cache = torch.randn(2, 2, 16, 64)
+    with pytest.raises(ValueError, match="seq_len"):
+        decode_attention(q, cache[0], cache[1], 17)
+    with pytest.raises(ValueError, match="seq_len"):
+        decode_attention(q, cache[0], cache[1], 0)
+    with pytest.raises(ValueError, match="k_cache"):
+        decode_attention(q, cache[0][:, :, :32], cache[1], 4)
+    with pytest.raises(ValueError, match="int32/int64"):
+        decode_attention(q, cache[0], cache[1], torch.tensor([[1, 2]]))
+
+
+# ---------------------------------------------------------------- GPU: Llama-3.1-8B shapes
+LLAMA8B = dict(n_q=32, n_kv=8, hd=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [8, 64, 512])
+@pytest.mark.parametrize("pos_tensor", [False, True])
+def test_prefill_attention_gpu_llama8b(L, pos_tensor):
+    run_prefill_case(**LLAMA8B, L=L, prefix=1000, dtype=torch.bfloat16, pos_tensor=pos_tensor,
+                     max_seq=8192, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [1, 1000, 4097, 8192])
+@pytest.mark.parametrize("len_tensor", [False, True])
+def test_decode_attention_gpu_llama8b(seq_len, len_tensor):
+    run_decode_case(**LLAMA8B, seq_len=seq_len, dtype=torch.bfloat16, len_tensor=len_tensor,
+                    num_splits=None, max_seq=8192, device="cuda")
+
+
+@pytest.mark.gpu
+def test_fp32_gpu_uses_exact_dot():
+    run_prefill_case(8, 2, 128, 64, 300, torch.float32, True, device="cuda")
+    run_decode_case(8, 2, 128, 1000, torch.float32, True, None, device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_at_new_positions():
+    dev, S = "cuda", 8192
+    q, k, v, cache, cos, sin = make_prefill(**LLAMA8B, L=1, prefix=0, max_seq=S,
+                                            dtype=torch.bfloat16, device=dev)
+    pos = torch.zeros(1, dtype=torch.int64, device=dev)
+    seq = torch.ones(1, dtype=torch.int32, device=dev)
+    qd = torch.randn(32, 128, device=dev, dtype=torch.bfloat16)
+    prefill_attention(q, k, v, cache[0], cache[1], cos, sin, pos)            # warm-up / compile
+    decode_attention(qd, cache[0], cache[1], seq)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_p = prefill_attention(q, k, v, cache[0], cache[1], cos, sin, pos)
+        out_d = decode_attention(qd, cache[0], cache[1], seq)
+    for p in (5, 1000, 4097, S - 1):
+        pos.fill_(p)
+        seq.fill_(p + 1)
+        ref_cache = cache.clone()
+        graph.replay()
+        want_p = prefill_attention_ref(q, k, v, ref_cache[0], ref_cache[1], cos, sin, p)
+        torch.testing.assert_close(out_p.float(), want_p.float(), **TOL[torch.bfloat16])
+        want_d = decode_attention_ref(qd, cache[0], cache[1], p + 1)
+        torch.testing.assert_close(out_d.float(), want_d.float(), **TOL[torch.bfloat16])
