@@ -10,9 +10,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 {
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-echo "== pytest -m gpu"; timeout ${T_PYTEST:-170} python -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -40
-echo "== switch_score"; timeout ${T_SWITCH:-100} python benchmarks/bench_switch_score.py --out "$OUT/switch_score.json" 2>&1 | tail -25
-echo "== attention"; timeout ${T_ATTN:-110} python benchmarks/bench_attention.py --out "$OUT/attention.json" 2>&1 | tail -25
-echo "== backend"; timeout ${T_BACKEND:-110} python benchmarks/bench_backend.py --out "$OUT/backend.json" 2>&1 | tail -12
-echo "== layers"; timeout ${T_LAYERS:-60} python benchmarks/bench_layers.py --no-compile --out "$OUT/layers.json" 2>&1 | tail -15
+echo "== pytest -m gpu"; timeout ${T_PYTEST:-120} python -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -40
+echo "== switch_score"; timeout ${T_SWITCH:-75} python benchmarks/bench_switch_score.py --out "$OUT/switch_score.json" 2>&1 | tail -25
+echo "== attention"; timeout ${T_ATTN:-95} python benchmarks/bench_attention.py --out "$OUT/attention.json" 2>&1 | tail -25
+echo "== backend"; timeout ${T_BACKEND:-90} python benchmarks/bench_backend.py --out "$OUT/backend.json" 2>&1 | tail -12
+echo "== layers"; timeout ${T_LAYERS:-40} python benchmarks/bench_layers.py --no-compile --out "$OUT/layers.json" 2>&1 | tail -15
 } 2>&1 | tee "$OUT/gpu_check.log"
