@@ -154,7 +154,7 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             for bn in (32, 64, 128):
                 for stages in (2, 3, 4):
-                    for per_sm in (2, 4, 8):
+                    for per_sm in (0.5, 1, 2, 4, 8):
                         ns = max(1, min(math.ceil(per_sm * sms / su.n_kv), math.ceil(ctx / bn)))
                         impls[f"triton[bn={bn},st={stages},splits={ns}]"] = (
                             lambda i, bn=bn, st=stages, ns=ns: dec.decode_attention(

@@ -56,6 +56,17 @@ def main(argv=None):
     lr, lt = ref.score(ids), tri.score(ids)                                 # [T, V] fp32
     rel = ((lr - lt).abs().max() / lr.abs().max()).item()
     agree = (lr.argmax(-1) == lt.argmax(-1)).float().mean().item()
+    # Both bf16 backends against the same weights run in fp32 (torch backend): the triton
+    # backend's error should be of the size of the torch backend's own bf16 error.
+    w32 = {n: t.float() for n, t in ref.weights.items()}
+    l32 = build_model(cfg, w32, dev, torch.float32, ref.max_seq_len, backend="torch").score(ids)
+    del w32
+    scale = l32.abs().max()
+    err_vs_fp32 = {"torch_bf16": ((lr - l32).abs().max() / scale).item(),
+                   "triton_bf16": ((lt - l32).abs().max() / scale).item(),
+                   "torch_bf16_argmax_agree": (lr.argmax(-1) == l32.argmax(-1)).float().mean().item(),
+                   "triton_bf16_argmax_agree": (lt.argmax(-1) == l32.argmax(-1)).float().mean().item()}
+    del l32
     gr = ref.generate(ids, a.gen, stop_at_eos=False)
     gt = tri.generate(ids, a.gen, stop_at_eos=False)
     same_prefix = next((i for i, (x, y) in enumerate(zip(gr, gt)) if x != y), len(gr))
@@ -63,6 +74,7 @@ def main(argv=None):
     res = {"preset": a.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda"
            else "cpu", "dtype": str(dtype), "weight_bytes": weight_bytes, "copy_gbps": bw,
            "floor_ms_per_step": floor_ms, "logits_max_rel_diff": rel, "argmax_agree": agree,
+           "max_rel_err_vs_fp32": err_vs_fp32,
            "greedy_identical_prefix": same_prefix, "greedy_len": len(gr)}
     chunk = ids[:8]
     for name, m in (("torch", ref), ("triton", tri)):
