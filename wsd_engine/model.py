@@ -85,13 +85,19 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
             return_hidden: bool = False, logits_rows: slice | None = None) -> torch.Tensor:
     """Run tokens [T] at positions start..start+T-1 against cache positions [0, start).
 
-    Writes the new K/V and sets cache.length = start + T. Returns fp32 logits [T', V] for
+    `start` is an int, or (triton backend, for CUDA-graph capture) a [1] int64 device
+    tensor, in which case nothing here reads it on the host and the caller keeps
+    cache.length. Writes the new K/V and sets cache.length = start + T (int start). Returns fp32 logits [T', V] for
     the rows `logits_rows` (all by default), or the final-normed hidden states [T, d] when
     `return_hidden` (the WSD scoring kernel applies the lm_head itself).
     """
     T = tokens.shape[0]
-    cache.check_fits(start, T)
-    positions = torch.arange(start, start + T, device=tokens.device)    # [T]
+    host_start = not isinstance(start, torch.Tensor)
+    if host_start:
+        cache.check_fits(start, T)
+        positions = torch.arange(start, start + T, device=tokens.device)    # [T]
+    else:
+        positions = start + torch.arange(T, device=tokens.device)          # [T]
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = F.embedding(tokens, w["embed"])                                 # [T, d]
     residual = None
@@ -107,7 +113,8 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
         gu = F.linear(h, w[p + "gate_up"], w.get(p + "gate_up_bias"))   # [T, 2I]
         x = F.linear(ops.swiglu(gu), w[p + "down"], w.get(p + "down_bias"))  # [T, d]
     h, _ = ops.rms_norm(x, w["norm"], residual)                         # [T, d]
-    cache.length = start + T
+    if host_start:
+        cache.length = start + T
     if return_hidden:
         return h
     if logits_rows is not None:

@@ -42,6 +42,7 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     _tokenizer: object = None
+    _graph: object = None       # captured decode step (CUDA graph) and its static buffers
 
     # ---- metadata ----------------------------------------------------------------
     @property
@@ -108,8 +109,44 @@ class Model:
         return self.forward(tokens, start, last_only=True)[0]
 
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
-        """One token [1] at the current cache length; its logits [V]."""
-        return self.forward(token, self.cache.length)[0]
+        """One token [1] at the current cache length; its logits [V] (a view of a static
+        buffer when the step is graph-captured: use it before the next step)."""
+        g = self._graph
+        if g is None:
+            return self.forward(token, self.cache.length)[0]
+        self.cache.check_fits(self.cache.length, 1)
+        g["token"].copy_(token.reshape(1))
+        g["pos"].fill_(self.cache.length)        # a fill kernel: no host sync
+        g["graph"].replay()
+        self.cache.length += 1
+        return g["logits"][0]
+
+    def capture_decode(self) -> None:
+        """Capture one decode step as a CUDA graph; later `decode_one_token` calls replay it
+        (the position is a device tensor, the KV cache static). Triton backend on CUDA only.
+        Resets the cache (capture writes position 0)."""
+        if self.device.type != "cuda" or self.backend != "triton":
+            raise ConfigError("CUDA-graph decode needs device='cuda' and backend='triton' "
+                              f"(this model: {self.device}, {self.backend})")
+        tok = torch.zeros(1, dtype=torch.int64, device=self.device)
+        pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+
+        def step():
+            return forward(self.config, self.weights, self.ops, tok, pos, self.cache,
+                           self.cos, self.sin)
+
+        with torch.inference_mode():
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):       # warm up: compile kernels, settle allocations
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = step()                                              # [1, V]
+        self._graph = {"graph": graph, "token": tok, "pos": pos, "logits": logits}
+        self.cache.reset()
 
     def score_chunk(self, tokens: torch.Tensor, start: int, return_hidden: bool = False):
         """A chunk of another model's tokens appended at `start` (the cross-model prefix

@@ -42,14 +42,17 @@ class TritonOps:
 
     def attention(self, q, k, v, cache: StaticKVCache, layer: int, positions, cos, sin,
                   start: int):
-        """q [T, nq, hd], k/v [T, nkv, hd] unrotated (strided views of the fused qkv)."""
+        """q [T, nq, hd], k/v [T, nkv, hd] unrotated (strided views of the fused qkv).
+        `start` may be a [1] device tensor (graph capture): no kernel here reads it on
+        the host."""
         kc, vc = cache.k[layer], cache.v[layer]                         # [nkv, S, hd]
         if q.shape[0] == 1:
             # decode: RoPE, write this token's K/V, then flash-decoding over the cache
             q, k = self._rope(q, k, cos, sin, positions)
-            kc[:, start] = k[0]
-            vc[:, start] = v[0]
-            return self._decode_attention(q[0], kc, vc, start + 1)[None]   # [1, nq, hd]
+            kc.index_copy_(1, positions, k.transpose(0, 1))
+            vc.index_copy_(1, positions, v.transpose(0, 1))
+            seq_len = start + 1 if isinstance(start, int) else positions + 1
+            return self._decode_attention(q[0], kc, vc, seq_len)[None]  # [1, nq, hd]
         # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
         return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
 
