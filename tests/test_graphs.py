@@ -11,6 +11,8 @@ def test_capture_needs_cuda_and_triton(tmp_path):
     m = load_model(make_model(str(tmp_path / "m"), "llama"))
     with pytest.raises(ConfigError, match="device='cuda' and backend='triton'"):
         m.capture_decode()
+    with pytest.raises(ConfigError, match="device='cuda' and backend='triton'"):
+        m.capture_score(8)
     assert len(m.generate([3, 4, 5], max_new_tokens=4, stop_at_eos=False)) == 4
 
 
@@ -32,11 +34,13 @@ def test_graph_decode_matches_eager(tmp_path, family):
 @pytest.mark.gpu
 def test_wsd_with_graph_decode_matches_eager(tmp_path):
     pair = make_wsd_pair(str(tmp_path), damp=0.02, perturb=0.05, sharpen=100.0)
-    params = WSDParams(draft_max_tokens=48, max_new_tokens=64, chunk=8)
     eager = WSD.from_pretrained(*pair, device="cuda", backend="triton")
-    graphed = WSD.from_pretrained(*pair, device="cuda", backend="triton")
-    graphed.pilot.capture_decode()
-    graphed.base.capture_decode()
+    graphed = WSD.from_pretrained(*pair, device="cuda", backend="triton", cuda_graphs=True,
+                                  graph_chunks=(8, 3))
+    assert ("score", 8) in graphed.base._graphs and "decode" in graphed.pilot._graphs
     for prompt in ("Tell me about the quick brown fox.", "Hello!", "Numbers like 42?"):
-        a, b = eager.generate(prompt, params), graphed.generate(prompt, params)
-        assert (a.switch_index, a.token_ids) == (b.switch_index, b.token_ids)
+        for chunk in (8, 3, 5):      # 5: no graph of that size, eager scoring
+            p = WSDParams(draft_max_tokens=48, max_new_tokens=64, chunk=chunk)
+            a, b = eager.generate(prompt, p), graphed.generate(prompt, p)
+            assert (a.switch_index, a.token_ids) == (b.switch_index, b.token_ids)
+            assert a.switched

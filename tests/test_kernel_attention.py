@@ -6,7 +6,9 @@ shapes and CUDA-graph replays at new positions.
 import pytest
 import torch
 
-from wsd_engine.kernels.decode_attention import decode_attention, decode_attention_ref
+from wsd_engine.kernels import decode_attention as decode_mod
+from wsd_engine.kernels.decode_attention import (decode_attention, decode_attention_ref,
+                                                 split_counters)
 from wsd_engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -109,13 +111,14 @@ def test_prefill_rejects_bad_inputs():
 
 
 def run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, max_seq=None,
-                    device="cpu", seed=0):
+                    device="cpu", seed=0, fused_combine=None):
     max_seq = max_seq or seq_len + 11
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(n_q, hd, generator=g).to(device=device, dtype=dtype)           # [n_q, hd]
     cache = torch.randn(2, n_kv, max_seq, hd, generator=g).to(device=device, dtype=dtype)
     n = torch.tensor([seq_len], device=device) if len_tensor else seq_len
-    out = decode_attention(q, cache[0], cache[1], n, num_splits=num_splits)
+    out = decode_attention(q, cache[0], cache[1], n, num_splits=num_splits,
+                           fused_combine=fused_combine)
     want = decode_attention_ref(q, cache[0], cache[1], seq_len)
     assert out.shape == (n_q, hd) and out.dtype == dtype
     torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
@@ -136,6 +139,64 @@ DECODE_CASES = [
 @pytest.mark.parametrize("n_q,n_kv,hd,seq_len,dtype,len_tensor,num_splits", DECODE_CASES)
 def test_decode_attention(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits):
     run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits)
+
+
+# Fused combine (one launch, last program per kv head merges). Same case layout as above.
+FUSED_DECODE_CASES = [
+    (8, 2, 64, 77, torch.float32, False, 2),
+    (8, 2, 128, 130, torch.float32, True, 3),        # 130 = 2 blocks + 2
+    (4, 4, 64, 5, torch.float32, True, 8),           # GQA 1, pieces past the end
+    (4, 4, 128, 300, torch.bfloat16, False, 3),      # GQA 1
+    (8, 2, 64, 1, torch.bfloat16, True, 8),          # pieces past the end
+    (8, 2, 128, 200, torch.bfloat16, True, 8),
+    (6, 2, 64, 130, torch.float32, False, 3),        # GQA 3 (padded to 4 in the merge)
+    (8, 2, 64, 77, torch.float32, True, None),       # default piece count
+]
+
+
+@pytest.fixture
+def no_second_launch(monkeypatch):
+    """The fused path must not call the stage-2 kernel."""
+    def fail(*args, **kwargs):
+        raise AssertionError("fused decode launched the separate combine kernel")
+    monkeypatch.setattr(decode_mod, "combine_splits", fail)
+
+
+@pytest.mark.parametrize("n_q,n_kv,hd,seq_len,dtype,len_tensor,num_splits", FUSED_DECODE_CASES)
+def test_decode_attention_fused(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits,
+                                no_second_launch):
+    run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, fused_combine=True)
+    assert not split_counters(torch.device("cpu"), n_kv).any()     # back to 0 for reuse
+
+
+def test_decode_fused_reuses_counters(no_second_launch):
+    # Three calls on the one cached counter buffer: same answer each time, counters reset.
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(8, 64, generator=g)
+    cache = torch.randn(2, 2, 200, 64, generator=g)
+    cnt = split_counters(torch.device("cpu"), 2)
+    assert cnt is split_counters("cpu", 2)                          # cached per (device, n_kv)
+    n = torch.tensor([133], dtype=torch.int32)
+    want = decode_attention_ref(q, cache[0], cache[1], 133)
+    outs = [decode_attention(q, cache[0], cache[1], n, num_splits=3, fused_combine=True)
+            for _ in range(3)]
+    for out in outs:
+        torch.testing.assert_close(out, outs[0], atol=0, rtol=0)
+    torch.testing.assert_close(outs[0], want, **TOL[torch.float32])
+    assert not cnt.any()
+    for length in (1, 64, 65, 200):     # one length tensor rewritten in place (graph-style)
+        n.fill_(length)
+        out = decode_attention(q, cache[0], cache[1], n, num_splits=8, fused_combine=True)
+        torch.testing.assert_close(out, decode_attention_ref(q, cache[0], cache[1], length),
+                                   **TOL[torch.float32])
+        assert not cnt.any()
+
+
+def test_decode_fused_default_and_single_split(monkeypatch, no_second_launch):
+    # fused_combine=None follows FUSED_COMBINE_DEFAULT; num_splits=1 is the direct path.
+    monkeypatch.setattr(decode_mod, "FUSED_COMBINE_DEFAULT", True)
+    run_decode_case(8, 2, 64, 77, torch.float32, True, 3)
+    run_decode_case(8, 2, 64, 77, torch.float32, False, 1, fused_combine=True)
 
 
 def test_decode_same_launch_new_length():
@@ -193,6 +254,42 @@ def test_prefill_attention_gpu_llama8b(L, pos_tensor):
 def test_decode_attention_gpu_llama8b(seq_len, len_tensor):
     run_decode_case(**LLAMA8B, seq_len=seq_len, dtype=torch.bfloat16, len_tensor=len_tensor,
                     num_splits=None, max_seq=8192, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [1, 1000, 4097, 8192])
+@pytest.mark.parametrize("len_tensor", [False, True])
+@pytest.mark.parametrize("num_splits", [None, 17])
+def test_decode_attention_fused_gpu_llama8b(seq_len, len_tensor, num_splits):
+    run_decode_case(**LLAMA8B, seq_len=seq_len, dtype=torch.bfloat16, len_tensor=len_tensor,
+                    num_splits=num_splits, max_seq=8192, device="cuda", fused_combine=True)
+    assert not split_counters(torch.device("cuda"), LLAMA8B["n_kv"]).any()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_fused():
+    # Several "layers" in one graph share the counter buffer; each replay must leave it at 0.
+    dev, S, n_layers = "cuda", 8192, 4
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(n_layers, 2, 8, S, 128, generator=g).to(dev, torch.bfloat16)
+    qd = torch.randn(32, 128, generator=g).to(dev, torch.bfloat16)
+    seq = torch.ones(1, dtype=torch.int32, device=dev)
+    for i in range(n_layers):                                          # warm-up / compile
+        decode_attention(qd, cache[i, 0], cache[i, 1], seq, fused_combine=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [decode_attention(qd, cache[i, 0], cache[i, 1], seq, fused_combine=True)
+                for i in range(n_layers)]
+    for n in (1, 5, 1000, 4097, S):
+        seq.fill_(n)
+        for _ in range(2):
+            graph.replay()
+        torch.cuda.synchronize()
+        for i, out in enumerate(outs):
+            want = decode_attention_ref(qd, cache[i, 0], cache[i, 1], n)
+            torch.testing.assert_close(out.float(), want.float(), **TOL[torch.bfloat16])
+        assert not split_counters(torch.device(dev), 8).any()
 
 
 @pytest.mark.gpu

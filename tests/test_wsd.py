@@ -240,3 +240,33 @@ def test_models_on_different_devices_refused(mid):
     wsd = WSD.from_pretrained(*mid)
     with pytest.raises(RequestError, match="same device"):
         WSD(wsd.pilot, dataclasses.replace(wsd.base, device=torch.device("meta")))
+
+
+def test_token_level_generate_ids_matches_text_api(mid, tmp_path):
+    """generate_ids on prompt ids == generate on text; models without tokenizers work
+    token-level (no text), and force_switch / ignore_eos are honoured."""
+    wsd = WSD.from_pretrained(*mid)
+    params = WSDParams(draft_max_tokens=DRAFT, max_new_tokens=NEW)
+    r = wsd.generate(PROMPT, params)
+    from wsd_engine.tokenization import apply_chat_template, render_base_prompt
+    msgs = [{"role": "user", "content": PROMPT}]
+    p_ids = apply_chat_template(wsd.pilot.tokenizer, msgs)
+    b_ids = render_base_prompt(wsd.base.tokenizer, msgs)
+    assert wsd.generate_ids(p_ids, b_ids, params).token_ids == r.token_ids
+    bare = []
+    for src, name in zip(mid, ("p", "b")):
+        dst = tmp_path / name
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tokenizer*", "special*",
+                                                                "chat_template*"))
+        bare.append(str(dst))
+    tl = WSD.from_pretrained(*bare)
+    t = tl.generate_ids(p_ids, b_ids, params)
+    assert (t.token_ids, t.switch_index, t.text) == (r.token_ids, r.switch_index, "")
+    with pytest.raises(Exception, match="generate_ids"):
+        tl.generate(PROMPT, params)
+    f = tl.generate_ids(p_ids, b_ids, WSDParams(draft_max_tokens=DRAFT, max_new_tokens=NEW,
+                                                force_switch=20, ignore_eos=True))
+    assert f.switched and f.switch_index == 20 and len(f.token_ids) == NEW
+    n = tl.generate_ids(p_ids, b_ids, WSDParams(draft_max_tokens=DRAFT, max_new_tokens=NEW,
+                                                force_switch=0))
+    assert not n.switched and n.switch_index == DRAFT

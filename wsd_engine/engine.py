@@ -18,13 +18,14 @@ from typing import Iterator, Optional
 
 import torch
 
-from .errors import ContextOverflowError, RequestError, WSDError
+from .errors import ContextOverflowError, RequestError, TokenizerError, WSDError
 from .handoff import DraftHandoff, tokenizers_identical
 from .runner import Model, load_model
 from .sampling import Sampler, SamplingParams
 from .switch import SwitchState, check_threshold, check_window
 from .tokenization import (DEFAULT_STOP, IncrementalDetokenizer, apply_chat_template, decode,
-                           find_stop, finish_text, normalize_messages, render_base_prompt)
+                           find_stop, finish_text, has_tokenizer, normalize_messages,
+                           render_base_prompt)
 
 
 def _pos_int(name, v):
@@ -50,6 +51,10 @@ class WSDParams:
     stop: Optional[tuple] = DEFAULT_STOP   # stop strings of the base continuation
     pilot_sampling: Optional[SamplingParams] = None
     base_sampling: Optional[SamplingParams] = None
+    # For benchmarks only (they change the output on purpose): run both models to their
+    # caps, and/or switch at exactly this k instead of applying the rule (0 = never).
+    ignore_eos: bool = False
+    force_switch: Optional[int] = None
 
     def __post_init__(self):
         self.window = check_window(self.window)
@@ -57,6 +62,10 @@ class WSDParams:
         _pos_int("draft_max_tokens", self.draft_max_tokens)
         _pos_int("max_new_tokens", self.max_new_tokens)
         _pos_int("chunk", self.chunk)
+        if self.force_switch is not None and (isinstance(self.force_switch, bool) or not
+                                              isinstance(self.force_switch, int)
+                                              or self.force_switch < 0):
+            raise RequestError(f"force_switch must be None or an int >= 0, got {self.force_switch!r}")
         if self.stop is None:
             self.stop = ()
         elif isinstance(self.stop, str):
@@ -114,12 +123,23 @@ class _Timer:
 class WSD:
     """A pilot (small aligned chat model) and a base (strong base model) on one device."""
 
-    def __init__(self, pilot: Model, base: Model, base_template=None):
+    def __init__(self, pilot: Model, base: Model, base_template=None, cuda_graphs: bool = False,
+                 graph_chunks=(8,)):
+        """cuda_graphs: capture, once per engine, each model's decode step and the base's
+        chunk-scoring forward for each size in `graph_chunks` (CUDA + triton backend);
+        other chunk sizes run eagerly. Models without tokenizers make a token-level
+        engine: `generate_ids` only (no templates, stop strings or text)."""
         if pilot.device != base.device:
             raise RequestError(f"pilot is on {pilot.device} and base on {base.device}; load both "
                                "on the same device")
         self.pilot, self.base, self.base_template = pilot, base, base_template
-        self.identity = tokenizers_identical(pilot.tokenizer, base.tokenizer)
+        has_tok = [has_tokenizer(m.path) or m._tokenizer is not None for m in (pilot, base)]
+        if has_tok[0] != has_tok[1]:
+            raise TokenizerError("only one of pilot and base has tokenizer files; give both "
+                                 "(text prompts) or neither (token-level generate_ids)")
+        self.text_mode = has_tok[0]
+        self.identity = (not self.text_mode
+                         or tokenizers_identical(pilot.tokenizer, base.tokenizer))
         if self.identity and pilot.config.vocab_size > base.config.vocab_size:
             # same tokenizer; ids the pilot can emit must exist in the base's embedding
             raise RequestError("pilot and base share a tokenizer but the pilot's vocab_size "
@@ -128,12 +148,19 @@ class WSD:
         self.pilot_eos = set(pilot.eos_token_ids)
         self.base_eos = set(base.eos_token_ids)
         self.last_result: Optional[WSDResult] = None
+        if cuda_graphs:
+            pilot.capture_decode()
+            base.capture_decode()
+            for c in graph_chunks:
+                base.capture_score(c)
 
     @classmethod
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
-                        backend="torch", base_template=None) -> "WSD":
+                        backend="torch", base_template=None, cuda_graphs=False,
+                        graph_chunks=(8,)) -> "WSD":
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend)
-        return cls(load_model(pilot, **kw), load_model(base, **kw), base_template)
+        return cls(load_model(pilot, **kw), load_model(base, **kw), base_template,
+                   cuda_graphs=cuda_graphs, graph_chunks=graph_chunks)
 
     # ---- public API ----------------------------------------------------------------
     def generate(self, prompt, params: Optional[WSDParams] = None):
@@ -152,15 +179,34 @@ class WSD:
         """Yields text pieces as soon as they are final; `last_result` holds the result."""
         return (yield from self._run(prompt, params))
 
+    def generate_ids(self, pilot_prompt_ids, base_prompt_ids,
+                     params: Optional[WSDParams] = None) -> WSDResult:
+        """Token-level WSD for callers that render prompts themselves (serving stacks,
+        benchmarks): the pilot's prompt ids (its chat template applied) and the base's.
+        Text fields are empty and stop strings unused when the models have no tokenizer."""
+        run = self._run(None, params, ids=(pilot_prompt_ids, base_prompt_ids))
+        while True:
+            try:
+                next(run)
+            except StopIteration as stop:
+                return stop.value
+
     # ---- the loop --------------------------------------------------------------------
-    def _run(self, prompt, params: Optional[WSDParams]):
+    def _run(self, prompt, params: Optional[WSDParams], ids=None):
         params = WSDParams() if params is None else params
         if not isinstance(params, WSDParams):
             raise RequestError(f"params must be a WSDParams, got {type(params).__name__}")
-        messages = normalize_messages(prompt)
         pilot, base = self.pilot, self.base
-        p_ids = apply_chat_template(pilot.tokenizer, messages)
-        b_ids = render_base_prompt(base.tokenizer, messages, self.base_template)
+        if ids is not None:
+            p_ids = pilot.as_tokens(ids[0]).tolist()
+            b_ids = base.as_tokens(ids[1]).tolist()
+        else:
+            if not self.text_mode:
+                raise TokenizerError("these models have no tokenizers: use generate_ids with "
+                                     "prompt token ids")
+            messages = normalize_messages(prompt)
+            p_ids = apply_chat_template(pilot.tokenizer, messages)
+            b_ids = render_base_prompt(base.tokenizer, messages, self.base_template)
         for name, m, n, extra, what in (
                 ("pilot", pilot, len(p_ids), params.draft_max_tokens, "draft_max_tokens"),
                 ("base", base, len(b_ids), params.max_new_tokens, "max_new_tokens")):
@@ -184,13 +230,17 @@ class WSD:
         P = len(b_ids)
         p_sampler = Sampler(params.pilot_sampling, pilot.device)
         b_sampler = Sampler(params.base_sampling, dev)
-        handoff = DraftHandoff(pilot.tokenizer, base.tokenizer,
+        tok = base.tokenizer if self.text_mode else None
+        handoff = DraftHandoff(pilot.tokenizer if self.text_mode else None, tok,
                                mode="identity" if self.identity else "text")
         state = SwitchState.from_threshold(params.window, params.threshold)
+        force = params.force_switch
         cap = params.max_new_tokens          # the draft is scored up to this many base tokens
-        stops = params.stop
+        stops = params.stop if tok is not None else ()
         hold = max((len(s) for s in stops), default=1) - 1
-        out = _Streamer(base.tokenizer, hold)
+        out = _Streamer(tok, hold)
+        pilot_eos = set() if params.ignore_eos else self.pilot_eos
+        base_eos = set() if params.ignore_eos else self.base_eos
 
         pilot.cache.reset()
         base.cache.reset()
@@ -212,16 +262,16 @@ class WSD:
             # -- the pilot drafts a chunk
             new_p: list[int] = []
             while len(new_p) < params.chunk:
-                tok = int(p_sampler.sample(p_logits))
-                if tok in self.pilot_eos:
+                t = int(p_sampler.sample(p_logits))
+                if t in pilot_eos:
                     pilot_done = True
                     break
-                new_p.append(tok)
-                drafted.append(tok)
+                new_p.append(t)
+                drafted.append(t)
                 if len(drafted) == params.draft_max_tokens:
                     pilot_done = True
                     break
-                p_logits = pilot.decode_one_token(torch.tensor([tok], device=pilot.device))
+                p_logits = pilot.decode_one_token(torch.tensor([t], device=pilot.device))
             t0 = timer.add("drafting", t0)
             # -- map to base ids (identity, or the stable re-encode with rollback)
             start, new_b = handoff.push(new_p, final=pilot_done)
@@ -237,7 +287,11 @@ class WSD:
                 H[start + 1:start + 1 + m] = base.score_chunk(ids_t, P + start,
                                                               return_hidden=True)
                 logp = self._draft_logp(H[start:start + m], ids_t, state)        # [m] fp32
-                k = state.update(logp)
+                if force is None:
+                    k = state.update(logp)   # the rule: one small read-back per chunk
+                else:
+                    logp.tolist()            # same read-back, the rule replaced (benchmarks)
+                    k = force if 0 < force <= start + m and force > start else None
                 scored.extend(new_b)
                 if k is not None:
                     base.truncate(P + k)     # drop the draft after t_k: O(1)
@@ -246,7 +300,7 @@ class WSD:
                 k = len(scored)              # the draft alone fills max_new_tokens
             if k is None:
                 yield from out.feed(scored)
-        switched = state.finished
+        switched = k is not None
         if k is None:
             k = len(scored)                  # no window passed: keep the whole draft
         kept = scored[:k]
@@ -255,35 +309,40 @@ class WSD:
         # -- the base writes the rest, from the row of t_k
         cont: list[int] = []
         finish = "length"
-        draft_chars = len(decode(base.tokenizer, kept))
+        draft_chars = len(decode(tok, kept)) if stops else 0
         max_stop = max((len(s) for s in stops), default=0)
         budget = params.max_new_tokens - k
         logits = base.logits(H[k:k + 1])[0] if budget > 0 else None                # [V]
         while budget > 0:
-            tok = int(b_sampler.sample(logits))
-            if tok in self.base_eos:
+            t = int(b_sampler.sample(logits))
+            if t in base_eos:
                 finish = "eos"
                 break
-            cont.append(tok)
-            seen = len(out.detok.text)
-            out.push_cont(tok)
-            if stops and find_stop(out.detok.text, stops, max(draft_chars, seen - max_stop)) != -1:
-                finish = "stop"
-                break
+            cont.append(t)
+            if tok is not None:
+                seen = len(out.detok.text)
+                out.push_cont(t)
+                if stops and find_stop(out.detok.text, stops,
+                                       max(draft_chars, seen - max_stop)) != -1:
+                    finish = "stop"
+                    break
             if len(cont) == budget:
                 break
-            logits = base.decode_one_token(torch.tensor([tok], device=dev))
+            logits = base.decode_one_token(torch.tensor([t], device=dev))
             yield from out.flush_safe()
         t0 = timer.add("continuation", t0)
-        text, token_ids, stopped = finish_text(base.tokenizer, kept, cont, stops)
-        if stopped:
-            finish = "stop"
-        yield from out.finish(text)
+        if tok is not None:
+            text, token_ids, stopped = finish_text(tok, kept, cont, stops)
+            if stopped:
+                finish = "stop"
+            yield from out.finish(text)
+        else:
+            text, token_ids = "", kept + cont
         timer.t["total"] = t0 - t_start
         res = WSDResult(
             text=text, token_ids=token_ids, switch_index=k, switched=switched,
             finish_reason=finish, draft_tokens=len(drafted),
-            draft_text=decode(base.tokenizer, kept), base_tokens=len(cont),
+            draft_text=decode(tok, kept) if tok is not None else "", base_tokens=len(cont),
             prompt_tokens={"pilot": len(p_ids), "base": P}, timings=timer.t,
             rollbacks=handoff.n_rollbacks)
         self.last_result = res
@@ -315,6 +374,8 @@ class _Streamer:
         self.emitted = ""
 
     def feed(self, ids: list[int]):
+        if self.tok is None:                 # token-level engine: no text
+            return
         if ids[:len(self.detok.ids)] != self.detok.ids:   # a cross-tokenizer rollback
             self.detok = IncrementalDetokenizer(self.tok)
         self.detok.push(ids[len(self.detok.ids):])

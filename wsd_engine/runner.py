@@ -4,7 +4,7 @@ it — `prefill`, `decode_one_token`, `score_chunk` — plus the public `score` 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,7 +42,9 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     _tokenizer: object = None
-    _graph: object = None       # captured decode step (CUDA graph) and its static buffers
+    # captured CUDA graphs and their static buffers, in one place: "decode" and
+    # ("score", n_tokens) -> {"graph", "token", "pos", "out"}
+    _graphs: dict = field(default_factory=dict)
 
     # ---- metadata ----------------------------------------------------------------
     @property
@@ -111,29 +113,43 @@ class Model:
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         """One token [1] at the current cache length; its logits [V] (a view of a static
         buffer when the step is graph-captured: use it before the next step)."""
-        g = self._graph
+        g = self._graphs.get("decode")
         if g is None:
             return self.forward(token, self.cache.length)[0]
-        self.cache.check_fits(self.cache.length, 1)
-        g["token"].copy_(token.reshape(1))
-        g["pos"].fill_(self.cache.length)        # a fill kernel: no host sync
-        g["graph"].replay()
-        self.cache.length += 1
-        return g["logits"][0]
+        return self._replay(g, token, self.cache.length)[0]
 
+    def score_chunk(self, tokens: torch.Tensor, start: int, return_hidden: bool = False):
+        """A chunk of another model's tokens appended at `start` (the cross-model prefix
+        prefill): writes their K/V, returns logits [T, V] (or final hidden states [T, d];
+        a static graph buffer when a graph for T tokens was captured)."""
+        g = self._graphs.get(("score", tokens.shape[0])) if return_hidden else None
+        if g is None:
+            return self.forward(tokens, start, return_hidden=return_hidden)
+        return self._replay(g, tokens, start)
+
+    # ---- CUDA graphs ---------------------------------------------------------------
     def capture_decode(self) -> None:
-        """Capture one decode step as a CUDA graph; later `decode_one_token` calls replay it
-        (the position is a device tensor, the KV cache static). Triton backend on CUDA only.
-        Resets the cache (capture writes position 0)."""
+        """Capture one decode step as a CUDA graph; later `decode_one_token` calls replay
+        it. Triton backend on CUDA only. Resets the cache (capture writes positions 0..)."""
+        self._graphs["decode"] = self._capture(1, return_hidden=False)
+
+    def capture_score(self, n_tokens: int) -> None:
+        """Capture the chunk-scoring forward of `n_tokens` tokens (final hidden states) as a
+        CUDA graph; `score_chunk(..., return_hidden=True)` with that many tokens replays it.
+        Resets the cache."""
+        self._graphs[("score", n_tokens)] = self._capture(n_tokens, return_hidden=True)
+
+    def _capture(self, n_tokens: int, return_hidden: bool) -> dict:
         if self.device.type != "cuda" or self.backend != "triton":
-            raise ConfigError("CUDA-graph decode needs device='cuda' and backend='triton' "
+            raise ConfigError("CUDA graphs need device='cuda' and backend='triton' "
                               f"(this model: {self.device}, {self.backend})")
-        tok = torch.zeros(1, dtype=torch.int64, device=self.device)
-        pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.cache.check_fits(0, n_tokens)
+        tok = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
+        pos = torch.zeros(1, dtype=torch.int64, device=self.device)   # start, a device scalar
 
         def step():
             return forward(self.config, self.weights, self.ops, tok, pos, self.cache,
-                           self.cos, self.sin)
+                           self.cos, self.sin, return_hidden=return_hidden)
 
         with torch.inference_mode():
             s = torch.cuda.Stream()
@@ -143,15 +159,23 @@ class Model:
                     step()
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
+            # its own memory pool: a shared pool could hand one graph's freed intermediates
+            # to another graph's output, which the first graph's replay would overwrite
             with torch.cuda.graph(graph):
-                logits = step()                                              # [1, V]
-        self._graph = {"graph": graph, "token": tok, "pos": pos, "logits": logits}
+                out = step()                 # [T, V] logits or [T, d] hidden
         self.cache.reset()
+        return {"graph": graph, "token": tok, "pos": pos, "out": out}
 
-    def score_chunk(self, tokens: torch.Tensor, start: int, return_hidden: bool = False):
-        """A chunk of another model's tokens appended at `start` (the cross-model prefix
-        prefill): writes their K/V, returns logits [T, V] (or final hidden states [T, d])."""
-        return self.forward(tokens, start, return_hidden=return_hidden)
+    def _replay(self, g: dict, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        n = g["token"].shape[0]
+        if start > self.cache.length:
+            raise ValueError(f"start {start} is past the cache length {self.cache.length}")
+        self.cache.check_fits(start, n)
+        g["token"].copy_(tokens.reshape(n))
+        g["pos"].fill_(start)                # a fill kernel: no host sync
+        g["graph"].replay()
+        self.cache.length = start + n
+        return g["out"]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head)."""
