@@ -143,6 +143,8 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
         want = dec.decode_attention_ref(q, cache[0, 0], cache[0, 1], ctx)     # [n_q, hd]
         impls = {
             "triton": lambda i: dec.decode_attention(q, cache[i, 0], cache[i, 1], n_t),
+            "triton_fused": lambda i: dec.decode_attention(q, cache[i, 0], cache[i, 1], n_t,
+                                                           fused_combine=True),
             "triton_int_len": lambda i: dec.decode_attention(q, cache[i, 0], cache[i, 1], ctx),
             "sdpa": lambda i: sdpa_decode(q, cache[i, 0], cache[i, 1], ctx),
             "ref_fp32": lambda i: dec.decode_attention_ref(q, cache[i, 0], cache[i, 1], ctx),
@@ -160,6 +162,13 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
                             lambda i, bn=bn, st=stages, ns=ns: dec.decode_attention(
                                 q, cache[i, 0], cache[i, 1], n_t, num_splits=ns, block_n=bn,
                                 num_stages=st))
+            for bn in (64, 128):   # one launch: combine in the last program per kv head
+                for per_sm in (1, 2):
+                    ns = max(2, min(math.ceil(per_sm * sms / su.n_kv), math.ceil(ctx / bn)))
+                    impls[f"triton_fused[bn={bn},st=3,splits={ns}]"] = (
+                        lambda i, bn=bn, ns=ns: dec.decode_attention(
+                            q, cache[i, 0], cache[i, 1], n_t, num_splits=ns, block_n=bn,
+                            num_stages=3, fused_combine=True))
         for name, fn in impls.items():
             try:
                 err = (fn(0).float() - want.float()).abs().max().item()
@@ -273,7 +282,7 @@ def compile_check(arch=90):
                 sig[n] = "constexpr"
             elif n.endswith("_ptr"):
                 sig[n] = "*fp32" if n in fp32_args else "*i64" if n in ("pos_ptr", "len_ptr") \
-                    else f"*{dt}"
+                    else "*i32" if n == "cnt_ptr" else f"*{dt}"
             else:
                 sig[n] = "fp32" if n == "qk_scale" else "i32"
         # what the JIT sees at run time: 16-byte aligned pointers and strides (cp.async needs it)
@@ -306,9 +315,20 @@ def compile_check(arch=90):
                                         cfg["num_warps"], cfg["num_stages"])
             print(f"| prefill L={L} | {cfg} splits={splits} | {smem // 1024} | {regs} | {stack} |")
     consts = dict(GROUP=N_Q // N_KV, BLOCK_H=16, HEAD_DIM=HD, BLOCK_N=64, NUM_SPLITS=64,
-                  LEN_FROM_PTR=True, FP32_DOT=False)
+                  LEN_FROM_PTR=True, FP32_DOT=False, FUSED=False, G_PAD=1, S_PAD=1, BLOCK_S=1)
     smem, (regs, stack) = build(dec._decode_attention_kernel, "bf16", consts, 4, 3)
     print(f"| decode | block_n=64 warps=4 stages=3 | {smem // 1024} | {regs} | {stack} |")
+    group = N_Q // N_KV
+    for bn in (64, 128):
+        for splits in (17, 32, 33):
+            s_pad = triton.next_power_of_2(splits)
+            g_pad = triton.next_power_of_2(group)
+            consts = dict(GROUP=group, BLOCK_H=16, HEAD_DIM=HD, BLOCK_N=bn, NUM_SPLITS=splits,
+                          LEN_FROM_PTR=True, FP32_DOT=False, FUSED=True, G_PAD=g_pad,
+                          S_PAD=s_pad, BLOCK_S=max(1, min(s_pad, 8192 // (g_pad * HD))))
+            smem, (regs, stack) = build(dec._decode_attention_kernel, "bf16", consts, 4, 3)
+            print(f"| decode fused | block_n={bn} warps=4 stages=3 splits={splits} | "
+                  f"{smem // 1024} | {regs} | {stack} |")
     consts = dict(NUM_SPLITS=64, BLOCK_S=64, HEAD_DIM=HD, BLOCK_ROWS=1)
     smem, (regs, stack) = build(dec._attention_combine_kernel, "bf16", consts, 4, 1)
     print(f"| combine | splits=64 | {smem // 1024} | {regs} | {stack} |")

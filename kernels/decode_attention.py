@@ -7,6 +7,13 @@ to fill a GPU, so the sequence is cut in NUM_SPLITS pieces (flash-decoding):
            normalised output and log-sum-exp (base 2) to an fp32 workspace;
   stage 2: merges the pieces (`combine_splits`, shared with the split path of
            `prefill_attention`).
+Fused variant (`fused_combine=True`): one launch. After writing its piece, each program bumps
+a per-kv-head int32 counter (atomic, acq_rel, gpu scope; a CTA barrier first so every
+thread's partial stores precede the release); the program that arrives last (old count ==
+NUM_SPLITS - 1) merges its kv head's pieces, writes the output and resets the counter to 0.
+The counters are one preallocated, zero-initialised buffer per (device, n_kv) that every
+call reuses (no host work per call, CUDA-graph replayable); calls sharing it must not run
+concurrently (one stream, as in a decode step).
 The grid never depends on seq_len: a fixed number of pieces covers [0, seq_len) evenly
 (piece length rounded up to BLOCK_N, computed in the kernel), pieces past the end write an
 empty result. With seq_len a device tensor the launch is CUDA-graph replayable at any length.
@@ -22,6 +29,28 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# decode_attention(fused_combine=None) uses this. False until a GPU measurement shows the
+# one-launch variant wins (benchmarks/bench_attention.py: "triton_fused" vs "triton").
+FUSED_COMBINE_DEFAULT = False
+
+_SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n_kv: int) -> torch.Tensor:
+    """The fused path's per-kv-head arrival counters: int32 [n_kv], zero between calls.
+
+    Allocated (zeroed) once per (device, n_kv) and reused by every call; the kernel's last
+    program per kv head puts its counter back to 0. Make the first fused call before a CUDA
+    graph capture (the usual warm-up) so the buffer does not come from the graph's pool."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, n_kv)
+    cnt = _SPLIT_COUNTERS.get(key)
+    if cnt is None:
+        cnt = _SPLIT_COUNTERS[key] = torch.zeros(n_kv, dtype=torch.int32, device=device)
+    return cnt
 
 
 @triton.jit
@@ -46,13 +75,49 @@ def _softmax_update(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, stride_oh, stride_po, stride_pl,
+                   GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Fused stage 2 for the GROUP query heads of kv head `kvh` (run by the last program).
+
+    Loads bypass L1 (.cg): the pieces were written by other SMs during this launch."""
+    offs_g = tl.arange(0, G_PAD)                                        # [G]
+    g_ok = offs_g < GROUP
+    head = kvh * GROUP + offs_g                                         # [G]
+    offs_d = tl.arange(0, HEAD_DIM)                                     # [HD]
+    offs_s = tl.arange(0, S_PAD)                                        # [S]
+    lse = tl.load(lse_part_ptr + offs_s[:, None] * stride_pl + head[None, :],
+                  mask=(offs_s < NUM_SPLITS)[:, None] & g_ok[None, :], other=float("-inf"),
+                  cache_modifier=".cg")                                 # [S, G]
+    m = tl.max(lse, 0)                                                  # [G]
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w_sum = tl.sum(tl.exp2(lse - m[None, :]), 0)                        # [G]; empty pieces -> 0
+    acc = tl.zeros([G_PAD, HEAD_DIM], dtype=tl.float32)                 # [G, HD]
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):                            # static bounds
+        offs_c = s0 + tl.arange(0, BLOCK_S)                             # [C]
+        ok = (offs_c < NUM_SPLITS)[:, None] & g_ok[None, :]             # [C, G]
+        w = tl.exp2(tl.load(lse_part_ptr + offs_c[:, None] * stride_pl + head[None, :],
+                            mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    - m[None, :])                                       # [C, G]
+        o = tl.load(o_part_ptr + offs_c[:, None, None] * stride_po
+                    + head[None, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=ok[:, :, None], other=0.0, cache_modifier=".cg")   # [C, G, HD]
+        acc += tl.sum(o * w[:, :, None], 0)
+    o = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    tl.store(out_ptr + head[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["len_val"])
 def _decode_attention_kernel(
-    q_ptr, kc_ptr, vc_ptr, out_ptr, o_part_ptr, lse_part_ptr, len_ptr,
+    q_ptr, kc_ptr, vc_ptr, out_ptr, o_part_ptr, lse_part_ptr, len_ptr, cnt_ptr,
     len_val, max_seq, qk_scale,
     stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs, stride_oh, stride_po, stride_pl,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, LEN_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
+    FUSED: tl.constexpr = False, G_PAD: tl.constexpr = 1, S_PAD: tl.constexpr = 1,
+    BLOCK_S: tl.constexpr = 1,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -104,6 +169,14 @@ def _decode_attention_kernel(
         tl.store(o_part_ptr + split * stride_po + head[:, None] * HEAD_DIM + offs_d[None, :],
                  o, mask=h_ok[:, None])
         tl.store(lse_part_ptr + split * stride_pl + head, lse, mask=h_ok)
+        if FUSED:
+            # Every thread's partial stores happen before the (single-thread) release below.
+            tl.debug_barrier()
+            count = tl.atomic_add(cnt_ptr + kvh, 1, sem="acq_rel", scope="gpu")  # old value
+            if count == NUM_SPLITS - 1:   # last piece of this kv head: all others are visible
+                _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, stride_oh, stride_po,
+                               stride_pl, GROUP, G_PAD, HEAD_DIM, NUM_SPLITS, S_PAD, BLOCK_S)
+                tl.atomic_xchg(cnt_ptr + kvh, 0, sem="relaxed", scope="gpu")   # reusable
 
 
 @triton.jit
@@ -173,16 +246,22 @@ def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.devi
 
 
 def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
-                     block_n=None, num_warps=None, num_stages=None):
+                     block_n=None, num_warps=None, num_stages=None,
+                     fused_combine: bool | None = None):
     """Attention of one (already rotated) query token over cache positions [0, seq_len).
 
     q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, current token's K/V
     already written, stride(-1) == 1); seq_len: int or 1-element int32/int64 tensor on q's
     device (read in the kernel, clamped to max_seq; no host sync). num_splits: fixed piece
-    count (default: ~4 programs per SM, capped by the blocks in max_seq, or in seq_len when
-    it is an int). Returns out [n_q, hd] in q's dtype (written into `out` when given).
+    count (default: ~2 programs per SM, capped by the blocks in max_seq, or in seq_len when
+    it is an int). fused_combine: merge the pieces inside the same launch (last-arriving
+    program per kv head, see `split_counters`) instead of a second kernel; None =
+    FUSED_COMBINE_DEFAULT; ignored when num_splits == 1. Returns out [n_q, hd] in q's dtype
+    (written into `out` when given).
     """
     n_q, hd, n_kv, max_seq = _validate(q, k_cache, v_cache, seq_len, out)
+    if fused_combine is None:
+        fused_combine = FUSED_COMBINE_DEFAULT
     if out is None:
         out = torch.empty((n_q, hd), dtype=q.dtype, device=q.device)   # [n_q, hd]
     group = n_q // n_kv
@@ -199,23 +278,36 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
         num_warps = 4
     if num_stages is None:   # sm_90 compile, bf16, hd=128, 64 keys: 70 KB smem, 89 regs
         num_stages = 3 if q.dtype != torch.float32 else 2
+    fused = bool(fused_combine) and num_splits > 1
     if num_splits > 1:
         o_part = torch.empty((num_splits, n_q, hd), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, n_q), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out   # unused
+    fused_meta = {}
+    if fused:
+        cnt = split_counters(q.device, n_kv)
+        g_pad = triton.next_power_of_2(group)
+        s_pad = triton.next_power_of_2(num_splits)
+        # merge tile [BLOCK_S, G_PAD, hd] fp32: ~8K elements on a GPU (registers of the last
+        # program); the interpreter pays per op, so one big tile there.
+        budget = 8192 if on_gpu else 1 << 17
+        fused_meta = dict(FUSED=True, G_PAD=g_pad, S_PAD=s_pad,
+                          BLOCK_S=max(1, min(s_pad, budget // (g_pad * hd))))
+    else:
+        cnt = q   # unused
     _decode_attention_kernel[(n_kv, num_splits)](
         q, k_cache, v_cache, out, o_part, lse_part,
-        seq_len if len_is_tensor else q, 0 if len_is_tensor else int(seq_len), max_seq,
+        seq_len if len_is_tensor else q, cnt, 0 if len_is_tensor else int(seq_len), max_seq,
         _LOG2E / math.sqrt(hd),
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), n_q * hd, n_q,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
         FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **fused_meta,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         combine_splits(o_part, lse_part, out, n_q)
     return out
 

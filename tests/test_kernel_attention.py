@@ -296,6 +296,8 @@ def test_cuda_graph_replay_fused():
 def test_fp32_gpu_uses_exact_dot():
     run_prefill_case(8, 2, 128, 64, 300, torch.float32, True, device="cuda")
     run_decode_case(8, 2, 128, 1000, torch.float32, True, None, device="cuda")
+    run_decode_case(8, 2, 128, 1000, torch.float32, True, None, device="cuda",
+                    fused_combine=True)
 
 
 @pytest.mark.gpu
