@@ -1,4 +1,4 @@
-"""`wsd-engine generate | demo` (also `python -m wsd_engine`)."""
+"""`wsd-engine generate | demo | bench` (also `python -m wsd_engine`)."""
 from __future__ import annotations
 
 import argparse
@@ -114,8 +114,26 @@ def cmd_demo(a):
     return 0
 
 
+def cmd_bench(argv) -> int:
+    """`wsd-engine bench ARGS` = `python -m benchmarks.run ARGS`: the benchmark suite lives in
+    the source checkout (benchmarks/ next to this package), not in an installed wheel."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
+        print("wsd-engine bench: benchmarks/ is not part of the installed package; run from a "
+              "source checkout (`pip install -e .` there, or `python -m benchmarks.run` in it)",
+              file=sys.stderr)
+        return 2
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.run import main as bench_main
+    return bench_main(list(argv))
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":          # its own argument parser: forward everything
+        return cmd_bench(argv[1:])
     ap = argparse.ArgumentParser(prog="wsd-engine", description="Weak-to-Strong Decoding engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="WSD with a pilot and a base checkpoint folder")
@@ -130,6 +148,8 @@ def main(argv=None) -> int:
     d.add_argument("--dir", default=None, help="where to write the synthetic pair")
     _add_common(d)
     d.set_defaults(fn=cmd_demo)
+    sub.add_parser("bench", help="the benchmark suite, from a source checkout "
+                   "(`wsd-engine bench --help`; = python -m benchmarks.run)")
     a = ap.parse_args(argv)
     from .errors import WSDError
     try:

@@ -1,0 +1,80 @@
+"""The end-to-end benchmark suite (benchmarks/run.py) in its CPU smoke form: tiny shapes,
+torch backend, every decode / WSD step run once, results.json / results.md (and the plots
+when matplotlib is importable) written. The kernels suite is left out here (the Triton
+interpreter makes it the slow part); `python -m benchmarks.run --cpu-smoke` runs it."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_bench_cpu_smoke(tmp_path):
+    from benchmarks.run import main
+    assert main(["--cpu-smoke", "--suite", "decode,wsd", "--out", str(tmp_path)]) == 0
+    R = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "results.md").read_text()
+    assert R["meta"]["cpu_smoke"] and R["meta"]["versions"]["torch"] and R["meta"]["date"]
+    assert _num(R["copy_gbps"])
+    assert not R["errors"], R["errors"]
+    assert not R["skipped"]
+
+    # decode: our engine and the HF eager baseline, per preset, against the floor
+    assert list(R["decode"]) == ["llama3.1-8b", "llama3.2-1b", "llama3.2-3b", "qwen2.5-7b"]
+    for preset, e in R["decode"].items():
+        assert _num(e["floor_ms_per_token"]) and _num(e["floor_tok_s"])
+        for key in ("engine_torch_eager", "hf_eager"):
+            r = e["systems"][key]
+            assert _num(r["decode_ms_per_token"]) and _num(r["tok_s"]), (preset, key, r)
+            assert _num(r["frac_of_floor"]) and _num(r["e2e_tok_s"])
+        assert "skipped" in e["systems"]["hf_compile"]          # no torch.compile on CPU
+        assert e["systems"]["hf_eager"]["init_std_down_proj"] > 0   # never zeros
+    assert "## Decode" in md and "HF transformers eager generate" in md
+
+    # wsd: forced switch points 4, 8 and never, next to base-only decoding
+    assert len(R["wsd"]) == 2
+    for key, e in R["wsd"].items():
+        runs = e["runs"]
+        assert [r["k"] for r in runs] == [4, 8, 0]
+        assert [r["switch_index"] for r in runs] == [4, 8, 24]     # never: the whole draft
+        for r in runs:
+            assert _num(r["total_s"]) and _num(r["ideal_s"]) and _num(r["measured_over_ideal"])
+            assert _num(r["speedup_vs_base_only"])
+            assert set(r["timings"]) == {"pilot_prefill", "base_prefill", "drafting", "scoring",
+                                         "continuation"}
+            assert sum(r["timings"].values()) <= r["total_s"] * 1.01
+        assert runs[-1]["timings"]["continuation"] < runs[0]["timings"]["continuation"]
+        assert _num(e["base_only"]["total_s"]) and _num(e["base_only"]["ideal_s"])
+        assert "skipped" in e["reference"]
+    assert "## WSD" in md and "base-only" in md
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "decode.png").stat().st_size > 1000
+        assert (tmp_path / "wsd.png").stat().st_size > 1000
+
+
+def test_bench_time_budget_skips_and_records(tmp_path):
+    from benchmarks.run import main
+    assert main(["--cpu-smoke", "--suite", "decode", "--preset", "llama3.2-1b",
+                 "--time-budget", "0", "--no-plots", "--out", str(tmp_path)]) == 0
+    R = json.loads((tmp_path / "results.json").read_text())
+    assert len(R["skipped"]) == 4                  # copy bandwidth + 3 decode steps
+    assert "## Skipped" in (tmp_path / "results.md").read_text()
+
+
+def test_cli_bench_forwards(capsys):
+    from wsd_engine.cli import main
+    with pytest.raises(SystemExit) as ex:
+        main(["bench", "--help"])
+    assert ex.value.code == 0
+    assert "--time-budget" in capsys.readouterr().out
