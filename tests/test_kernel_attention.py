@@ -111,7 +111,8 @@ def test_prefill_rejects_bad_inputs():
 
 
 def run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, max_seq=None,
-                    device="cpu", seed=0, fused_combine=None):
+                    device="cpu", seed=0, fused_combine=False):
+    # the two-pass path unless a test asks for the single-launch one (the default)
     max_seq = max_seq or seq_len + 11
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(n_q, hd, generator=g).to(device=device, dtype=dtype)           # [n_q, hd]
@@ -195,7 +196,7 @@ def test_decode_fused_reuses_counters(no_second_launch):
 def test_decode_fused_default_and_single_split(monkeypatch, no_second_launch):
     # fused_combine=None follows FUSED_COMBINE_DEFAULT; num_splits=1 is the direct path.
     monkeypatch.setattr(decode_mod, "FUSED_COMBINE_DEFAULT", True)
-    run_decode_case(8, 2, 64, 77, torch.float32, True, 3)
+    run_decode_case(8, 2, 64, 77, torch.float32, True, 3, fused_combine=None)
     run_decode_case(8, 2, 64, 77, torch.float32, False, 1, fused_combine=True)
 
 
