@@ -19,8 +19,10 @@ import torch
 
 try:
     from benchmarks.bench_switch_score import copy_bandwidth_gbps, setup_backend, time_ms
+    from benchmarks.common import weight_bytes
 except ImportError:  # run as a script from benchmarks/
     from bench_switch_score import copy_bandwidth_gbps, setup_backend, time_ms
+    from common import weight_bytes
 
 
 def main(argv=None):
@@ -44,12 +46,9 @@ def main(argv=None):
         dtype, a.prompt_len, a.gen = torch.float32, 16, 4
     ref = random_model(cfg, dev, dtype, max_seq_len=a.prompt_len + a.gen + 16, backend="torch")
     tri = build_model(cfg, ref.weights, dev, dtype, ref.max_seq_len, backend="triton")
-    weight_bytes = sum(t.numel() * t.element_size() for n, t in ref.weights.items()
-                       if not (n == "lm_head" and cfg.tie_word_embeddings) and n != "embed") \
-        + (ref.weights["embed"].numel() * ref.weights["embed"].element_size()
-           if cfg.tie_word_embeddings else 0)
+    wbytes = weight_bytes(ref)
     bw = copy_bandwidth_gbps(dev)
-    floor_ms = weight_bytes / (bw * 1e9) * 1e3
+    floor_ms = wbytes / (bw * 1e9) * 1e3
     g = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (a.prompt_len,), device=dev, generator=g)
 
@@ -72,7 +71,7 @@ def main(argv=None):
     same_prefix = next((i for i, (x, y) in enumerate(zip(gr, gt)) if x != y), len(gr))
 
     res = {"preset": a.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda"
-           else "cpu", "dtype": str(dtype), "weight_bytes": weight_bytes, "copy_gbps": bw,
+           else "cpu", "dtype": str(dtype), "weight_bytes": wbytes, "copy_gbps": bw,
            "floor_ms_per_step": floor_ms, "logits_max_rel_diff": rel, "argmax_agree": agree,
            "max_rel_err_vs_fp32": err_vs_fp32,
            "greedy_identical_prefix": same_prefix, "greedy_len": len(gr)}

@@ -1,0 +1,177 @@
+"""results.md of benchmarks/run.py: the tables (decode, WSD, checkpoints, kernels) rendered
+from the results dict that results.json holds.
+"""
+from __future__ import annotations
+
+import math
+
+from benchmarks.common import short_err
+
+SYSTEMS = {   # decode systems: key -> label (table / plot order)
+    "engine_graph": "wsd_engine triton + CUDA graph",
+    "engine_torch_eager": "wsd_engine torch backend, eager",
+    "hf_eager": "HF transformers eager generate",
+    "hf_compile": "HF static cache + torch.compile",
+}
+X2 = "{:.2f}\u00d7"                      # a ratio, "1.23x"
+PHASES = ("pilot_prefill", "base_prefill", "drafting", "scoring", "continuation")
+
+
+def _f(x, fmt="{:.2f}", none="\u2014"):
+    return none if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def render_md(R: dict) -> str:
+    L = _header(R)
+    if R["decode"]:
+        L += _decode_section(R)
+    if R["wsd"]:
+        L += ["## WSD (forced switch point k, ignore EOS)", ""]
+        for key, e in R["wsd"].items():
+            if key != "checkpoints":
+                L += _wsd_pair_table(key, e)
+        ck = R["wsd"].get("checkpoints")
+        if ck:
+            L += _checkpoints_table(ck)
+    if R["kernels"]:
+        L += _kernels_section(R["kernels"])
+    if R["skipped"]:
+        L += ["## Skipped", ""] + [f"- {s['task']}: {s['reason']}" for s in R["skipped"]] + [""]
+    if R["errors"]:
+        L += ["## Errors", ""] + [f"- {e_['task']}: {short_err(e_['error'], 300)}"
+                                  for e_ in R["errors"]] + [""]
+    L.append(f"Run time {R.get('elapsed_s', 0):.0f} s.")
+    return "\n".join(L) + "\n"
+
+
+def _header(R: dict) -> list[str]:
+    """Title, device, versions, settings, notes and the copy bandwidth."""
+    m = R["meta"]
+    v = m["versions"]
+    L = [f"# wsd_engine benchmarks \u2014 {m['device']}", "",
+         f"{m['date']}; torch {v['torch']}, triton {v.get('triton')}, transformers "
+         f"{v.get('transformers')}; {m['dtype']}, backend {m['backend']}, CUDA graphs "
+         f"{m['cuda_graphs']}" + ("; **CPU smoke (tiny shapes, numbers mean nothing)**"
+                                  if m["cpu_smoke"] else ""), ""]
+    for n in m.get("notes", []):
+        L.append(f"> {n}")
+    if R.get("copy_gbps"):
+        L += [f"Copy bandwidth (bytes read + written / time): **{R['copy_gbps']:.0f} GB/s**. "
+              "Floor of a model = weight bytes per decode step / copy bandwidth.", ""]
+    return L
+
+
+def _decode_section(R: dict) -> list[str]:
+    """One table: per preset, the floor, then each decode system against HF eager."""
+    s = R["meta"]["settings"]
+    L = ["## Decode (batch 1, greedy)", "",
+         f"{s['decode_steps']} tokens after a {s['prompt_len']}-token prompt; decode "
+         "ms/token excludes the prefill and first token (see results.json `method`).", "",
+         "| model | system | decode ms/token | tok/s | of floor | end-to-end tok/s | "
+         "vs HF eager |", "|---|---|---:|---:|---:|---:|---:|"]
+    for preset, e in R["decode"].items():
+        L.append(f"| {preset} | *floor* ({_f(R['models'].get(preset, {}).get('weight_bytes'), '{:.3g}')} B) | "
+                 f"{_f(e.get('floor_ms_per_token'), '{:.3f}')} | "
+                 f"{_f(e.get('floor_tok_s'), '{:.0f}')} | 1.00 | | |")
+        hf = e["systems"].get("hf_eager", {}).get("tok_s")
+        for key, label in SYSTEMS.items():
+            r = e["systems"].get(key)
+            if r is None:
+                continue
+            if "error" in r or "skipped" in r:
+                what = ("error: " + short_err(r["error"])) if "error" in r \
+                    else "skipped: " + short_err(r["skipped"])
+                L.append(f"| {preset} | {label} | {what} | | | | |")
+                continue
+            L.append(f"| {preset} | {label} | {_f(r['decode_ms_per_token'], '{:.3f}')} | "
+                     f"{_f(r['tok_s'], '{:.1f}')} | {_f(r['frac_of_floor'])} | "
+                     f"{_f(r.get('e2e_tok_s'), '{:.1f}')} | "
+                     f"{_f(r['tok_s'] / hf if hf else None, X2)} |")
+    L.append("")
+    return L
+
+
+def _wsd_pair_table(key: str, e: dict) -> list[str]:
+    """One pilot + base pair: a row per forced switch point k, then base-only decoding."""
+    L = [f"### {key}", "",
+         f"prompt {e.get('prompt_len')} random ids (same for both), response "
+         f"{e.get('response')}, chunk {e.get('chunk')}; floors: pilot "
+         f"{_f(e.get('pilot_floor_ms'), '{:.3f}')} ms, base "
+         f"{_f(e.get('base_floor_ms'), '{:.3f}')} ms per step. Ideal = both prefills "
+         "+ k pilot steps + ceil(k/chunk) scoring chunks + (response - k) base steps, "
+         "each one weight read at its floor. Expected: WSD faster than base-only "
+         "for k >= 64 (the pilot's steps are cheaper than the base's).", "",
+         "| run | k kept | total s | pilot prefill | base prefill | drafting | "
+         "scoring | continuation | ideal s | measured / ideal | vs base-only |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in e.get("runs", []):
+        if "total_s" not in r:
+            L.append(f"| {r.get('label')} | error: {short_err(r.get('error', '?'))} "
+                     "| | | | | | | | | |")
+            continue
+        t = r["timings"]
+        L.append(f"| {r['label']} | {r['switch_index']} | {r['total_s']:.3f} | "
+                 + " | ".join(f"{t[p]:.3f}" for p in PHASES)
+                 + f" | {r['ideal_s']:.3f} | {r['measured_over_ideal']:.2f} | "
+                 f"{_f(r.get('speedup_vs_base_only'), X2)} |")
+    bo = e.get("base_only")
+    if bo and "total_s" in bo:
+        L.append(f"| base-only (this engine) | \u2014 | {bo['total_s']:.3f} | | | | | | "
+                 f"{bo['ideal_s']:.3f} | {bo['measured_over_ideal']:.2f} | 1.00\u00d7 |")
+    elif bo:
+        L.append(f"| base-only | error: {short_err(bo.get('error', '?'))} | | | | | | | | | |")
+    ref = e.get("reference", {})
+    if "skipped" in ref:
+        L.append(f"\nreference: skipped \u2014 {ref['skipped']}")
+    L.append("")
+    return L
+
+
+def _checkpoints_table(ck: dict) -> list[str]:
+    """The given checkpoint pair: this engine (the real rule) vs wsd_engine.reference."""
+    L = ["### checkpoints (the real rule) \u2014 engine vs reference", "",
+         f"pilot `{ck['pilot']}`, base `{ck['base']}`, prompt {ck['prompt']!r}, "
+         f"{ck.get('params')}", "",
+         "| system | total s | k | tokens | note |", "|---|---:|---:|---:|---|"]
+    for name, r in (("wsd_engine", ck.get("engine")), ("reference", ck.get("reference"))):
+        if not r:
+            continue
+        if "error" in r:
+            L.append(f"| {name} | error: {short_err(r['error'])} | | | |")
+            continue
+        note = ""
+        if name == "wsd_engine":
+            note = f"measured / ideal {r['measured_over_ideal']:.2f}"
+        else:
+            note = (f"{r.get('note', '')}; engine {_f(r.get('speedup_of_engine'))}\u00d7 "
+                    f"faster; identical output: {r.get('identical')}")
+        L.append(f"| {name} | {r['total_s']:.3f} | {r['switch_index']} | "
+                 f"{r['n_tokens']} | {note} |")
+    L.append("")
+    return L
+
+
+def _kernels_section(kernels: dict) -> list[str]:
+    """A table per kernel benchmark (its JSON rows), each row against the copy bandwidth."""
+    L = ["## Kernels", ""]
+    for name, k in kernels.items():
+        if "result" not in k:
+            L += [f"### {name}: error: {short_err(k.get('error', '?'))}", ""]
+            continue
+        res = k["result"]
+        rows = res.get("results") or res.get("rows") or []
+        cb = res.get("copy_gbps")
+        L += [f"### {name}" + (f" (copy BW {cb:.0f} GB/s)" if cb else ""), "",
+              "| case | impl | \u00b5s | of copy BW |", "|---|---|---:|---:|"]
+        for r in rows:
+            case = r.get("case") or " ".join(f"{x}={r[x]}" for x in ("op", "ctx", "L")
+                                             if x in r)
+            us = r.get("us") if r.get("us") is not None else (
+                r["ms"] * 1e3 if r.get("ms") is not None else None)
+            fc = r.get("frac_copy")
+            if fc is None and r.get("gbps") is not None and cb:
+                fc = r["gbps"] / cb
+            L.append(f"| {case} | {r.get('impl')} | {_f(us, '{:.1f}')} | "
+                     f"{_f(fc * 100 if fc is not None else None, '{:.1f}%')} |")
+        L.append("")
+    return L
