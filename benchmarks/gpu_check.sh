@@ -15,4 +15,5 @@ echo "== switch_score"; timeout ${T_SWITCH:-75} python benchmarks/bench_switch_s
 echo "== attention"; timeout ${T_ATTN:-95} python benchmarks/bench_attention.py --out "$OUT/attention.json" 2>&1 | tail -25
 echo "== backend"; timeout ${T_BACKEND:-90} python benchmarks/bench_backend.py --out "$OUT/backend.json" 2>&1 | tail -12
 echo "== layers"; timeout ${T_LAYERS:-40} python benchmarks/bench_layers.py --no-compile --out "$OUT/layers.json" 2>&1 | tail -15
+echo "== end to end"; timeout ${T_E2E:-300} python -m benchmarks.run --suite decode,wsd --time-budget ${E2E_BUDGET:-240} --out "$OUT/e2e" 2>&1 | tail -60
 } 2>&1 | tee "$OUT/gpu_check.log"
