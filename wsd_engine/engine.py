@@ -259,19 +259,21 @@ class WSD:
         k: Optional[int] = None
         pilot_done = False
         while k is None and not pilot_done:
-            # -- the pilot drafts a chunk
+            # -- the pilot drafts a chunk: tokens stay on the device, read back once per
+            #    chunk; steps past a pilot EOS are discarded (output unchanged)
+            n_p = min(params.chunk, params.draft_max_tokens - len(drafted))
+            chunk_t = _decode_block(pilot, p_sampler, p_logits, n_p,
+                                    feed_last=len(drafted) + n_p < params.draft_max_tokens)
+            p_logits = chunk_t.logits
             new_p: list[int] = []
-            while len(new_p) < params.chunk:
-                t = int(p_sampler.sample(p_logits))
+            for t in chunk_t.tokens.tolist():                # the chunk's one read-back
                 if t in pilot_eos:
                     pilot_done = True
                     break
                 new_p.append(t)
-                drafted.append(t)
-                if len(drafted) == params.draft_max_tokens:
-                    pilot_done = True
-                    break
-                p_logits = pilot.decode_one_token(torch.tensor([t], device=pilot.device))
+            drafted.extend(new_p)
+            if len(drafted) == params.draft_max_tokens:
+                pilot_done = True
             t0 = timer.add("drafting", t0)
             # -- map to base ids (identity, or the stable re-encode with rollback)
             start, new_b = handoff.push(new_p, final=pilot_done)
@@ -313,22 +315,25 @@ class WSD:
         max_stop = max((len(s) for s in stops), default=0)
         budget = params.max_new_tokens - k
         logits = base.logits(H[k:k + 1])[0] if budget > 0 else None                # [V]
-        while budget > 0:
-            t = int(b_sampler.sample(logits))
-            if t in base_eos:
-                finish = "eos"
-                break
-            cont.append(t)
-            if tok is not None:
-                seen = len(out.detok.text)
-                out.push_cont(t)
-                if stops and find_stop(out.detok.text, stops,
-                                       max(draft_chars, seen - max_stop)) != -1:
-                    finish = "stop"
+        while len(cont) < budget and finish == "length":
+            # blocks of `chunk` tokens, read back once per block; tokens sampled past an
+            # EOS or a stop string are discarded (output unchanged)
+            n = min(params.chunk, budget - len(cont))
+            block = _decode_block(base, b_sampler, logits, n,
+                                  feed_last=len(cont) + n < budget)
+            logits = block.logits
+            for t in block.tokens.tolist():                  # the block's one read-back
+                if t in base_eos:
+                    finish = "eos"
                     break
-            if len(cont) == budget:
-                break
-            logits = base.decode_one_token(torch.tensor([t], device=dev))
+                cont.append(t)
+                if tok is not None:
+                    seen = len(out.detok.text)
+                    out.push_cont(t)
+                    if stops and find_stop(out.detok.text, stops,
+                                           max(draft_chars, seen - max_stop)) != -1:
+                        finish = "stop"
+                        break
             yield from out.flush_safe()
         t0 = timer.add("continuation", t0)
         if tok is not None:
@@ -361,6 +366,26 @@ class WSD:
                                 state.log_gamma).logp
         logits = self.base.logits(rows)                                   # [m, V] fp32
         return torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
+
+
+@dataclass
+class _Block:
+    tokens: torch.Tensor      # [n] int64 on the device
+    logits: torch.Tensor      # [V] after feeding the last token (or the input logits)
+
+
+def _decode_block(model: Model, sampler: Sampler, logits: torch.Tensor, n: int,
+                  feed_last: bool) -> _Block:
+    """Sample n tokens, feeding each back into the model, with no host sync (graph replays
+    on CUDA when captured). The last token is fed only if `feed_last` (its logits are
+    needed by the next block)."""
+    toks = []
+    for i in range(n):
+        t = sampler.sample(logits).reshape(1)                               # [1] on device
+        toks.append(t)
+        if i < n - 1 or feed_last:
+            logits = model.decode_one_token(t)
+    return _Block(torch.cat(toks), logits)
 
 
 class _Streamer:
