@@ -19,6 +19,14 @@ PHASES = ("pilot_prefill", "base_prefill", "drafting", "scoring", "continuation"
 PHASE_COLORS = ("#c7e9c0", "#fdd0a2", "#74c476", "#fd8d3c", "#6baed6")
 
 
+
+def _save(plt, fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
 def _ok(x) -> bool:
     return isinstance(x, (int, float)) and not math.isnan(x) and x > 0
 
@@ -72,11 +80,7 @@ def make_plots(R: dict, out_dir: str) -> list[str]:
         ax.set_ylabel("decode tokens / s (batch 1)")
         ax.set_title(f"Decode speed, % = fraction of the floor \u2014 {title_dev}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.tight_layout()
-        path = os.path.join(out_dir, "decode.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        msgs.append(f"wrote {path}")
+        msgs.append(_save(plt, fig, out_dir, "decode.png"))
     else:
         msgs.append("decode.png: no decode numbers to plot")
 
@@ -114,11 +118,7 @@ def make_plots(R: dict, out_dir: str) -> list[str]:
             ax.set_title(f"{key}: {e.get('response')} tokens", fontsize=9)
             ax.legend(fontsize=7)
         fig.suptitle(f"WSD latency by phase (forced switch k) \u2014 {title_dev}", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "wsd.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        msgs.append(f"wrote {path}")
+        msgs.append(_save(plt, fig, out_dir, "wsd.png"))
     else:
         msgs.append("wsd.png: no WSD numbers to plot")
     return msgs

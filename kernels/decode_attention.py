@@ -325,23 +325,35 @@ def _check_dtype_device(fn, ref, same_dtype: dict, fp32: dict) -> None:
                              f"all activations and the cache must share the model dtype")
 
 
-def _validate(q, k_cache, v_cache, seq_len, out):
-    for name, t, nd in (("q", q, 2), ("k_cache", k_cache, 3), ("v_cache", v_cache, 3)):
+def _check_ranks(fn: str, tensors) -> None:
+    """(name, tensor, ndim) triples: right rank and a unit last-dim stride, else ValueError."""
+    for name, t, nd in tensors:
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
-            raise ValueError(f"decode_attention: {name} must be a {nd}-D tensor, got "
+            raise ValueError(f"{fn}: {name} must be a {nd}-D tensor, got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
         if t.stride(-1) != 1:
-            raise ValueError(f"decode_attention: {name} needs a unit last-dim stride "
+            raise ValueError(f"{fn}: {name} needs a unit last-dim stride "
                              f"(got strides {t.stride()}); call .contiguous()")
-    n_q, hd = q.shape
+
+
+def _check_cache_heads(fn: str, n_q: int, hd: int, k_cache, v_cache) -> tuple[int, int]:
+    """The cache layout and head shapes both attention kernels need; returns (n_kv, max_seq)."""
     n_kv, max_seq = k_cache.shape[0], k_cache.shape[1]
     if v_cache.shape != k_cache.shape or k_cache.shape[2] != hd:
-        raise ValueError(f"decode_attention: k_cache {tuple(k_cache.shape)} and v_cache "
+        raise ValueError(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache "
                          f"{tuple(v_cache.shape)} must both be [n_kv, max_seq, hd={hd}]")
     if n_q % n_kv != 0:
-        raise ValueError(f"decode_attention: n_q={n_q} is not a multiple of n_kv={n_kv}")
+        raise ValueError(f"{fn}: n_q={n_q} is not a multiple of n_kv={n_kv}")
     if hd < 16 or hd & (hd - 1):
-        raise ValueError(f"decode_attention: head_dim={hd} must be a power of two >= 16")
+        raise ValueError(f"{fn}: head_dim={hd} must be a power of two >= 16")
+    return n_kv, max_seq
+
+
+def _validate(q, k_cache, v_cache, seq_len, out):
+    _check_ranks("decode_attention", (("q", q, 2), ("k_cache", k_cache, 3),
+                                      ("v_cache", v_cache, 3)))
+    n_q, hd = q.shape
+    n_kv, max_seq = _check_cache_heads("decode_attention", n_q, hd, k_cache, v_cache)
     _check_dtype_device("decode_attention", q, {"k_cache": k_cache, "v_cache": v_cache}, {})
     if isinstance(seq_len, torch.Tensor):
         if seq_len.numel() != 1 or seq_len.dtype not in (torch.int32, torch.int64) \

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import _check_dtype_device, _dot, _num_sms, _softmax_update, combine_splits
+from .decode_attention import (_check_cache_heads, _check_dtype_device, _check_ranks, _dot,
+                               _num_sms, _softmax_update, combine_splits)
 
 _LOG2E = 1.4426950408889634
 
@@ -277,29 +278,17 @@ def prefill_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None, 
 
 
 def _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out):
-    for name, t, nd in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 3),
-                        ("v_cache", v_cache, 3), ("cos", cos, 2), ("sin", sin, 2)):
-        if not isinstance(t, torch.Tensor) or t.dim() != nd:
-            raise ValueError(f"prefill_attention: {name} must be a {nd}-D tensor, got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"prefill_attention: {name} needs a unit last-dim stride "
-                             f"(got strides {t.stride()}); call .contiguous()")
+    _check_ranks("prefill_attention", (("q", q, 3), ("k", k, 3), ("v", v, 3),
+                                       ("k_cache", k_cache, 3), ("v_cache", v_cache, 3),
+                                       ("cos", cos, 2), ("sin", sin, 2)))
     L, n_q, hd = q.shape
-    n_kv, max_seq = k_cache.shape[0], k_cache.shape[1]
+    n_kv, max_seq = _check_cache_heads("prefill_attention", n_q, hd, k_cache, v_cache)
     if L < 1:
         raise ValueError("prefill_attention: q has no tokens (L == 0)")
     if k.shape != (L, n_kv, hd) or v.shape != (L, n_kv, hd):
         raise ValueError(f"prefill_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
                          f"[L, n_kv, hd] = {(L, n_kv, hd)} (q is {tuple(q.shape)}, "
                          f"k_cache is {tuple(k_cache.shape)})")
-    if v_cache.shape != k_cache.shape or k_cache.shape[2] != hd:
-        raise ValueError(f"prefill_attention: k_cache {tuple(k_cache.shape)} and v_cache "
-                         f"{tuple(v_cache.shape)} must both be [n_kv, max_seq, hd={hd}]")
-    if n_q % n_kv != 0:
-        raise ValueError(f"prefill_attention: n_q={n_q} is not a multiple of n_kv={n_kv}")
-    if hd < 16 or hd & (hd - 1):
-        raise ValueError(f"prefill_attention: head_dim={hd} must be a power of two >= 16")
     if cos.shape != sin.shape or cos.shape[1] != hd or cos.dtype != torch.float32 \
             or sin.dtype != torch.float32:
         raise ValueError(f"prefill_attention: cos {tuple(cos.shape)} {cos.dtype} and sin "
