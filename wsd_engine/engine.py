@@ -124,11 +124,14 @@ class WSD:
     """A pilot (small aligned chat model) and a base (strong base model) on one device."""
 
     def __init__(self, pilot: Model, base: Model, base_template=None, cuda_graphs: bool = False,
-                 graph_chunks=(8,)):
+                 graph_chunks=(8,), step_graphs: bool = True):
         """cuda_graphs: capture, once per engine, each model's decode step and the base's
         chunk-scoring forward for each size in `graph_chunks` (CUDA + triton backend);
-        other chunk sizes run eagerly. Models without tokenizers make a token-level
-        engine: `generate_ids` only (no templates, stop strings or text)."""
+        other chunk sizes run eagerly. With `step_graphs` also each model's greedy
+        n-step decode for those sizes: a greedy chunk of the pilot or block of the base's
+        continuation is then one replay (sampled requests replay the one-step graph).
+        Models without tokenizers make a token-level engine: `generate_ids` only (no
+        templates, stop strings or text)."""
         if pilot.device != base.device:
             raise RequestError(f"pilot is on {pilot.device} and base on {base.device}; load both "
                                "on the same device")
@@ -153,14 +156,17 @@ class WSD:
             base.capture_decode()
             for c in graph_chunks:
                 base.capture_score(c)
+                if step_graphs:
+                    pilot.capture_steps(c)
+                    base.capture_steps(c)
 
     @classmethod
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
                         backend="torch", base_template=None, cuda_graphs=False,
-                        graph_chunks=(8,)) -> "WSD":
+                        graph_chunks=(8,), step_graphs=True) -> "WSD":
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend)
         return cls(load_model(pilot, **kw), load_model(base, **kw), base_template,
-                   cuda_graphs=cuda_graphs, graph_chunks=graph_chunks)
+                   cuda_graphs=cuda_graphs, graph_chunks=graph_chunks, step_graphs=step_graphs)
 
     # ---- public API ----------------------------------------------------------------
     def generate(self, prompt, params: Optional[WSDParams] = None):
@@ -244,7 +250,7 @@ class WSD:
 
         pilot.cache.reset()
         base.cache.reset()
-        p_logits = pilot.prefill(torch.tensor(p_ids, device=pilot.device))
+        p_cur = _Cursor(logits=pilot.prefill(torch.tensor(p_ids, device=pilot.device)))
         t0 = timer.add("pilot_prefill", t0)
         b_h = base.forward(torch.tensor(b_ids, device=dev), 0, return_hidden=True)[-1:]  # [1, d]
         t0 = timer.add("base_prefill", t0)
@@ -262,11 +268,10 @@ class WSD:
             # -- the pilot drafts a chunk: tokens stay on the device, read back once per
             #    chunk; steps past a pilot EOS are discarded (output unchanged)
             n_p = min(params.chunk, params.draft_max_tokens - len(drafted))
-            chunk_t = _decode_block(pilot, p_sampler, p_logits, n_p,
-                                    feed_last=len(drafted) + n_p < params.draft_max_tokens)
-            p_logits = chunk_t.logits
+            chunk_t, p_cur = _decode_block(pilot, p_sampler, p_cur, n_p,
+                                           feed_last=len(drafted) + n_p < params.draft_max_tokens)
             new_p: list[int] = []
-            for t in chunk_t.tokens.tolist():                # the chunk's one read-back
+            for t in chunk_t.tolist():                       # the chunk's one read-back
                 if t in pilot_eos:
                     pilot_done = True
                     break
@@ -314,15 +319,13 @@ class WSD:
         draft_chars = len(decode(tok, kept)) if stops else 0
         max_stop = max((len(s) for s in stops), default=0)
         budget = params.max_new_tokens - k
-        logits = base.logits(H[k:k + 1])[0] if budget > 0 else None                # [V]
+        cur = _Cursor(logits=base.logits(H[k:k + 1])[0] if budget > 0 else None)  # [V]
         while len(cont) < budget and finish == "length":
             # blocks of `chunk` tokens, read back once per block; tokens sampled past an
             # EOS or a stop string are discarded (output unchanged)
             n = min(params.chunk, budget - len(cont))
-            block = _decode_block(base, b_sampler, logits, n,
-                                  feed_last=len(cont) + n < budget)
-            logits = block.logits
-            for t in block.tokens.tolist():                  # the block's one read-back
+            block, cur = _decode_block(base, b_sampler, cur, n, feed_last=len(cont) + n < budget)
+            for t in block.tolist():                         # the block's one read-back
                 if t in base_eos:
                     finish = "eos"
                     break
@@ -369,23 +372,37 @@ class WSD:
 
 
 @dataclass
-class _Block:
-    tokens: torch.Tensor      # [n] int64 on the device
-    logits: torch.Tensor      # [V] after feeding the last token (or the input logits)
+class _Cursor:
+    """Where a model's decoding stands: the logits [V] of the last fed token, or (greedy
+    blocks) the next token, already chosen from them and not yet fed, [1] on the device."""
+    logits: Optional[torch.Tensor] = None
+    token: Optional[torch.Tensor] = None
 
 
-def _decode_block(model: Model, sampler: Sampler, logits: torch.Tensor, n: int,
-                  feed_last: bool) -> _Block:
-    """Sample n tokens, feeding each back into the model, with no host sync (graph replays
-    on CUDA when captured). The last token is fed only if `feed_last` (its logits are
-    needed by the next block)."""
+def _decode_block(model: Model, sampler: Sampler, cur: _Cursor, n: int,
+                  feed_last: bool) -> tuple[torch.Tensor, _Cursor]:
+    """Choose n tokens from `cur` on, feeding each back into the model, with no host sync.
+    The last one is fed only if `feed_last` (the next block continues from it). Returns
+    the tokens [n] on the device and the new cursor.
+
+    Greedy: `Model.decode_steps` (one graph replay when an n-step graph was captured).
+    Sampling: one decode step per token (a replay when the step was captured), sampled
+    on the device from the seeded generator."""
+    if sampler.params.greedy:
+        first = cur.token if cur.token is not None else \
+            torch.argmax(cur.logits, dim=-1).reshape(1)
+        if not feed_last:
+            return model.decode_steps(first, n - 1), _Cursor()
+        toks = model.decode_steps(first, n)                                 # [n + 1]
+        return toks[:n], _Cursor(token=toks[n:])
+    logits = cur.logits
     toks = []
     for i in range(n):
         t = sampler.sample(logits).reshape(1)                               # [1] on device
         toks.append(t)
         if i < n - 1 or feed_last:
             logits = model.decode_one_token(t)
-    return _Block(torch.cat(toks), logits)
+    return torch.cat(toks), _Cursor(logits=logits)
 
 
 class _Streamer:

@@ -1,5 +1,6 @@
 """One model on one device: weights, static KV cache, RoPE tables and the phases that run
-it — `prefill`, `decode_one_token`, `score_chunk` — plus the public `score` / `generate`.
+it — `prefill`, `decode_one_token`, `decode_steps`, `score_chunk` — plus the public
+`score` / `generate`, and the CUDA graphs that replay them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
 
 BACKENDS = ("torch", "triton")
 DEFAULT_MAX_SEQ_LEN = 4096
+GENERATE_BLOCK = 16      # greedy tokens per host read-back in `generate` (no steps graph)
 
 
 def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
@@ -42,8 +44,8 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     _tokenizer: object = None
-    # captured CUDA graphs and their static buffers, in one place: "decode" and
-    # ("score", n_tokens) -> {"graph", "token", "pos", "out"}
+    # captured CUDA graphs and their static buffers, in one place: "decode",
+    # ("score", n_tokens) and ("steps", n_steps) -> {"graph", "token", "pos", "out"}
     _graphs: dict = field(default_factory=dict)
 
     # ---- metadata ----------------------------------------------------------------
@@ -118,6 +120,22 @@ class Model:
             return self.forward(token, self.cache.length)[0]
         return self._replay(g, token, self.cache.length)[0]
 
+    def decode_steps(self, token: torch.Tensor, n: int) -> torch.Tensor:
+        """Greedy decoding of n steps with no host sync: feeds `token` [1] at the cache
+        length, then each step's argmax. Returns [n + 1] int64 on the device: `token` and
+        its n greedy successors (the last one is chosen but not fed; the cache grows by n).
+        One graph replay when an n-step graph was captured (`capture_steps(n)`), else n
+        decode steps (each a replay when the decode step was captured)."""
+        start = self.cache.length
+        self.cache.check_fits(start, n)
+        g = self._graphs.get(("steps", n))
+        if g is not None:
+            return self._replay(g, token, start, advance=n).clone()
+        toks = [token.reshape(1)]
+        for _ in range(n):
+            toks.append(torch.argmax(self.decode_one_token(toks[-1]), dim=-1).reshape(1))
+        return torch.cat(toks)
+
     def score_chunk(self, tokens: torch.Tensor, start: int, return_hidden: bool = False):
         """A chunk of another model's tokens appended at `start` (the cross-model prefix
         prefill): writes their K/V, returns logits [T, V] (or final hidden states [T, d];
@@ -131,50 +149,74 @@ class Model:
     def capture_decode(self) -> None:
         """Capture one decode step as a CUDA graph; later `decode_one_token` calls replay
         it. Triton backend on CUDA only. Resets the cache (capture writes positions 0..)."""
-        self._graphs["decode"] = self._capture(1, return_hidden=False)
+        self._graphs["decode"] = self._capture(
+            1, lambda tok, pos: self._forward_at(tok, pos, return_hidden=False))
 
     def capture_score(self, n_tokens: int) -> None:
         """Capture the chunk-scoring forward of `n_tokens` tokens (final hidden states) as a
         CUDA graph; `score_chunk(..., return_hidden=True)` with that many tokens replays it.
         Resets the cache."""
-        self._graphs[("score", n_tokens)] = self._capture(n_tokens, return_hidden=True)
+        self._graphs[("score", n_tokens)] = self._capture(
+            n_tokens, lambda tok, pos: self._forward_at(tok, pos, return_hidden=True))
 
-    def _capture(self, n_tokens: int, return_hidden: bool) -> dict:
+    def capture_steps(self, n_steps: int) -> None:
+        """Capture n greedy decode steps (forward, argmax, feed back) as ONE CUDA graph;
+        `decode_steps(token, n_steps)` replays it: one launch and no host work per token.
+        Resets the cache."""
+        if not isinstance(n_steps, int) or n_steps < 1:
+            raise ConfigError(f"n_steps must be an int >= 1, got {n_steps!r}")
+
+        def steps(tok, pos):
+            toks = [tok]
+            for i in range(n_steps):
+                logits = self._forward_at(toks[-1], pos + i, return_hidden=False)  # [1, V]
+                toks.append(torch.argmax(logits, dim=-1))                           # [1]
+            return torch.cat(toks)                                                  # [n+1]
+        self._graphs[("steps", n_steps)] = self._capture(1, steps, n_cache=n_steps)
+
+    def _forward_at(self, tok: torch.Tensor, pos: torch.Tensor, return_hidden: bool):
+        """The forward with a device-tensor start position (nothing read on the host)."""
+        return forward(self.config, self.weights, self.ops, tok, pos, self.cache,
+                       self.cos, self.sin, return_hidden=return_hidden)
+
+    def _capture(self, n_tokens: int, body, n_cache: int | None = None) -> dict:
+        """Capture body(token_buffer [n_tokens], pos [1]) -> output as a CUDA graph over
+        static input buffers; it may write cache positions [0, n_cache)."""
         if self.device.type != "cuda" or self.backend != "triton":
             raise ConfigError("CUDA graphs need device='cuda' and backend='triton' "
                               f"(this model: {self.device}, {self.backend})")
-        self.cache.check_fits(0, n_tokens)
+        self.cache.check_fits(0, n_tokens if n_cache is None else n_cache)
         tok = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
         pos = torch.zeros(1, dtype=torch.int64, device=self.device)   # start, a device scalar
-
-        def step():
-            return forward(self.config, self.weights, self.ops, tok, pos, self.cache,
-                           self.cos, self.sin, return_hidden=return_hidden)
 
         with torch.inference_mode():
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):       # warm up: compile kernels, settle allocations
                 for _ in range(2):
-                    step()
+                    body(tok, pos)
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             # its own memory pool: a shared pool could hand one graph's freed intermediates
             # to another graph's output, which the first graph's replay would overwrite
             with torch.cuda.graph(graph):
-                out = step()                 # [T, V] logits or [T, d] hidden
+                out = body(tok, pos)
         self.cache.reset()
         return {"graph": graph, "token": tok, "pos": pos, "out": out}
 
-    def _replay(self, g: dict, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    def _replay(self, g: dict, tokens: torch.Tensor, start: int,
+                advance: int | None = None) -> torch.Tensor:
+        """Replay a captured graph on `tokens` at `start`; the cache grows by `advance`
+        positions (default: the number of input tokens)."""
         n = g["token"].shape[0]
+        advance = n if advance is None else advance
         if start > self.cache.length:
             raise ValueError(f"start {start} is past the cache length {self.cache.length}")
-        self.cache.check_fits(start, n)
+        self.cache.check_fits(start, advance)
         g["token"].copy_(tokens.reshape(n))
         g["pos"].fill_(start)                # a fill kernel: no host sync
         g["graph"].replay()
-        self.cache.length = start + n
+        self.cache.length = start + advance
         return g["out"]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,7 +236,11 @@ class Model:
 
     def generate(self, token_ids, max_new_tokens: int = 32, eos_token_ids=None,
                  stop_at_eos: bool = True) -> list[int]:
-        """Greedy continuation of a fresh sequence: the new tokens only, EOS not included."""
+        """Greedy continuation of a fresh sequence: the new tokens only, EOS not included.
+
+        Decodes in blocks (`decode_steps`: the captured n-step graph's size if there is
+        one, else GENERATE_BLOCK) with one host read-back per block; tokens decoded past an
+        EOS are discarded, so the output is that of token-by-token decoding."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         tokens = self.as_tokens(token_ids)
@@ -206,18 +252,27 @@ class Model:
                 "shorten the prompt, lower max_new_tokens or load with a larger max_seq_len")
         eos = set(self.eos_token_ids if eos_token_ids is None else eos_token_ids) \
             if stop_at_eos else set()
+        block = self.steps_block() or GENERATE_BLOCK
         self.cache.reset()
-        logits = self.prefill(tokens)
+        nxt = torch.argmax(self.prefill(tokens), dim=-1).reshape(1)     # [1], not yet fed
         out: list[int] = []
-        while True:
-            nxt = int(torch.argmax(logits))
-            if nxt in eos:
-                break
-            out.append(nxt)
-            if len(out) == max_new_tokens:
-                break
-            logits = self.decode_one_token(torch.tensor([nxt], device=self.device))
+        while len(out) < max_new_tokens:
+            left = max_new_tokens - len(out)
+            if left > block:
+                toks = self.decode_steps(nxt, block)                    # [block + 1]
+                nxt, toks = toks[block:], toks[:block]
+            else:                    # the last block: its last token is not fed
+                toks = self.decode_steps(nxt, left - 1)                 # [left]
+            for t in toks.tolist():                                     # one read-back
+                if t in eos:
+                    return out
+                out.append(t)
         return out
+
+    def steps_block(self) -> int | None:
+        """The largest captured n-step graph size (None when there is none)."""
+        sizes = [k[1] for k in self._graphs if isinstance(k, tuple) and k[0] == "steps"]
+        return max(sizes) if sizes else None
 
 
 def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
