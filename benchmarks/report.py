@@ -8,7 +8,8 @@ import math
 from benchmarks.common import short_err
 
 SYSTEMS = {   # decode systems: key -> label (table / plot order)
-    "engine_graph": "wsd_engine triton + CUDA graph",
+    "engine_graph": "wsd_engine triton + CUDA graph per step",
+    "engine_graph_steps": "wsd_engine triton + one CUDA graph per block of steps",
     "engine_torch_eager": "wsd_engine torch backend, eager",
     "hf_eager": "HF transformers eager generate",
     "hf_compile": "HF static cache + torch.compile",
@@ -88,6 +89,18 @@ def _decode_section(R: dict) -> list[str]:
                      f"{_f(r.get('e2e_tok_s'), '{:.1f}')} | "
                      f"{_f(r['tok_s'] / hf if hf else None, X2)} |")
     L.append("")
+    pre = [(p, e["prefill"]) for p, e in R["decode"].items() if e.get("prefill")]
+    if pre:
+        L += ["Prefill (eager, empty cache; floor = one weight read; target for the 8B at "
+              "128 tokens: <= 1.5\u00d7 the floor):", "",
+              "| model | prompt | ms | \u00d7 floor | prompt tok/s |", "|---|---:|---:|---:|---:|"]
+        for p, r in pre:
+            if "error" in r:
+                L.append(f"| {p} | error: {short_err(r['error'])} | | | |")
+            else:
+                L.append(f"| {p} | {r['prompt_len']} | {r['ms']:.3f} | {r['over_floor']:.2f} | "
+                         f"{r['prompt_tok_s']:.0f} |")
+        L.append("")
     return L
 
 

@@ -44,6 +44,21 @@ def measure_engine(model, ids: list[int], n: int, floor_ms: float, reps: int, de
             "method": "Model.generate: (t(N) - t(1)) / (N - 1)"}
 
 
+def measure_prefill(model, ids: list[int], floor_ms: float, reps: int, dev) -> dict:
+    """Prefill of the prompt into an empty cache (logits of the last token), against one
+    weight read at the copy bandwidth. Target (issue 5): the 8B at 128 tokens <= 1.5x."""
+    t = torch.tensor(ids, device=dev)
+
+    def once():
+        model.cache.reset()
+        return model.prefill(t)
+    once()                                                              # warm-up
+    ms = statistics.median(timed(once, dev)[0] for _ in range(max(reps, 3))) * 1e3
+    return {"prompt_len": len(ids), "ms": ms, "over_floor": ms / floor_ms,
+            "prompt_tok_s": len(ids) / ms * 1e3, "reps": max(reps, 3),
+            "method": "Model.prefill after cache.reset(), median"}
+
+
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         gib = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -200,15 +215,18 @@ class Bench:
         return self.R["decode"].setdefault(preset, {"systems": {}})
 
     def decode_engine(self, preset: str) -> None:
-        from wsd_engine.runner import build_model, random_model
+        from wsd_engine.runner import GENERATE_BLOCK, build_model, random_model
         a, dev = self.a, self.dev
         cfg = model_cfg(preset, self.smoke)
         e = self._decode_entry(preset)
-        msl = a.prompt_len + a.steps + 8
+        msl = a.prompt_len + a.steps + GENERATE_BLOCK + 8
         m = random_model(cfg, dev, self.dtype, max_seq_len=msl, backend=self.backend, seed=0)
         floor_ms = self._floor(preset, m)
         e.update(floor_ms_per_token=floor_ms, floor_tok_s=1e3 / floor_ms)
         ids = prompt_ids(cfg.vocab_size, a.prompt_len)
+        self.log(f"    {preset}: prefill of {a.prompt_len} tokens ({self.backend}, eager)")
+        self.attempt(e, "prefill", lambda: measure_prefill(m, ids, floor_ms, a.reps, dev),
+                     f"prefill {preset}")
         sysd = e["systems"]
         if self.graphs:
             self.log(f"    {preset}: {SYSTEMS['engine_graph']}")
@@ -217,10 +235,19 @@ class Bench:
                 m.capture_decode()
                 return measure_engine(m, ids, a.steps, floor_ms, a.reps, dev)
             self.attempt(sysd, "engine_graph", graph, f"decode {preset} engine_graph")
+            self.log(f"    {preset}: {SYSTEMS['engine_graph_steps']}")
+
+            def steps():
+                m.capture_steps(GENERATE_BLOCK)
+                return measure_engine(m, ids, a.steps, floor_ms, a.reps, dev)
+            self.attempt(sysd, "engine_graph_steps", steps,
+                         f"decode {preset} engine_graph_steps")
+            m._graphs.clear()
             tm = build_model(cfg, m.weights, dev, self.dtype, msl, backend="torch")
         else:
             tm = m
-            sysd["engine_graph"] = {"skipped": "CPU smoke: no CUDA graphs (torch backend only)"}
+            for key in ("engine_graph", "engine_graph_steps"):
+                sysd[key] = {"skipped": "CPU smoke: no CUDA graphs (torch backend only)"}
         self.log(f"    {preset}: {SYSTEMS['engine_torch_eager']}")
         self.attempt(sysd, "engine_torch_eager",
                      lambda: measure_engine(tm, ids, a.steps, floor_ms, a.reps, dev),

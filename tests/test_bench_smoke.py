@@ -38,8 +38,13 @@ def test_bench_cpu_smoke(tmp_path):
             assert _num(r["decode_ms_per_token"]) and _num(r["tok_s"]), (preset, key, r)
             assert _num(r["frac_of_floor"]) and _num(r["e2e_tok_s"])
         assert "skipped" in e["systems"]["hf_compile"]          # no torch.compile on CPU
+        assert "skipped" in e["systems"]["engine_graph_steps"]  # no CUDA graphs on CPU
+        pre = e["prefill"]                                      # the prompt prefill vs floor
+        assert pre["prompt_len"] == R["meta"]["settings"]["prompt_len"]
+        assert _num(pre["ms"]) and _num(pre["over_floor"]) and _num(pre["prompt_tok_s"])
         assert e["systems"]["hf_eager"]["init_std_down_proj"] > 0   # never zeros
     assert "## Decode" in md and "HF transformers eager generate" in md
+    assert "Prefill (eager, empty cache" in md
 
     # wsd: forced switch points 4, 8 and never, next to base-only decoding
     assert len(R["wsd"]) == 2
