@@ -83,3 +83,17 @@ def test_cli_bench_forwards(capsys):
         main(["bench", "--help"])
     assert ex.value.code == 0
     assert "--time-budget" in capsys.readouterr().out
+
+
+def test_host_overhead_runs(tmp_path):
+    """benchmarks/host_overhead.py (the C++-driver question): it runs and its numbers are
+    positive and consistent (bookkeeping is part of the wall time)."""
+    from benchmarks.host_overhead import main
+    out = tmp_path / "ho.json"
+    assert main(["--tokens", "32", "--reps", "1", "--out", str(out)]) == 0
+    R = json.loads(out.read_text())
+    assert len(R["modes"]) == 2
+    for r in R["modes"].values():
+        assert _num(r["book_us_per_token"]) and _num(r["model_s"])
+        assert r["book_s"] < r["wall_s"] and r["tokens"] == 32 and r["switch_index"] == 16
+        assert set(r["frac_of_floor_step"]) == {"llama3.2-1b", "llama3.1-8b"}
