@@ -59,7 +59,15 @@ def main(argv=None):
         gate_up = torch.randn(T, 2 * inter, device=device).to(dt)      # [T, 2I]
         q = torch.randn(T, n_q, hd, device=device).to(dt)              # [T, n_q, hd]
         k = torch.randn(T, n_kv, hd, device=device).to(dt)             # [T, n_kv, hd]
-        pos = torch.randint(0, 8192, (T,), device=device)
+        pos = torch.randperm(8192, device=device)[:T]                  # distinct positions
+        v = torch.randn(T, n_kv, hd, device=device).to(dt)
+        kc = torch.randn(n_kv, 8192, hd, device=device).to(dt)         # one layer's cache slab
+        vc = torch.randn(n_kv, 8192, hd, device=device).to(dt)
+
+        def rope_then_copy():      # the decode step before the fused write: three launches
+            qo_, ko_ = rope(q, k, cos, sin, pos)
+            kc.index_copy_(1, pos, ko_.transpose(0, 1))
+            vc.index_copy_(1, pos, v.transpose(0, 1))
 
         # validate before timing
         y, h = rms_norm(x, w, eps, residual=res)
@@ -93,6 +101,10 @@ def main(argv=None):
                 "triton inplace": lambda: rope(q, k, cos, sin, pos, inplace=True),
                 "torch_ref": lambda: rope_ref(q, k, cos, sin, pos),
                 "torch.compile(ref)": (lambda: c_rope(q, k, cos, sin, pos)) if c_rope else None}),
+            (f"rope+kv cache write T={T} {n_q}/{n_kv}x{hd}",
+             2 * T * (n_q + 2 * n_kv) * hd * e + 2 * T * hd * 4 * 2, {
+                 "triton fused": lambda: rope(q, k, cos, sin, pos, k_cache=kc, v=v, v_cache=vc),
+                 "triton rope + 2 index_copy": rope_then_copy}),
         ]
         for case, nbytes, impls in cases:
             run_case(rows, case, impls, nbytes, copy_gbps, device)

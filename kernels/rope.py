@@ -17,14 +17,15 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _rope_heads(src_ptr, src_tok_stride, src_head_stride, dst_ptr, dst_tok_stride, dst_head_stride,
-                t, n_heads, c_lo, c_hi, s_lo, s_hi, offs_d, d_mask,
+                t, t_dst, n_heads, c_lo, c_hi, s_lo, s_hi, offs_d, d_mask,
                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rotate all heads of token t; c_lo.. are [BLOCK_HALF] fp32 rows of the tables."""
+    """Rotate all heads of token t into row t_dst of dst; c_lo.. are [BLOCK_HALF] fp32 rows
+    of the tables."""
     for h0 in range(0, n_heads, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         m = (hs < n_heads)[:, None] & d_mask[None, :]                 # [BLOCK_H, BLOCK_HALF]
         src = src_ptr + t * src_tok_stride + hs[:, None] * src_head_stride + offs_d[None, :]
-        dst = dst_ptr + t * dst_tok_stride + hs[:, None] * dst_head_stride + offs_d[None, :]
+        dst = dst_ptr + t_dst * dst_tok_stride + hs[:, None] * dst_head_stride + offs_d[None, :]
         x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
         o1 = x1 * c_lo[None, :] - x2 * s_lo[None, :]
@@ -42,7 +43,10 @@ def _rope_kernel(
     cos_ptr, sin_ptr, tab_stride,             # [max_seq, hd] fp32
     pos_ptr,                                  # [T] int
     n_q, n_kv,
+    v_ptr, v_tok_stride, v_head_stride,       # [T, n_kv, hd] new values (TO_CACHE)
+    kc_ptr, vc_ptr, c_head_stride, c_seq_stride,   # [n_kv, max_seq, hd] caches (TO_CACHE)
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    TO_CACHE: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -54,9 +58,21 @@ def _rope_kernel(
     s_lo = tl.load(sin_ptr + row, mask=d_mask, other=0.0)
     s_hi = tl.load(sin_ptr + row + HALF, mask=d_mask, other=0.0)
     _rope_heads(q_ptr, q_tok_stride, q_head_stride, qo_ptr, qo_tok_stride, qo_head_stride,
-                t, n_q, c_lo, c_hi, s_lo, s_hi, offs_d, d_mask, HALF, BLOCK_H)
-    _rope_heads(k_ptr, k_tok_stride, k_head_stride, ko_ptr, ko_tok_stride, ko_head_stride,
-                t, n_kv, c_lo, c_hi, s_lo, s_hi, offs_d, d_mask, HALF, BLOCK_H)
+                t, t, n_q, c_lo, c_hi, s_lo, s_hi, offs_d, d_mask, HALF, BLOCK_H)
+    if TO_CACHE:
+        # rotated k straight into the cache row of its position; v copied beside it
+        _rope_heads(k_ptr, k_tok_stride, k_head_stride, kc_ptr, c_seq_stride, c_head_stride,
+                    t, pos, n_kv, c_lo, c_hi, s_lo, s_hi, offs_d, d_mask, HALF, BLOCK_H)
+        for h0 in range(0, n_kv, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            m = (hs < n_kv)[:, None] & d_mask[None, :]
+            src = v_ptr + t * v_tok_stride + hs[:, None] * v_head_stride + offs_d[None, :]
+            dst = vc_ptr + pos * c_seq_stride + hs[:, None] * c_head_stride + offs_d[None, :]
+            tl.store(dst, tl.load(src, mask=m, other=0.0), mask=m)
+            tl.store(dst + HALF, tl.load(src + HALF, mask=m, other=0.0), mask=m)
+    else:
+        _rope_heads(k_ptr, k_tok_stride, k_head_stride, ko_ptr, ko_tok_stride, ko_head_stride,
+                    t, t, n_kv, c_lo, c_hi, s_lo, s_hi, offs_d, d_mask, HALF, BLOCK_H)
 
 
 def _check_qk(name, x):
@@ -65,7 +81,7 @@ def _check_qk(name, x):
                          f"contiguous last dim, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
 
 
-def rope(q, k, cos, sin, positions, inplace=False):
+def rope(q, k, cos, sin, positions, inplace=False, k_cache=None, v=None, v_cache=None):
     """Apply rotary embeddings to q [T, n_q, hd] and k [T, n_kv, hd] at positions [T].
 
     cos/sin: [max_seq, hd] fp32 tables (HF layout, cos = cat(cos(f), cos(f))); positions:
@@ -74,6 +90,11 @@ def rope(q, k, cos, sin, positions, inplace=False):
     slices of a fused qkv projection) as long as head_dim is contiguous.
     Out-of-place by default: returns new contiguous (q_out, k_out). With inplace=True
     writes into q and k and returns them. No host sync.
+
+    KV cache write in the same launch: give k_cache and v_cache ([n_kv, S, hd] slabs of the
+    static cache, S >= max_seq of the tables, head_dim contiguous) and the new values v
+    [T, n_kv, hd]. The rotated k goes to k_cache[:, positions] and v to
+    v_cache[:, positions]; returns (q_out, None) (k is then only in the cache).
     """
     _check_qk("q", q)
     _check_qk("k", k)
@@ -94,23 +115,47 @@ def rope(q, k, cos, sin, positions, inplace=False):
             or positions.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"positions must be an int32/int64 [{T}] tensor on {q.device}, got "
                          f"{positions.dtype} {tuple(positions.shape)} on {positions.device}")
+    to_cache = any(x is not None for x in (k_cache, v, v_cache))
+    if to_cache:
+        _check_cache_args(k, k_cache, v, v_cache, cos.shape[0])
     if inplace:
         qo, ko = q, k
     else:
-        qo, ko = torch.empty_like(q, memory_format=torch.contiguous_format), \
-            torch.empty_like(k, memory_format=torch.contiguous_format)
+        qo = torch.empty_like(q, memory_format=torch.contiguous_format)
+        ko = k if to_cache else torch.empty_like(k, memory_format=torch.contiguous_format)
     if T == 0:
-        return qo, ko
+        return qo, (None if to_cache else ko)
     half = hd // 2
     BLOCK_HALF = triton.next_power_of_2(half)
     BLOCK_H = max(1, min(triton.next_power_of_2(max(n_q, k.shape[1])), 4096 // BLOCK_HALF))
+    vv, kc, vc = (v, k_cache, v_cache) if to_cache else (k, k, k)   # unused when not to_cache
     _rope_kernel[(T,)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1),
         qo, qo.stride(0), qo.stride(1), ko, ko.stride(0), ko.stride(1),
         cos, sin, cos.stride(0), positions, n_q, k.shape[1],
-        HALF=half, BLOCK_HALF=BLOCK_HALF, BLOCK_H=BLOCK_H, num_warps=4,
+        vv, vv.stride(0), vv.stride(1), kc, vc, kc.stride(0), kc.stride(1),
+        HALF=half, BLOCK_HALF=BLOCK_HALF, BLOCK_H=BLOCK_H, TO_CACHE=to_cache, num_warps=4,
     )
-    return qo, ko
+    return qo, (None if to_cache else ko)
+
+
+def _check_cache_args(k, k_cache, v, v_cache, max_seq):
+    if k_cache is None or v is None or v_cache is None:
+        raise ValueError("the cache write needs all of k_cache, v and v_cache")
+    _check_qk("v", v)
+    if v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(f"v {v.dtype} {tuple(v.shape)} must match k {k.dtype} {tuple(k.shape)} "
+                         f"on {k.device}")
+    n_kv, hd = k.shape[1], k.shape[2]
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (c.dim() != 3 or c.shape[0] != n_kv or c.shape[2] != hd or c.shape[1] < max_seq
+                or c.dtype != k.dtype or c.device != k.device or c.stride(2) != 1):
+            raise ValueError(f"{name} must be a [{n_kv}, S >= {max_seq}, {hd}] {k.dtype} tensor on "
+                             f"{k.device} with a contiguous last dim, got {c.dtype} "
+                             f"{tuple(c.shape)} strides {c.stride()} on {c.device}")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache and v_cache must have the same strides, got {k_cache.stride()} "
+                         f"and {v_cache.stride()}")
 
 
 def rope_ref(q, k, cos, sin, positions):

@@ -103,6 +103,53 @@ def test_rope_inplace_on_fused_qkv_views():
     assert torch.equal(qkv[:, (n_q + n_kv) * hd:], v_before)          # v untouched
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,T", [(64, 1), (128, 1), (64, 7)])
+def test_rope_writes_the_cache(dtype, head_dim, T):
+    """k rotated and v copied into the cache rows of their positions in the same launch;
+    q as without the cache; every other cache row untouched."""
+    torch.manual_seed(5)
+    L, n_q, n_kv, S = 3, 6, 2, 40
+    qkv = torch.randn(T, (n_q + 2 * n_kv) * head_dim).to(dtype)      # fused projection output
+    q = qkv[:, : n_q * head_dim].view(T, n_q, head_dim)               # strided views
+    k = qkv[:, n_q * head_dim:(n_q + n_kv) * head_dim].view(T, n_kv, head_dim)
+    v = qkv[:, (n_q + n_kv) * head_dim:].view(T, n_kv, head_dim)
+    kc = torch.randn(L, n_kv, S, head_dim).to(dtype)                  # [L, n_kv, S, hd] cache
+    vc = torch.randn(L, n_kv, S, head_dim).to(dtype)
+    kc0, vc0 = kc.clone(), vc.clone()
+    cos, sin = rope_tables(head_dim, S, base=500000.0)
+    pos = torch.randperm(S)[:T].sort().values                         # distinct positions
+    q_ref, k_ref = rope_ref(q, k, cos, sin, pos)
+    q_out, none = rope(q, k, cos, sin, pos, k_cache=kc[1], v=v, v_cache=vc[1])
+    assert none is None
+    assert_close_dtype(q_out, q_ref)
+    assert_close_dtype(kc[1][:, pos].transpose(0, 1), k_ref)
+    assert torch.equal(vc[1][:, pos].transpose(0, 1), v)
+    other = torch.ones(S, dtype=torch.bool)
+    other[pos] = False
+    assert torch.equal(kc[1][:, other], kc0[1][:, other])
+    assert torch.equal(vc[1][:, other], vc0[1][:, other])
+    for layer in (0, 2):
+        assert torch.equal(kc[layer], kc0[layer]) and torch.equal(vc[layer], vc0[layer])
+
+
+def test_rope_cache_write_validation():
+    q, k, v = torch.randn(1, 4, 64), torch.randn(1, 2, 64), torch.randn(1, 2, 64)
+    cos, sin = rope_tables(64, 16)
+    pos = torch.tensor([3])
+    kc, vc = torch.zeros(2, 16, 64), torch.zeros(2, 16, 64)
+    with pytest.raises(ValueError, match="needs all of k_cache, v and v_cache"):
+        rope(q, k, cos, sin, pos, k_cache=kc, v=v)
+    with pytest.raises(ValueError, match="v_cache must be"):
+        rope(q, k, cos, sin, pos, k_cache=kc, v=v, v_cache=torch.zeros(2, 8, 64))
+    with pytest.raises(ValueError, match="k_cache must be"):
+        rope(q, k, cos, sin, pos, k_cache=torch.zeros(3, 16, 64), v=v, v_cache=vc)
+    with pytest.raises(ValueError, match="v .* must match k"):
+        rope(q, k, cos, sin, pos, k_cache=kc, v=torch.randn(1, 2, 32), v_cache=vc)
+    q_out, _ = rope(q, k, cos, sin, pos, k_cache=kc, v=v, v_cache=vc)   # still usable
+    assert torch.equal(vc[:, 3], v[0])
+
+
 def test_rope_validation():
     q, k = torch.randn(3, 4, 64), torch.randn(3, 2, 64)
     cos, sin = rope_tables(64, 16)
@@ -168,3 +215,11 @@ def test_layers_llama8b_bf16_gpu(T):
     q_ref, k_ref = rope_ref(q, k, cos, sin, pos)
     assert_close_dtype(q_out, q_ref)
     assert_close_dtype(k_out, k_ref)
+    kc = torch.randn(n_kv, 8192, hd, device=dev, dtype=dt)          # fused cache write
+    vc = torch.randn(n_kv, 8192, hd, device=dev, dtype=dt)
+    v = torch.randn(T, n_kv, hd, device=dev, dtype=dt)
+    p1 = pos[:1]
+    q1, _ = rope(q[:1], k[:1], cos, sin, p1, k_cache=kc, v=v[:1], v_cache=vc)
+    assert_close_dtype(q1, q_ref[:1])
+    assert_close_dtype(kc[:, p1].transpose(0, 1), k_ref[:1])
+    assert torch.equal(vc[:, p1].transpose(0, 1), v[:1])

@@ -47,10 +47,9 @@ class TritonOps:
         the host."""
         kc, vc = cache.k[layer], cache.v[layer]                         # [nkv, S, hd]
         if q.shape[0] == 1:
-            # decode: RoPE, write this token's K/V, then flash-decoding over the cache
-            q, k = self._rope(q, k, cos, sin, positions)
-            kc.index_copy_(1, positions, k.transpose(0, 1))
-            vc.index_copy_(1, positions, v.transpose(0, 1))
+            # decode: RoPE and this token's K/V into the cache (one launch), then
+            # flash-decoding over the cache
+            q, _ = self._rope(q, k, cos, sin, positions, k_cache=kc, v=v, v_cache=vc)
             seq_len = start + 1 if isinstance(start, int) else positions + 1
             return self._decode_attention(q[0], kc, vc, seq_len)[None]  # [1, nq, hd]
         # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
