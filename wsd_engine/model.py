@@ -79,6 +79,20 @@ class TorchOps:
         g, u = gate_up.chunk(2, dim=-1)
         return F.silu(g) * u
 
+    # the matmuls with their neighbours; a backend may fuse each chain into one kernel
+    def linear(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+    def norm_linear(self, x, residual, norm_weight, weight, bias=None, logits=False):
+        """linear(rms_norm(x + residual)) and the new residual stream; logits=True widens
+        the product to fp32 (the lm_head)."""
+        h, residual = self.rms_norm(x, norm_weight, residual)
+        y = F.linear(h, weight, bias)
+        return (y.float() if logits else y), residual
+
+    def swiglu_linear(self, gate_up, weight, bias=None):
+        return F.linear(self.swiglu(gate_up), weight, bias)
+
 
 def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Tensor,
             start: int, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
@@ -103,20 +117,22 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
     residual = None
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
-        h, residual = ops.rms_norm(x, w[p + "attn_norm"], residual)
-        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_bias"))          # [T, (nq+2nkv)*hd]
+        qkv, residual = ops.norm_linear(x, residual, w[p + "attn_norm"], w[p + "qkv"],
+                                        w.get(p + "qkv_bias"))          # [T, (nq+2nkv)*hd]
         q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
         attn = ops.attention(q.reshape(T, nq, hd), k.reshape(T, nkv, hd),
                              v.reshape(T, nkv, hd), cache, layer, positions, cos, sin, start)
-        x = F.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias"))  # [T, d]
-        h, residual = ops.rms_norm(x, w[p + "mlp_norm"], residual)
-        gu = F.linear(h, w[p + "gate_up"], w.get(p + "gate_up_bias"))   # [T, 2I]
-        x = F.linear(ops.swiglu(gu), w[p + "down"], w.get(p + "down_bias"))  # [T, d]
-    h, _ = ops.rms_norm(x, w["norm"], residual)                         # [T, d]
+        x = ops.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias"))  # [T, d]
+        gu, residual = ops.norm_linear(x, residual, w[p + "mlp_norm"], w[p + "gate_up"],
+                                       w.get(p + "gate_up_bias"))      # [T, 2I]
+        x = ops.swiglu_linear(gu, w[p + "down"], w.get(p + "down_bias"))  # [T, d]
     if host_start:
         cache.length = start + T
     if return_hidden:
+        h, _ = ops.rms_norm(x, w["norm"], residual)                     # [T, d]
         return h
-    if logits_rows is not None:
-        h = h[logits_rows]
-    return F.linear(h, w["lm_head"]).float()                            # [T', V]
+    if logits_rows is not None:      # the norm is per row: slice first
+        x = x[logits_rows]
+        residual = residual[logits_rows] if residual is not None else None
+    logits, _ = ops.norm_linear(x, residual, w["norm"], w["lm_head"], logits=True)
+    return logits                                                       # [T', V] fp32

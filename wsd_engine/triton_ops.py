@@ -1,6 +1,9 @@
 """The "triton" backend: the layer operations of `model.forward` through the kernels in
-`wsd_engine.kernels`. Same data flow and cache layout as `model.TorchOps`; matmuls stay
-cuBLAS (`F.linear`). Imported lazily (it imports Triton): `load_model(backend="triton")`.
+`wsd_engine.kernels`. Same data flow and cache layout as `model.TorchOps`. Matmuls are
+cuBLAS (`F.linear`), or, for one token with `fused_gemv` on, the `gemv` kernel with the
+RMSNorm / SwiGLU before it fused in (three fewer launches per layer; off by default until
+a GPU run shows it beats cuBLAS: benchmarks/bench_gemv.py and the decode suite measure
+both). Imported lazily (it imports Triton): `load_model(backend="triton")`.
 On a machine without CUDA the kernels run only under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -13,6 +16,9 @@ from .cache import StaticKVCache
 from .config import ModelConfig
 from .errors import ConfigError
 
+# TritonOps.fused_gemv's default; set `model.ops.fused_gemv` before capturing graphs
+FUSED_GEMV_DEFAULT = False
+
 
 class TritonOps:
     name = "triton"
@@ -23,6 +29,7 @@ class TritonOps:
                               "before import, for tests on CPU); use backend='torch' on CPU")
         try:
             from .kernels.decode_attention import decode_attention
+            from .kernels.gemv import gemv
             from .kernels.prefill_attention import prefill_attention
             from .kernels.rms_norm import rms_norm
             from .kernels.rope import rope
@@ -32,7 +39,8 @@ class TritonOps:
                               "backend='torch'") from e
         self.cfg = cfg
         self._decode_attention, self._prefill_attention = decode_attention, prefill_attention
-        self._rms_norm, self._rope, self._swiglu = rms_norm, rope, swiglu
+        self._rms_norm, self._rope, self._swiglu, self._gemv = rms_norm, rope, swiglu, gemv
+        self.fused_gemv = FUSED_GEMV_DEFAULT
 
     def rms_norm(self, x, weight, residual=None):
         """norm(x + residual) and the new residual stream, one kernel (fused add)."""
@@ -57,3 +65,31 @@ class TritonOps:
 
     def swiglu(self, gate_up):
         return self._swiglu(gate_up)
+
+    # ---- matmuls: cuBLAS, or (one token, fused_gemv) the gemv kernel with its neighbours
+    def _one_token(self, x) -> bool:
+        return self.fused_gemv and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1
+
+    def linear(self, x, weight, bias=None):
+        if self._one_token(x):
+            return self._gemv(x, weight, bias)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def norm_linear(self, x, residual, norm_weight, weight, bias=None, logits=False):
+        """linear(rms_norm(x + residual)) and the new residual stream (one launch for one
+        token with fused_gemv); logits=True returns fp32 (the lm_head)."""
+        eps = self.cfg.rms_norm_eps
+        if self._one_token(x):
+            if residual is None:
+                return self._gemv(x, weight, bias, pre="rmsnorm", norm_weight=norm_weight,
+                                  eps=eps, logits=logits), x
+            return self._gemv(x, weight, bias, pre="rmsnorm", residual=residual,
+                              norm_weight=norm_weight, eps=eps, logits=logits)
+        h, residual = self.rms_norm(x, norm_weight, residual)
+        y = torch.nn.functional.linear(h, weight, bias)
+        return (y.float() if logits else y), residual
+
+    def swiglu_linear(self, gate_up, weight, bias=None):
+        if self._one_token(gate_up):
+            return self._gemv(gate_up, weight, bias, pre="swiglu")
+        return torch.nn.functional.linear(self.swiglu(gate_up), weight, bias)
