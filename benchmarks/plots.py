@@ -8,14 +8,15 @@ from __future__ import annotations
 import math
 import os
 
-SYSTEM_ORDER = ("engine_graph_steps", "engine_graph", "engine_torch_eager", "hf_eager",
+SYSTEM_ORDER = ("engine_graph_steps_fused", "engine_graph_steps", "engine_graph", "engine_torch_eager", "hf_eager",
                 "hf_compile")
-LABELS = {"engine_graph_steps": "wsd_engine, graph per block of steps",
+LABELS = {"engine_graph_steps_fused": "wsd_engine, block graph + fused gemv",
+          "engine_graph_steps": "wsd_engine, graph per block of steps",
           "engine_graph": "wsd_engine, graph per step",
           "engine_torch_eager": "wsd_engine torch eager",
           "hf_eager": "HF eager generate",
           "hf_compile": "HF static + torch.compile"}
-COLORS = {"engine_graph_steps": "#08306b", "engine_graph": "#1f77b4", "engine_torch_eager": "#9ecae1",
+COLORS = {"engine_graph_steps_fused": "#000000", "engine_graph_steps": "#08306b", "engine_graph": "#1f77b4", "engine_torch_eager": "#9ecae1",
           "hf_eager": "#ff7f0e", "hf_compile": "#fdae6b"}
 PHASES = ("pilot_prefill", "base_prefill", "drafting", "scoring", "continuation")
 PHASE_COLORS = ("#c7e9c0", "#fdd0a2", "#74c476", "#fd8d3c", "#6baed6")

@@ -74,7 +74,7 @@ def build_tasks(b: Bench) -> list:
                   (f"decode {p}: HF eager", lambda p=p: b.decode_hf(p)),
                   (f"decode {p}: HF static + torch.compile", lambda p=p: b.decode_hf_compile(p))]
     if kern:
-        for k in ("switch_score", "attention", "layers"):
+        for k in ("switch_score", "attention", "layers", "gemv"):
             t.append((f"kernels {k}", lambda k=k: b.kernel(k)))
     return t
 

@@ -242,11 +242,23 @@ class Bench:
                 return measure_engine(m, ids, a.steps, floor_ms, a.reps, dev)
             self.attempt(sysd, "engine_graph_steps", steps,
                          f"decode {preset} engine_graph_steps")
+            self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused']}")
+
+            def fused():
+                m._graphs.clear()
+                m.ops.fused_gemv = True
+                try:
+                    m.capture_steps(GENERATE_BLOCK)
+                    return measure_engine(m, ids, a.steps, floor_ms, a.reps, dev)
+                finally:
+                    m.ops.fused_gemv = False
+            self.attempt(sysd, "engine_graph_steps_fused", fused,
+                         f"decode {preset} engine_graph_steps_fused")
             m._graphs.clear()
             tm = build_model(cfg, m.weights, dev, self.dtype, msl, backend="torch")
         else:
             tm = m
-            for key in ("engine_graph", "engine_graph_steps"):
+            for key in ("engine_graph", "engine_graph_steps", "engine_graph_steps_fused"):
                 sysd[key] = {"skipped": "CPU smoke: no CUDA graphs (torch backend only)"}
         self.log(f"    {preset}: {SYSTEMS['engine_torch_eager']}")
         self.attempt(sysd, "engine_torch_eager",

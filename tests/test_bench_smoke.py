@@ -39,6 +39,7 @@ def test_bench_cpu_smoke(tmp_path):
             assert _num(r["frac_of_floor"]) and _num(r["e2e_tok_s"])
         assert "skipped" in e["systems"]["hf_compile"]          # no torch.compile on CPU
         assert "skipped" in e["systems"]["engine_graph_steps"]  # no CUDA graphs on CPU
+        assert "skipped" in e["systems"]["engine_graph_steps_fused"]
         pre = e["prefill"]                                      # the prompt prefill vs floor
         assert pre["prompt_len"] == R["meta"]["settings"]["prompt_len"]
         assert _num(pre["ms"]) and _num(pre["over_floor"]) and _num(pre["prompt_tok_s"])
