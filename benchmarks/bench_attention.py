@@ -149,6 +149,27 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
             "sdpa": lambda i: sdpa_decode(q, cache[i, 0], cache[i, 1], ctx),
             "ref_fp32": lambda i: dec.decode_attention_ref(q, cache[i, 0], cache[i, 1], ctx),
         }
+        # the decode step's append mode: q / new k unrotated, RoPE + cache write + attention
+        # in one launch, against the rope kernel's cache write followed by attention
+        from wsd_engine.kernels.rope import rope as rope_k, rope_ref
+        cos, sin = _rope_tables(ctx, su.hd, su.device)
+        kn = torch.randn(su.n_kv, su.hd, device=su.device, dtype=su.dtype)
+        vn = torch.randn(su.n_kv, su.hd, device=su.device, dtype=su.dtype)
+        p_t = torch.tensor([ctx - 1], device=su.device)
+        qr, kr = rope_ref(q[None], kn[None], cos, sin, p_t)
+        ref0 = cache[0].clone()
+        ref0[0][:, ctx - 1], ref0[1][:, ctx - 1] = kr[0], vn
+        want_append = dec.decode_attention_ref(qr[0], ref0[0], ref0[1], ctx)
+        del ref0
+
+        def rope_write_then_attend(i):
+            q2, _ = rope_k(q[None], kn[None], cos, sin, p_t, k_cache=cache[i, 0], v=vn[None],
+                           v_cache=cache[i, 1])
+            return dec.decode_attention(q2[0], cache[i, 0], cache[i, 1], n_t)
+        impls["triton_append (one launch)"] = lambda i: dec.decode_attention(
+            q, cache[i, 0], cache[i, 1], n_t, k_new=kn, v_new=vn, cos=cos, sin=sin)
+        impls["rope+write kernel, then triton"] = rope_write_then_attend
+        appends = ("triton_append (one launch)", "rope+write kernel, then triton")
         if on_gpu:   # inductor on CPU needs a C++ toolchain and minutes: GPU only
             compiled = torch.compile(dec.decode_attention_ref, dynamic=False)
             impls["compile(ref)"] = lambda i: compiled(q, cache[i, 0], cache[i, 1], ctx)
@@ -171,7 +192,8 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
                             num_stages=3, fused_combine=True))
         for name, fn in impls.items():
             try:
-                err = (fn(0).float() - want.float()).abs().max().item()
+                w = want_append if name in appends else want
+                err = (fn(0).float() - w.float()).abs().max().item()
                 us, method = time_per_call([lambda i=i, fn=fn: fn(i) for i in range(n_layers)])
             except Exception as e:  # noqa: BLE001 - a baseline that fails is reported, not fatal
                 print(f"  decode ctx={ctx} {name}: failed ({type(e).__name__}: {e})",

@@ -17,6 +17,13 @@ concurrently (one stream, as in a decode step).
 The grid never depends on seq_len: a fixed number of pieces covers [0, seq_len) evenly
 (piece length rounded up to BLOCK_N, computed in the kernel), pieces past the end write an
 empty result. With seq_len a device tensor the launch is CUDA-graph replayable at any length.
+
+Append mode (`k_new`, `v_new`, optionally `cos`/`sin`): the decode step's new token, at
+position seq_len - 1, is not in the cache yet. Every program rotates its q heads (RoPE at
+that position) itself; the pieces cover the cached [0, seq_len - 1); piece 0 also rotates
+the new key, writes it and the new value into the cache (no other program reads that row)
+and folds the token into its softmax as one more key. RoPE, the cache write and the
+attention are then one launch.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .rms_norm import _round_to
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -114,10 +123,13 @@ def _decode_attention_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, o_part_ptr, lse_part_ptr, len_ptr, cnt_ptr,
     len_val, max_seq, qk_scale,
     stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs, stride_oh, stride_po, stride_pl,
+    kn_ptr, vn_ptr, stride_knh, stride_vnh,   # [n_kv, HD] the new token's k, v (APPEND)
+    cos_ptr, sin_ptr, stride_tab,             # [max_seq, HD] fp32 RoPE tables (ROPE)
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, LEN_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
     FUSED: tl.constexpr = False, G_PAD: tl.constexpr = 1, S_PAD: tl.constexpr = 1,
     BLOCK_S: tl.constexpr = 1,
+    APPEND: tl.constexpr = False, ROPE: tl.constexpr = False,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -126,18 +138,29 @@ def _decode_attention_kernel(
     else:
         seq_len = len_val
     seq_len = tl.minimum(seq_len, max_seq)
+    n_cached = seq_len - 1 if APPEND else seq_len    # keys read from the cache
 
     offs_h = tl.arange(0, BLOCK_H)                                      # [H] (>= 16 for tl.dot)
     h_ok = offs_h < GROUP
     head = kvh * GROUP + offs_h                                         # [H]
     offs_d = tl.arange(0, HEAD_DIM)                                     # [HD]
-    q = tl.load(q_ptr + head[:, None] * stride_qh + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    q_ptrs = q_ptr + head[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    if ROPE:   # rotate_half RoPE at the new token's position, fp32 math, rounded to the dtype
+        pos = (seq_len - 1).to(tl.int64)
+        c = tl.load(cos_ptr + pos * stride_tab + offs_d)                # [HD] fp32
+        sn = tl.load(sin_ptr + pos * stride_tab + offs_d)
+        offs_r = (offs_d + HEAD_DIM // 2) % HEAD_DIM                    # the other half
+        sign = tl.where(offs_d < HEAD_DIM // 2, -1.0, 1.0)
+        q_r = tl.load(q_ptrs + offs_r[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
+        q = _round_to(q.to(tl.float32) * c[None, :] + sign[None, :] * q_r * sn[None, :],
+                      q_ptr.dtype.element_ty)
     if FP32_DOT:
         q = q.to(tl.float32)                                            # [H, HD]
 
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, seq_len)
+    hi = tl.minimum(lo + chunk, n_cached)
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -157,6 +180,24 @@ def _decode_attention_kernel(
         s = _dot(q, kt, FP32_DOT) * qk_scale                            # [H, N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
+
+    if APPEND:
+        if split == 0:   # the new token: into the cache, and into this piece's softmax
+            pos = (seq_len - 1).to(tl.int64)
+            kn = tl.load(kn_ptr + kvh * stride_knh + offs_d)            # [HD]
+            vn = tl.load(vn_ptr + kvh * stride_vnh + offs_d)
+            if ROPE:
+                kn_r = tl.load(kn_ptr + kvh * stride_knh + offs_r).to(tl.float32)
+                kn = _round_to(kn.to(tl.float32) * c + sign * kn_r * sn, kn_ptr.dtype.element_ty)
+            tl.store(kc_base + pos * stride_kcs + offs_d, kn)
+            tl.store(vc_base + pos * stride_vcs + offs_d, vn)
+            s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # [H]
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+            m_i = m_new
 
     if NUM_SPLITS == 1:
         o = acc / l_i[:, None]
@@ -247,19 +288,28 @@ def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.devi
 
 def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                      block_n=None, num_warps=None, num_stages=None,
-                     fused_combine: bool | None = None):
-    """Attention of one (already rotated) query token over cache positions [0, seq_len).
+                     fused_combine: bool | None = None, k_new=None, v_new=None, cos=None,
+                     sin=None):
+    """Attention of one query token over cache positions [0, seq_len).
 
-    q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, current token's K/V
-    already written, stride(-1) == 1); seq_len: int or 1-element int32/int64 tensor on q's
-    device (read in the kernel, clamped to max_seq; no host sync). num_splits: fixed piece
-    count (default: ~2 programs per SM, capped by the blocks in max_seq, or in seq_len when
-    it is an int). fused_combine: merge the pieces inside the same launch (last-arriving
-    program per kv head, see `split_counters`) instead of a second kernel; None =
-    FUSED_COMBINE_DEFAULT; ignored when num_splits == 1. Returns out [n_q, hd] in q's dtype
-    (written into `out` when given).
+    q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, stride(-1) == 1);
+    seq_len: int or 1-element int32/int64 tensor on q's device (read in the kernel, clamped
+    to max_seq; no host sync). num_splits: fixed piece count (default: ~2 programs per SM,
+    capped by the blocks in max_seq, or in seq_len when it is an int). fused_combine: merge
+    the pieces inside the same launch (last-arriving program per kv head, see
+    `split_counters`) instead of a second kernel; None = FUSED_COMBINE_DEFAULT; ignored when
+    num_splits == 1. Returns out [n_q, hd] in q's dtype (written into `out` when given).
+
+    Without k_new: q is already rotated and the current token's K/V are in the cache.
+    Append mode, k_new/v_new [n_kv, hd] given: the current token (position seq_len - 1) is
+    written into the cache by this launch; with cos/sin ([>= max_seq, hd] fp32 RoPE tables)
+    q and k_new are unrotated and rotated here (RoPE + cache write + attention: one launch).
     """
     n_q, hd, n_kv, max_seq = _validate(q, k_cache, v_cache, seq_len, out)
+    append = k_new is not None or v_new is not None
+    rope = cos is not None or sin is not None
+    if append or rope:
+        _validate_append(q, k_cache, k_new, v_new, cos, sin, rope)
     if fused_combine is None:
         fused_combine = FUSED_COMBINE_DEFAULT
     if out is None:
@@ -296,12 +346,16 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                           BLOCK_S=max(1, min(s_pad, budget // (g_pad * hd))))
     else:
         cnt = q   # unused
+    kn, vn = (k_new, v_new) if append else (q, q)                      # unused unless append
+    tc, ts = (cos, sin) if rope else (o_part, o_part)                  # unused unless rope
     _decode_attention_kernel[(n_kv, num_splits)](
         q, k_cache, v_cache, out, o_part, lse_part,
         seq_len if len_is_tensor else q, cnt, 0 if len_is_tensor else int(seq_len), max_seq,
         _LOG2E / math.sqrt(hd),
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), n_q * hd, n_q,
+        kn, vn, kn.stride(0), vn.stride(0), tc, ts, tc.stride(0) if rope else 0,
+        APPEND=append, ROPE=rope,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
         FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots
@@ -368,6 +422,28 @@ def _validate(q, k_cache, v_cache, seq_len, out):
         raise ValueError(f"decode_attention: out must be {(n_q, hd)} {q.dtype} on {q.device} "
                          f"with unit last-dim stride, got {tuple(out.shape)} {out.dtype}")
     return n_q, hd, n_kv, max_seq
+
+
+def _validate_append(q, k_cache, k_new, v_new, cos, sin, rope):
+    n_kv, hd = k_cache.shape[0], k_cache.shape[2]
+    if k_new is None or v_new is None:
+        raise ValueError("decode_attention: append mode needs both k_new and v_new")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if (not isinstance(t, torch.Tensor) or t.shape != (n_kv, hd) or t.dtype != q.dtype
+                or t.device != q.device or t.stride(-1) != 1):
+            raise ValueError(f"decode_attention: {name} must be [{n_kv}, {hd}] {q.dtype} on "
+                             f"{q.device} with a unit last-dim stride, got "
+                             f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+    if rope:
+        if cos is None or sin is None:
+            raise ValueError("decode_attention: RoPE needs both cos and sin")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if (t.dim() != 2 or t.shape[0] < k_cache.shape[1] or t.shape[1] != hd
+                    or t.dtype != torch.float32 or t.device != q.device
+                    or not t.is_contiguous()):
+                raise ValueError(f"decode_attention: {name} must be a contiguous fp32 "
+                                 f"[>= {k_cache.shape[1]}, {hd}] table on {q.device}, got "
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
 def decode_attention_ref(q, k_cache, v_cache, seq_len, out=None):

@@ -214,6 +214,89 @@ def test_decode_same_launch_new_length():
                                    **TOL[torch.float32])
 
 
+# Append mode: (n_q, n_kv, hd, seq_len, dtype, len as tensor, num_splits, fused, rope)
+APPEND_CASES = [
+    (8, 2, 64, 77, torch.float32, False, 3, False, True),
+    (8, 2, 64, 1, torch.float32, True, 4, True, True),      # empty prefix: only the new token
+    (4, 4, 128, 130, torch.float32, True, 1, False, True),  # single piece
+    (6, 2, 64, 65, torch.float32, True, 3, True, True),     # GQA 3; prefix = one block
+    (8, 2, 128, 200, torch.bfloat16, True, 8, True, True),
+    (8, 2, 64, 77, torch.float32, False, 2, True, False),   # k_new already rotated
+]
+
+
+@pytest.mark.parametrize("n_q,n_kv,hd,seq_len,dtype,len_tensor,num_splits,fused,rope",
+                         APPEND_CASES)
+def test_decode_attention_append(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, fused,
+                                 rope):
+    """The new token (position seq_len - 1) written by the launch, q/k rotated there: equal
+    to RoPE, then the cache write, then attention over [0, seq_len)."""
+    from wsd_engine.kernels.rope import rope_ref
+    g = torch.Generator().manual_seed(seq_len)
+    max_seq = seq_len + 11
+    q = torch.randn(n_q, hd, generator=g).to(dtype)
+    kn = torch.randn(n_kv, hd, generator=g).to(dtype)
+    vn = torch.randn(n_kv, hd, generator=g).to(dtype)
+    cache = torch.randn(2, n_kv, max_seq, hd, generator=g).to(dtype)
+    ref_cache = cache.clone()
+    cos, sin = rope_tables(max_seq, hd)
+    p = seq_len - 1
+    if rope:
+        q_rot, k_rot = rope_ref(q[None], kn[None], cos, sin, torch.tensor([p]))
+        q_rot, k_rot = q_rot[0], k_rot[0]
+    else:
+        q_rot, k_rot = q, kn
+    ref_cache[0][:, p] = k_rot
+    ref_cache[1][:, p] = vn
+    want = decode_attention_ref(q_rot, ref_cache[0], ref_cache[1], seq_len)
+    n = torch.tensor([seq_len], dtype=torch.int64) if len_tensor else seq_len
+    kw = dict(cos=cos, sin=sin) if rope else {}
+    out = decode_attention(q, cache[0], cache[1], n, num_splits=num_splits, fused_combine=fused,
+                           k_new=kn, v_new=vn, **kw)
+    torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+    assert_cache_close(cache, ref_cache, dtype)     # the new row written, nothing else touched
+    assert not split_counters(torch.device("cpu"), n_kv).any()
+
+
+def test_decode_append_strided_views_of_qkv():
+    """q, k_new, v_new as column slices of one fused projection row (the engine's layout)."""
+    from wsd_engine.kernels.rope import rope_ref
+    n_q, n_kv, hd, S = 8, 2, 64, 40
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn((n_q + 2 * n_kv) * hd, generator=g)
+    q = qkv[: n_q * hd].view(n_q, hd)
+    kn = qkv[n_q * hd:(n_q + n_kv) * hd].view(n_kv, hd)
+    vn = qkv[(n_q + n_kv) * hd:].view(n_kv, hd)
+    cache = torch.randn(2, n_kv, S, hd, generator=g)
+    ref = cache.clone()
+    cos, sin = rope_tables(S, hd)
+    qr, kr = rope_ref(q[None], kn[None], cos, sin, torch.tensor([20]))
+    ref[0][:, 20], ref[1][:, 20] = kr[0], vn
+    out = decode_attention(q, cache[0], cache[1], 21, num_splits=2, k_new=kn, v_new=vn,
+                           cos=cos, sin=sin)
+    torch.testing.assert_close(out, decode_attention_ref(qr[0], ref[0], ref[1], 21),
+                               **TOL[torch.float32])
+    assert_cache_close(cache, ref, torch.float32)
+
+
+def test_decode_append_rejects_bad_inputs():
+    q, kn = torch.randn(8, 64), torch.randn(2, 64)
+    cache = torch.randn(2, 2, 16, 64)
+    cos, sin = rope_tables(16, 64)
+    with pytest.raises(ValueError, match="needs both k_new and v_new"):
+        decode_attention(q, cache[0], cache[1], 4, k_new=kn)
+    with pytest.raises(ValueError, match="v_new must be"):
+        decode_attention(q, cache[0], cache[1], 4, k_new=kn, v_new=torch.randn(2, 32))
+    with pytest.raises(ValueError, match="RoPE needs both cos and sin"):
+        decode_attention(q, cache[0], cache[1], 4, k_new=kn, v_new=kn, cos=cos)
+    with pytest.raises(ValueError, match="cos must be"):
+        decode_attention(q, cache[0], cache[1], 4, k_new=kn, v_new=kn, cos=cos[:8], sin=sin)
+    with pytest.raises(ValueError, match="needs both k_new"):
+        decode_attention(q, cache[0], cache[1], 4, cos=cos, sin=sin)
+    out = decode_attention(q, cache[0], cache[1], 4, k_new=kn, v_new=kn, cos=cos, sin=sin)
+    assert out.shape == (8, 64)                     # still usable
+
+
 def test_prefill_L1_matches_decode():
     # The engine may decode through prefill_attention(L=1): same answer as rope + decode.
     q, k, v, cache, cos, sin = make_prefill(8, 2, 64, 1, 77, 90, torch.float32, seed=2)
@@ -325,3 +408,44 @@ def test_cuda_graph_replay_at_new_positions():
         torch.testing.assert_close(out_p.float(), want_p.float(), **TOL[torch.bfloat16])
         want_d = decode_attention_ref(qd, cache[0], cache[1], p + 1)
         torch.testing.assert_close(out_d.float(), want_d.float(), **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_decode_append_gpu_llama8b_and_graph_replay():
+    """Append mode compiled at 8B shapes: eager at several lengths, then one captured launch
+    replayed at new positions (the decode step's use), each against RoPE + write + ref."""
+    from wsd_engine.kernels.rope import rope_ref
+    dev, S, dt = "cuda", 8192, torch.bfloat16
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(32, 128, generator=g).to(dev, dt)
+    kn = torch.randn(8, 128, generator=g).to(dev, dt)
+    vn = torch.randn(8, 128, generator=g).to(dev, dt)
+    cache = torch.randn(2, 8, S, 128, generator=g).to(dev, dt)
+    cos, sin = rope_tables(S, 128, dev)
+
+    def want(n, ref_cache):
+        qr, kr = rope_ref(q[None], kn[None], cos, sin, torch.tensor([n - 1], device=dev))
+        ref_cache[0][:, n - 1], ref_cache[1][:, n - 1] = kr[0], vn
+        return decode_attention_ref(qr[0], ref_cache[0], ref_cache[1], n)
+
+    for n in (1, 1000, 4097, S):
+        for len_t in (False, True):
+            ref_cache = cache.clone()
+            w = want(n, ref_cache)
+            nn = torch.tensor([n], device=dev) if len_t else n
+            out = decode_attention(q, cache[0], cache[1], nn, k_new=kn, v_new=vn, cos=cos, sin=sin)
+            torch.testing.assert_close(out.float(), w.float(), **TOL[dt])
+            assert_cache_close(cache, ref_cache, dt)
+    seq = torch.ones(1, dtype=torch.int64, device=dev)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, cache[0], cache[1], seq, k_new=kn, v_new=vn, cos=cos, sin=sin)
+    for n in (5, 1000, 4097, S):
+        seq.fill_(n)
+        ref_cache = cache.clone()
+        w = want(n, ref_cache)
+        graph.replay()
+        torch.testing.assert_close(out.float(), w.float(), **TOL[dt])
+        assert_cache_close(cache, ref_cache, dt)
+    assert not split_counters(torch.device(dev), 8).any()

@@ -55,11 +55,11 @@ class TritonOps:
         the host."""
         kc, vc = cache.k[layer], cache.v[layer]                         # [nkv, S, hd]
         if q.shape[0] == 1:
-            # decode: RoPE and this token's K/V into the cache (one launch), then
-            # flash-decoding over the cache
-            q, _ = self._rope(q, k, cos, sin, positions, k_cache=kc, v=v, v_cache=vc)
+            # decode: RoPE, this token's K/V into the cache and flash-decoding over the
+            # cache, one launch (append mode)
             seq_len = start + 1 if isinstance(start, int) else positions + 1
-            return self._decode_attention(q[0], kc, vc, seq_len)[None]  # [1, nq, hd]
+            return self._decode_attention(q[0], kc, vc, seq_len, k_new=k[0], v_new=v[0],
+                                          cos=cos, sin=sin)[None]       # [1, nq, hd]
         # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
         return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
 
