@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 # the layout `pip install -e .` gives: kernels/ importable as wsd_engine.kernels
 [ -e wsd_engine/kernels ] || ln -s ../kernels wsd_engine/kernels
-STEPS=${STEPS:-"pytest gemv e2e attention switch backend layers"}
+STEPS=${STEPS:-"pytest_new gemv e2e pytest attention switch backend layers"}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 step() {   # step NAME TIMEOUT CMD...
@@ -24,9 +24,12 @@ step() {   # step NAME TIMEOUT CMD...
 {
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-step pytest ${T_PYTEST:-150} python -m pytest -q -m gpu -p no:cacheprovider
+# the GPU tests of what changed since the last GPU run first (n-step graphs, fused gemv,
+# decode append mode), the whole GPU suite later
+step pytest_new ${T_PYTEST_NEW:-120} python -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay
 step gemv ${T_GEMV:-120} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
-step e2e ${T_E2E:-240} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --no-hf-compile --time-budget ${E2E_BUDGET:-200} --out "$OUT/e2e"
+step e2e ${T_E2E:-220} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --no-hf-compile --time-budget ${E2E_BUDGET:-180} --out "$OUT/e2e"
+step pytest ${T_PYTEST:-150} python -m pytest -q -m gpu -p no:cacheprovider
 step attention ${T_ATTN:-95} python benchmarks/bench_attention.py --out "$OUT/attention.json"
 step switch ${T_SWITCH:-75} python benchmarks/bench_switch_score.py --out "$OUT/switch_score.json"
 step backend ${T_BACKEND:-90} python benchmarks/bench_backend.py --out "$OUT/backend.json"
