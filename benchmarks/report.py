@@ -135,7 +135,20 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
     elif bo:
         L.append(f"| base-only | error: {short_err(bo.get('error', '?'))} | | | | | | | | | |")
     ref = e.get("reference", {})
-    if "skipped" in ref:
+    if "total_s" in ref:
+        t = ref["timings"]
+        bo_s = (bo or {}).get("total_s")
+        L.append(f"| reference (HF, 3 offline stages) | {ref['switch_index']} | "
+                 f"{ref['total_s']:.3f} | \u2014 | \u2014 | {t['draft']:.3f} | "
+                 f"{t['score']:.3f} | {t['continuation']:.3f} | | | "
+                 f"{_f(bo_s / ref['total_s'] if bo_s else None, X2)} |")
+        if ref.get("speedup_of_engine"):
+            L.append(f"\nAt k = {ref['k']}: this engine {ref['speedup_of_engine']:.1f}\u00d7 "
+                     "faster than `wsd_engine.reference` on the same device (its pilot "
+                     "drafts the whole response; prefills are inside its phases).")
+    elif "error" in ref:
+        L.append(f"\nreference: error \u2014 {short_err(ref['error'], 300)}")
+    elif "skipped" in ref:
         L.append(f"\nreference: skipped \u2014 {ref['skipped']}")
     L.append("")
     return L

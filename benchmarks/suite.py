@@ -88,6 +88,7 @@ class Bench:
                      "cuda_graphs": self.graphs, "notes": list(a.notes),
                      "settings": {"prompt_len": a.prompt_len, "decode_steps": a.steps,
                                   "response": a.response, "ks": a.ks, "chunk": a.chunk,
+                                  "ref_k": a.ref_k, "reference": not a.no_reference,
                                   "reps": a.reps, "presets": a.presets, "suites": a.suites,
                                   "time_budget_s": a.time_budget}},
             "copy_gbps": None, "models": {}, "decode": {}, "wsd": {}, "kernels": {},
@@ -368,9 +369,47 @@ class Bench:
             if bo and "total_s" in r:
                 r["speedup_vs_base_only"] = bo["total_s"] / r["total_s"]
                 r["beats_base_only"] = r["total_s"] < bo["total_s"]
-        e["reference"] = {"skipped": "needs --pilot DIR --base DIR (the oracle runs on "
-                                     "checkpoints with tokenizers, not on random weights)"}
         wsd = pilot = base = None
+        free_memory(dev)
+        if a.no_reference:
+            e["reference"] = {"skipped": "--no-reference"}
+            return
+        self.log(f"    {key}: wsd_engine.reference (HF transformers, three offline stages, "
+                 f"same device), switch forced at {a.ref_k or 'never'}")
+        ref = self.attempt(e, "reference", lambda: self._reference(pc, bc, ids, a.ref_k),
+                           f"wsd {key} reference")
+        mine = next((r for r in e["runs"] if r.get("k") == a.ref_k and "total_s" in r), None)
+        if ref and mine:
+            ref["speedup_of_engine"] = ref["total_s"] / mine["total_s"]
+            ref["engine_total_s"] = mine["total_s"]
+
+    def _reference(self, pc, bc, ids: list[int], k: int) -> dict:
+        """wsd_engine.reference on random-weight HF models of the pair's shapes on this
+        device and dtype (token level, forced k, EOS ignored: the engine's workload)."""
+        from transformers import AutoModelForCausalLM
+
+        from benchmarks.baselines import hf_config
+        from wsd_engine.reference import ReferenceWSD
+        a, dev = self.a, self.dev
+        models = []
+        for cfg in (pc, bc):
+            with torch.device(dev):
+                models.append(AutoModelForCausalLM.from_config(hf_config(cfg),
+                                                               dtype=self.dtype).to(dev))
+        ref = ReferenceWSD.from_models(*models)
+        R_ = a.response
+        kw = dict(draft_max_tokens=R_, max_new_tokens=R_, force_switch=k, ignore_eos=True)
+        ref.generate_ids(ids, ids, **dict(kw, draft_max_tokens=min(R_, 8),
+                                          max_new_tokens=min(R_, 16),
+                                          force_switch=min(k, 8)))            # warm-up
+        r = ref.generate_ids(ids, ids, **kw)
+        if len(r.token_ids) != R_:
+            raise RuntimeError(f"reference returned {len(r.token_ids)} tokens, expected {R_}")
+        models = ref = None
+        return {"k": k, "switch_index": r.switch_index, "total_s": r.timings["total"],
+                "timings": r.timings, "draft_tokens": len(r.draft_ids), "reps": 1,
+                "note": "HF transformers eager generate (stage 1 drafts the whole response), "
+                        "one forward (stage 2), generate (stage 3); same device and dtype"}
 
     def checkpoints(self) -> None:
         """The given checkpoint pair: this engine (the real rule) vs wsd_engine.reference on

@@ -270,3 +270,59 @@ def test_token_level_generate_ids_matches_text_api(mid, tmp_path):
     n = tl.generate_ids(p_ids, b_ids, WSDParams(draft_max_tokens=DRAFT, max_new_tokens=NEW,
                                                 force_switch=0))
     assert not n.switched and n.switch_index == DRAFT
+
+
+def _bare(pair, root):
+    """Copies of a pair without tokenizer files: token-level models."""
+    out = []
+    for src in pair:
+        dst = os.path.join(root, os.path.basename(src) + "_bare")
+        os.makedirs(dst)
+        for f in ("config.json", "generation_config.json", "model.safetensors"):
+            shutil.copy(os.path.join(src, f), dst)
+        out.append(dst)
+    return out
+
+
+@pytest.mark.parametrize("kw,want_k", [({}, None), ({"force_switch": 5, "ignore_eos": True}, 5),
+                                       ({"force_switch": 0, "ignore_eos": True}, DRAFT)])
+def test_reference_token_level_matches_engine(mid, tok, tmp_path, kw, want_k):
+    """generate_ids of the reference (transformers models built in memory, no tokenizers)
+    against the engine's token-level generate_ids: the real rule, a forced switch, and
+    "never" with EOS ignored (both models run to their caps)."""
+    from transformers import AutoModelForCausalLM
+
+    from wsd_engine.tokenization import apply_chat_template, render_base_prompt
+    msgs = [{"role": "user", "content": PROMPT}]
+    p_ids = apply_chat_template(tok, msgs)
+    b_ids = render_base_prompt(tok, msgs, None)
+    eng = WSD.from_pretrained(*_bare(mid, str(tmp_path)))
+    assert not eng.text_mode
+    hf = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, local_files_only=True)
+          for p in mid]
+    ref = ReferenceWSD.from_models(*hf)
+    r = ref.generate_ids(p_ids, b_ids, draft_max_tokens=DRAFT, max_new_tokens=NEW, **kw)
+    for chunk in (3, 8):
+        e = eng.generate_ids(p_ids, b_ids, WSDParams(draft_max_tokens=DRAFT, max_new_tokens=NEW,
+                                                     chunk=chunk, **kw))
+        assert (e.switch_index, e.switched, e.token_ids) == \
+            (r.switch_index, r.switched, r.token_ids)
+    if want_k is None:             # the rule fires (the same pair as the text tests)
+        assert r.switched and 6 <= r.switch_index < DRAFT
+    else:
+        assert r.switch_index == want_k and r.switched == (want_k == 5)
+    if kw.get("ignore_eos"):
+        assert len(r.draft_ids) == DRAFT and len(r.token_ids) == NEW
+    assert set(r.timings) == {"draft", "score", "continuation", "total"}
+    assert r.text == "" and r.finish_reason in ("eos", "length")
+
+
+def test_reference_without_tokenizers_refuses_text(mid):
+    from transformers import AutoModelForCausalLM
+    hf = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, local_files_only=True)
+          for p in mid]
+    ref = ReferenceWSD.from_models(*hf)
+    with pytest.raises(ValueError, match="use generate_ids"):
+        ref.generate(PROMPT)
+    with pytest.raises(ValueError, match="both tokenizers or neither"):
+        ReferenceWSD.from_models(*hf, pilot_tok=object())
