@@ -135,18 +135,20 @@ def worker_main(spec: dict) -> int:
         elif spec["kind"] == "reference":
             from wsd_engine.reference import ReferenceWSD
             t0 = time.perf_counter()
-            ref = ReferenceWSD(spec["pilot"], spec["base"])
+            dev = torch.device(spec.get("device", "cpu"))
+            dtype = getattr(torch, spec.get("dtype", "float32"))
+            ref = ReferenceWSD(spec["pilot"], spec["base"], device=dev, dtype=dtype)
             load_s = time.perf_counter() - t0
             s, r = timed(lambda: ref.generate(spec["prompt"], window=spec["window"],
                                               threshold=spec["threshold"],
                                               draft_max_tokens=spec["draft_max_tokens"],
-                                              max_new_tokens=spec["max_new_tokens"]),
-                         torch.device("cpu"))
+                                              max_new_tokens=spec["max_new_tokens"]), dev)
             res = {"total_s": s, "load_s": load_s, "switch_index": r.switch_index,
                    "switched": r.switched, "n_tokens": len(r.token_ids),
                    "draft_tokens": len(r.draft_ids), "token_ids": r.token_ids,
                    "finish_reason": r.finish_reason,
-                   "note": "transformers, fp32, CPU (the oracle has no device option)"}
+                   "timings": r.timings,
+                   "note": f"transformers, {spec.get('dtype', 'float32')}, {dev}"}
         else:
             raise ValueError(f"unknown worker kind {spec['kind']!r}")
     except BaseException as e:  # noqa: BLE001 - report to the parent

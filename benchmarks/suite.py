@@ -445,9 +445,10 @@ class Bench:
             free_memory(dev)
             return out
         mine = self.attempt(e, "engine", ours, "wsd checkpoints engine")
-        self.log("    checkpoints: wsd_engine.reference (transformers oracle, CPU fp32)")
+        self.log("    checkpoints: wsd_engine.reference (transformers oracle, same device)")
         timeout = self.worker_timeout()
         ref = run_worker(dict(kind="reference", pilot=a.pilot, base=a.base, prompt=CKPT_PROMPT,
+                              device=str(dev), dtype="float32" if self.smoke else "bfloat16",
                               **params), timeout,
                          os.path.join(a.out, "logs", "reference.log"), self.log)
         e["reference"] = ref
