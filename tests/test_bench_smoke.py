@@ -101,3 +101,24 @@ def test_host_overhead_runs(tmp_path):
         assert _num(r["book_us_per_token"]) and _num(r["model_s"])
         assert r["book_s"] < r["wall_s"] and r["tokens"] == 32 and r["switch_index"] == 16
         assert set(r["frac_of_floor_step"]) == {"llama3.2-1b", "llama3.1-8b"}
+
+
+def test_bench_checkpoints_against_reference(tmp_path):
+    """--pilot/--base: the engine with the real rule against wsd_engine.reference on the
+    same device, identical output (fp32 CPU) and a speed ratio."""
+    from benchmarks.run import main
+    from wsd_engine.synthetic import make_wsd_pair
+    pilot, base = make_wsd_pair(str(tmp_path / "pair"), damp=0.02, perturb=0.05, sharpen=100.0)
+    out = tmp_path / "out"
+    assert main(["--cpu-smoke", "--suite", "wsd", "--ks", "8", "--no-reference", "--no-plots",
+                 "--pilot", pilot, "--base", base, "--out", str(out)]) == 0
+    R = json.loads((out / "results.json").read_text())
+    assert not R["errors"], R["errors"]
+    ck = R["wsd"]["checkpoints"]
+    eng, ref = ck["engine"], ck["reference"]
+    assert eng["switched"] and ref["switched"] and eng["switch_index"] == ref["switch_index"]
+    assert ref["identical"] is True and _num(ref["speedup_of_engine"])
+    assert "cpu" in ref["note"]
+    for key, e in R["wsd"].items():
+        if key != "checkpoints":
+            assert e["reference"] == {"skipped": "--no-reference"}
