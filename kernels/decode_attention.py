@@ -138,7 +138,9 @@ def _decode_attention_kernel(
     else:
         seq_len = len_val
     seq_len = tl.minimum(seq_len, max_seq)
-    n_cached = seq_len - 1 if APPEND else seq_len    # keys read from the cache
+    n_cached = seq_len                                  # keys read from the cache
+    if APPEND:
+        n_cached = seq_len - 1
 
     offs_h = tl.arange(0, BLOCK_H)                                      # [H] (>= 16 for tl.dot)
     h_ok = offs_h < GROUP
