@@ -10,9 +10,9 @@ import os
 
 SYSTEM_ORDER = ("engine_graph_steps_fused", "engine_graph_steps", "engine_graph", "engine_torch_eager", "hf_eager",
                 "hf_compile")
-LABELS = {"engine_graph_steps_fused": "wsd_engine, block graph + fused gemv",
-          "engine_graph_steps": "wsd_engine, graph per block of steps",
-          "engine_graph": "wsd_engine, graph per step",
+LABELS = {"engine_graph_steps_fused": "wsd_engine, 16-step graphs + fused gemv",
+          "engine_graph_steps": "wsd_engine, 16-step graphs",
+          "engine_graph": "wsd_engine generate, graph per step",
           "engine_torch_eager": "wsd_engine torch eager",
           "hf_eager": "HF eager generate",
           "hf_compile": "HF static + torch.compile"}

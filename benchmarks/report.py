@@ -8,8 +8,8 @@ import math
 from benchmarks.common import short_err
 
 SYSTEMS = {   # decode systems: key -> label (table / plot order)
-    "engine_graph": "wsd_engine triton + CUDA graph per step",
-    "engine_graph_steps": "wsd_engine triton + one CUDA graph per block of steps",
+    "engine_graph": "wsd_engine generate (triton, graph per step, one step in flight)",
+    "engine_graph_steps": "wsd_engine 16-step graph blocks (triton; the drafting path)",
     "engine_graph_steps_fused": "as above, fused_gemv (norm/SwiGLU in the matmul)",
     "engine_torch_eager": "wsd_engine torch backend, eager",
     "hf_eager": "HF transformers eager generate",

@@ -28,8 +28,9 @@ CKPT_PROMPT = "Explain, step by step, how a refrigerator keeps food cold."
 
 
 def measure_engine(model, ids: list[int], n: int, floor_ms: float, reps: int, dev) -> dict:
-    """Greedy `Model.generate` of n tokens after the prompt. Per-token decode time =
-    (t(n) - t(1)) / (n - 1): prefill and first token cancel out."""
+    """Greedy `Model.generate` of n tokens after the prompt (one step in flight while the
+    host reads each token). Per-token decode time = (t(n) - t(1)) / (n - 1): prefill and
+    first token cancel out."""
     model.generate(ids, min(4, n), stop_at_eos=False)                 # warm-up (JIT, caches)
     t1 = statistics.median(timed(lambda: model.generate(ids, 1, stop_at_eos=False), dev)[0]
                            for _ in range(reps))
@@ -42,6 +43,33 @@ def measure_engine(model, ids: list[int], n: int, floor_ms: float, reps: int, de
             "frac_of_floor": floor_ms / dec_ms, "e2e_s": tn, "e2e_tok_s": n / tn,
             "prefill_and_first_token_s": t1, "reps": reps,
             "method": "Model.generate: (t(N) - t(1)) / (N - 1)"}
+
+
+STEP_BLOCK = 16                 # tokens per n-step graph in the decode suite
+
+
+def measure_blocks(model, ids: list[int], n: int, floor_ms: float, reps: int, dev,
+                   block: int = STEP_BLOCK) -> dict:
+    """Greedy decoding in blocks of `block` steps (`Model.decode_steps`: one replay each when
+    the n-step graph is captured), one read-back at the end: the pilot's drafting path.
+    Per-token time = (t(K blocks) - t(1 block)) / ((K - 1) * block), prefill cancelling."""
+    t = torch.tensor(ids, device=dev)
+    K = max(2, n // block)
+
+    def run(kb: int) -> int:
+        model.cache.reset()
+        tok = torch.argmax(model.prefill(t), dim=-1).reshape(1)
+        for _ in range(kb):
+            tok = model.decode_steps(tok, block)[block:]
+        return int(tok)                                                 # the one read-back
+    run(2)                                                              # warm-up
+    t1 = statistics.median(timed(lambda: run(1), dev)[0] for _ in range(reps))
+    tk = statistics.median(timed(lambda: run(K), dev)[0] for _ in range(reps))
+    dec_ms = max(tk - t1, 1e-9) / ((K - 1) * block) * 1e3
+    return {"decode_ms_per_token": dec_ms, "tok_s": 1e3 / dec_ms,
+            "frac_of_floor": floor_ms / dec_ms, "e2e_s": tk, "e2e_tok_s": K * block / tk,
+            "block": block, "reps": reps,
+            "method": f"decode_steps blocks of {block}: (t(K) - t(1)) / ((K - 1) * {block})"}
 
 
 def measure_prefill(model, ids: list[int], floor_ms: float, reps: int, dev) -> dict:
@@ -216,11 +244,11 @@ class Bench:
         return self.R["decode"].setdefault(preset, {"systems": {}})
 
     def decode_engine(self, preset: str) -> None:
-        from wsd_engine.runner import GENERATE_BLOCK, build_model, random_model
+        from wsd_engine.runner import build_model, random_model
         a, dev = self.a, self.dev
         cfg = model_cfg(preset, self.smoke)
         e = self._decode_entry(preset)
-        msl = a.prompt_len + a.steps + GENERATE_BLOCK + 8
+        msl = a.prompt_len + a.steps + STEP_BLOCK + 8
         m = random_model(cfg, dev, self.dtype, max_seq_len=msl, backend=self.backend, seed=0)
         floor_ms = self._floor(preset, m)
         e.update(floor_ms_per_token=floor_ms, floor_tok_s=1e3 / floor_ms)
@@ -239,8 +267,8 @@ class Bench:
             self.log(f"    {preset}: {SYSTEMS['engine_graph_steps']}")
 
             def steps():
-                m.capture_steps(GENERATE_BLOCK)
-                return measure_engine(m, ids, a.steps, floor_ms, a.reps, dev)
+                m.capture_steps(STEP_BLOCK)
+                return measure_blocks(m, ids, a.steps, floor_ms, a.reps, dev)
             self.attempt(sysd, "engine_graph_steps", steps,
                          f"decode {preset} engine_graph_steps")
             self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused']}")
@@ -249,8 +277,8 @@ class Bench:
                 m._graphs.clear()
                 m.ops.fused_gemv = True
                 try:
-                    m.capture_steps(GENERATE_BLOCK)
-                    return measure_engine(m, ids, a.steps, floor_ms, a.reps, dev)
+                    m.capture_steps(STEP_BLOCK)
+                    return measure_blocks(m, ids, a.steps, floor_ms, a.reps, dev)
                 finally:
                     m.ops.fused_gemv = False
             self.attempt(sysd, "engine_graph_steps_fused", fused,

@@ -1,12 +1,11 @@
 """CUDA-graph-captured decode step, n-step greedy decode and chunk scoring: same tokens as
-the eager run (GPU); on CPU the block-decoding paths they replay equal token-by-token
-decoding, and capture fails with a clear error."""
+the eager run (GPU); on CPU the decoding paths they replay (n-step blocks, the one-ahead
+token stream) equal token-by-token decoding, and capture fails with a clear error."""
 import pytest
 import torch
 
 from wsd_engine import ConfigError, load_model
 from wsd_engine.engine import WSD, WSDParams
-from wsd_engine.runner import GENERATE_BLOCK
 from wsd_engine.synthetic import make_model, make_tokenizer, make_wsd_pair
 
 
@@ -43,16 +42,21 @@ def test_decode_steps_equals_one_by_one(tiny):
         assert tiny.cache.length == len(ids) + n     # n tokens fed, the last chosen only
 
 
-@pytest.mark.parametrize("n", [1, GENERATE_BLOCK - 1, GENERATE_BLOCK, GENERATE_BLOCK + 1, 40])
-def test_generate_blocks_equal_one_by_one(tiny, n):
+@pytest.mark.parametrize("n", [1, 2, 17])
+def test_stream_greedy_equals_one_by_one(tiny, n):
     ids = [3, 4, 5, 6]
-    assert tiny.generate(ids, n, stop_at_eos=False) == _one_by_one(tiny, ids, n)
+    want = _one_by_one(tiny, ids, n)
+    tiny.cache.reset()
+    first = torch.argmax(tiny.prefill(torch.tensor(ids)), dim=-1).reshape(1)
+    assert list(tiny.stream_greedy(first, n)) == want
+    assert tiny.cache.length == len(ids) + n - 1          # the last token is not fed
+    assert tiny.generate(ids, n, stop_at_eos=False) == want
 
 
-def test_generate_stops_inside_a_block(tiny):
+def test_generate_stops_at_eos(tiny):
     ids = [3, 4, 5, 6]
     free = _one_by_one(tiny, ids, 40)
-    for cut in (0, 3, GENERATE_BLOCK, 21):         # EOS first seen at these places
+    for cut in (0, 3, 21):                         # EOS first seen at these places
         eos = free[cut]
         want = free[:free.index(eos)]
         assert tiny.generate(ids, 40, eos_token_ids=[eos]) == want
@@ -88,15 +92,15 @@ def test_graph_decode_matches_eager(tmp_path, family):
     graphed = load_model(path, device="cuda", backend="triton")
     graphed.capture_decode()
     stepped = load_model(path, device="cuda", backend="triton")
-    stepped.capture_decode()
-    stepped.capture_steps(8)                     # generate: blocks of 8 = one replay each
-    assert stepped.steps_block() == 8 and graphed.steps_block() is None
+    stepped.capture_steps(8)                     # decode_steps(., 8): one replay
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, 320, (5 + 20 * seed,), generator=g).tolist()
         want = eager.generate(ids, 40, stop_at_eos=False)
-        assert graphed.generate(ids, 40, stop_at_eos=False) == want
-        assert stepped.generate(ids, 40, stop_at_eos=False) == want
+        assert graphed.generate(ids, 40, stop_at_eos=False) == want     # one-ahead stream
+        eos = want[17]                                                  # stop mid-stream
+        assert graphed.generate(ids, 40, eos_token_ids=[eos]) == want[:want.index(eos)]
+        assert graphed.generate(ids, 40, stop_at_eos=False) == want     # usable after
         first = torch.tensor([ids[-1]], device="cuda")
         for m in (eager, stepped):                 # the 8-step replay itself
             m.cache.reset()

@@ -319,24 +319,41 @@ class WSD:
         draft_chars = len(decode(tok, kept)) if stops else 0
         max_stop = max((len(s) for s in stops), default=0)
         budget = params.max_new_tokens - k
-        cur = _Cursor(logits=base.logits(H[k:k + 1])[0] if budget > 0 else None)  # [V]
+        logits = base.logits(H[k:k + 1])[0] if budget > 0 else None                # [V]
+
+        def accept(t: int) -> str:
+            """Book one continuation token; "eos" / "stop" / "length" (go on)."""
+            if t in base_eos:
+                return "eos"
+            cont.append(t)
+            if tok is not None:
+                seen = len(out.detok.text)
+                out.push_cont(t)
+                if stops and find_stop(out.detok.text, stops,
+                                       max(draft_chars, seen - max_stop)) != -1:
+                    return "stop"
+            return "length"
+
+        if budget > 0 and b_sampler.params.greedy:
+            # greedy: one token at a time with the next step already running on the device
+            # (`Model.stream_greedy`); the step in flight at an EOS / stop is not waited for
+            first = torch.argmax(logits, dim=-1).reshape(1)
+            for t in base.stream_greedy(first, budget):
+                finish = accept(t)
+                if finish != "length":
+                    break
+                yield from out.flush_safe()     # text as soon as it is final
+            yield from out.flush_safe()
+        cur = _Cursor(logits=logits)
         while len(cont) < budget and finish == "length":
-            # blocks of `chunk` tokens, read back once per block; tokens sampled past an
-            # EOS or a stop string are discarded (output unchanged)
+            # sampling: blocks of `chunk` tokens, read back once per block; tokens sampled
+            # past an EOS or a stop string are discarded (output unchanged)
             n = min(params.chunk, budget - len(cont))
             block, cur = _decode_block(base, b_sampler, cur, n, feed_last=len(cont) + n < budget)
             for t in block.tolist():                         # the block's one read-back
-                if t in base_eos:
-                    finish = "eos"
+                finish = accept(t)
+                if finish != "length":
                     break
-                cont.append(t)
-                if tok is not None:
-                    seen = len(out.detok.text)
-                    out.push_cont(t)
-                    if stops and find_stop(out.detok.text, stops,
-                                           max(draft_chars, seen - max_stop)) != -1:
-                        finish = "stop"
-                        break
             yield from out.flush_safe()
         t0 = timer.add("continuation", t0)
         if tok is not None:

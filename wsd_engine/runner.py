@@ -18,7 +18,6 @@ from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
 
 BACKENDS = ("torch", "triton")
 DEFAULT_MAX_SEQ_LEN = 4096
-GENERATE_BLOCK = 16      # greedy tokens per host read-back in `generate` (no steps graph)
 
 
 def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
@@ -121,8 +120,8 @@ class Model:
         return self._replay(g, token, self.cache.length)[0]
 
     def decode_steps(self, token: torch.Tensor, n: int) -> torch.Tensor:
-        """Greedy decoding of n steps with no host sync: feeds `token` [1] at the cache
-        length, then each step's argmax. Returns [n + 1] int64 on the device: `token` and
+        """Greedy decoding of n steps with no host sync (the pilot's drafting chunks): feeds
+        `token` [1] at the cache length, then each step's argmax. Returns [n + 1] int64 on the device: `token` and
         its n greedy successors (the last one is chosen but not fed; the cache grows by n).
         One graph replay when an n-step graph was captured (`capture_steps(n)`), else n
         decode steps (each a replay when the decode step was captured)."""
@@ -237,10 +236,8 @@ class Model:
     def generate(self, token_ids, max_new_tokens: int = 32, eos_token_ids=None,
                  stop_at_eos: bool = True) -> list[int]:
         """Greedy continuation of a fresh sequence: the new tokens only, EOS not included.
-
-        Decodes in blocks (`decode_steps`: the captured n-step graph's size if there is
-        one, else GENERATE_BLOCK) with one host read-back per block; tokens decoded past an
-        EOS are discarded, so the output is that of token-by-token decoding."""
+        Decodes through `stream_greedy` (on CUDA one step stays in flight while the host
+        reads the last token: no idle GPU between steps, no wait for work past an EOS)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         tokens = self.as_tokens(token_ids)
@@ -252,27 +249,50 @@ class Model:
                 "shorten the prompt, lower max_new_tokens or load with a larger max_seq_len")
         eos = set(self.eos_token_ids if eos_token_ids is None else eos_token_ids) \
             if stop_at_eos else set()
-        block = self.steps_block() or GENERATE_BLOCK
         self.cache.reset()
-        nxt = torch.argmax(self.prefill(tokens), dim=-1).reshape(1)     # [1], not yet fed
+        first = torch.argmax(self.prefill(tokens), dim=-1).reshape(1)   # [1], not yet fed
         out: list[int] = []
-        while len(out) < max_new_tokens:
-            left = max_new_tokens - len(out)
-            if left > block:
-                toks = self.decode_steps(nxt, block)                    # [block + 1]
-                nxt, toks = toks[block:], toks[:block]
-            else:                    # the last block: its last token is not fed
-                toks = self.decode_steps(nxt, left - 1)                 # [left]
-            for t in toks.tolist():                                     # one read-back
-                if t in eos:
-                    return out
-                out.append(t)
+        for t in self.stream_greedy(first, max_new_tokens):
+            if t in eos:
+                break
+            out.append(t)
         return out
 
-    def steps_block(self) -> int | None:
-        """The largest captured n-step graph size (None when there is none)."""
-        sizes = [k[1] for k in self._graphs if isinstance(k, tuple) and k[0] == "steps"]
-        return max(sizes) if sizes else None
+    def stream_greedy(self, first: torch.Tensor, n: int):
+        """Yields n greedy tokens as host ints: `first` ([1] on the device, chosen but not
+        fed) and its n - 1 successors; feeds all but the last (the cache grows by n - 1).
+
+        On CUDA the next decode step (a graph replay when captured) is launched before the
+        host waits for the current token, whose copy to pinned memory is its own event:
+        the GPU never idles on the host, and a consumer that stops (EOS, a stop string)
+        leaves at most one step running, which it does not wait for. Elsewhere (CPU) the
+        steps simply run one after another."""
+        if n < 1:
+            return
+        self.cache.check_fits(self.cache.length, n - 1)
+        cur = first.reshape(1)
+        if self.device.type != "cuda":
+            for i in range(n):
+                yield int(cur)
+                if i < n - 1:
+                    cur = torch.argmax(self.decode_one_token(cur), dim=-1).reshape(1)
+            return
+        host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+
+        def stage(i: int, tok: torch.Tensor) -> torch.cuda.Event:
+            host[i:i + 1].copy_(tok, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            return ev
+        ev = stage(0, cur)
+        for i in range(1, n):
+            cur = torch.argmax(self.decode_one_token(cur), dim=-1).reshape(1)   # step in flight
+            nxt = stage(i, cur)
+            ev.synchronize()                                  # token i - 1 only
+            yield int(host[i - 1])
+            ev = nxt
+        ev.synchronize()
+        yield int(host[n - 1])
 
 
 def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
