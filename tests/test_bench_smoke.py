@@ -98,9 +98,11 @@ def test_host_overhead_runs(tmp_path):
     R = json.loads(out.read_text())
     assert len(R["modes"]) == 2
     for r in R["modes"].values():
-        assert _num(r["book_us_per_token"]) and _num(r["model_s"])
-        assert r["book_s"] < r["wall_s"] and r["tokens"] == 32 and r["switch_index"] == 16
-        assert set(r["frac_of_floor_step"]) == {"llama3.2-1b", "llama3.1-8b"}
+        assert _num(r["draft_us_per_chunk"]) and _num(r["cont_us_per_token"])
+        assert r["draft_book_s"] + r["cont_book_s"] < r["total_s"]
+        assert r["draft_tokens"] == 16 and r["base_tokens"] == 16 and r["switch_index"] == 16
+        assert _num(r["draft_frac_of_chunk"]) and _num(r["cont_frac_of_8b_step"])
+    assert _num(R["chunk_floor_ms"])
 
 
 def test_bench_checkpoints_against_reference(tmp_path):

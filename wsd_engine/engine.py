@@ -342,7 +342,8 @@ class WSD:
                 finish = accept(t)
                 if finish != "length":
                     break
-                yield from out.flush_safe()     # text as soon as it is final
+                if tok is not None:
+                    yield from out.flush_safe()     # text as soon as it is final
             yield from out.flush_safe()
         cur = _Cursor(logits=logits)
         while len(cont) < budget and finish == "length":
