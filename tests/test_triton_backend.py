@@ -39,6 +39,16 @@ def test_wsd_triton_backend_matches_torch(tmp_path):
     assert a.token_ids == b.token_ids
 
 
+def _decode_logits_match(ref, tri, ids):
+    """Prefill ids[:5] into both, then one-token steps: the logits agree (fp32)."""
+    for m in (ref, tri):
+        m.cache.reset()
+        m.prefill(ids[:5])
+    for t in ids[5:]:
+        torch.testing.assert_close(tri.decode_one_token(t.reshape(1)),
+                                   ref.decode_one_token(t.reshape(1)), atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_fused_gemv_decode_matches_torch_backend(tmp_path, family):
     """fused_gemv: one-token steps run the gemv kernel with the norms / SwiGLU / logits
@@ -53,12 +63,7 @@ def test_fused_gemv_decode_matches_torch_backend(tmp_path, family):
     tri.ops._gemv = lambda *a, **k: calls.append(k.get("pre", "none")) or gemv(*a, config=big, **k)
     torch.manual_seed(1)
     ids = torch.randint(3, 320, (9,))
-    for m in (ref, tri):
-        m.cache.reset()
-        m.prefill(ids[:5])
-    for t in ids[5:]:
-        torch.testing.assert_close(tri.decode_one_token(t.reshape(1)),
-                                   ref.decode_one_token(t.reshape(1)), atol=2e-4, rtol=0)
+    _decode_logits_match(ref, tri, ids)
     L = tri.config.num_layers
     # per step: (norm+qkv, o, norm+gate_up, swiglu+down) per layer + norm+lm_head
     assert calls.count("rmsnorm") >= 4 * (2 * L + 1) and calls.count("swiglu") >= 4 * L
@@ -75,18 +80,21 @@ def test_fused_gemv_on_gpu_eager_and_graphs(tmp_path):
     tri = load_model(path, device="cuda", backend="triton")
     tri.ops.fused_gemv = True
     ids = torch.randint(3, 320, (9,), generator=torch.Generator().manual_seed(2)).cuda()
-    for m in (ref, tri):
-        m.cache.reset()
-        m.prefill(ids[:5])
-    for t in ids[5:]:
-        torch.testing.assert_close(tri.decode_one_token(t.reshape(1)),
-                                   ref.decode_one_token(t.reshape(1)), atol=2e-4, rtol=0)
+    _decode_logits_match(ref, tri, ids)
     eager = load_model(path, device="cuda", dtype=torch.bfloat16, backend="triton")
     graphed = load_model(path, device="cuda", dtype=torch.bfloat16, backend="triton")
     for m in (eager, graphed):
         m.ops.fused_gemv = True
     graphed.capture_decode()
     graphed.capture_steps(8)
-    for n in (7, 8, 30):
+    for n in (7, 8, 30):                         # the one-step graph, one step in flight
         assert graphed.generate(ids.tolist(), n, stop_at_eos=False) == \
             eager.generate(ids.tolist(), n, stop_at_eos=False)
+    for m in (eager, graphed):                   # the 8-step graph
+        m.cache.reset()
+        m.prefill(ids[:5])
+    first = ids[5:6]
+    for _ in range(3):
+        a, b = eager.decode_steps(first, 8), graphed.decode_steps(first, 8)
+        assert a.tolist() == b.tolist()
+        first = a[8:]
