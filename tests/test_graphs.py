@@ -118,8 +118,8 @@ def test_wsd_with_graph_decode_matches_eager(tmp_path):
     one_step = WSD.from_pretrained(*pair, device="cuda", backend="triton", cuda_graphs=True,
                                    graph_chunks=(8,), step_graphs=False)
     assert ("score", 8) in graphed.base._graphs and "decode" in graphed.pilot._graphs
-    assert ("steps", 8) in graphed.pilot._graphs and ("steps", 3) in graphed.base._graphs
-    assert not any(k[0] == "steps" for k in one_step.base._graphs if isinstance(k, tuple))
+    assert ("steps", 8) in graphed.pilot._graphs and ("steps", 3) in graphed.pilot._graphs
+    assert not any(k[0] == "steps" for k in one_step.pilot._graphs if isinstance(k, tuple))
     for prompt in ("Tell me about the quick brown fox.", "Hello!", "Numbers like 42?"):
         for chunk in (8, 3, 5):      # 5: no graph of that size, eager scoring
             p = WSDParams(draft_max_tokens=48, max_new_tokens=64, chunk=chunk)

@@ -127,9 +127,10 @@ class WSD:
                  graph_chunks=(8,), step_graphs: bool = True):
         """cuda_graphs: capture, once per engine, each model's decode step and the base's
         chunk-scoring forward for each size in `graph_chunks` (CUDA + triton backend);
-        other chunk sizes run eagerly. With `step_graphs` also each model's greedy
-        n-step decode for those sizes: a greedy chunk of the pilot or block of the base's
-        continuation is then one replay (sampled requests replay the one-step graph).
+        other chunk sizes run eagerly. With `step_graphs` also the pilot's greedy n-step
+        decode for those sizes: a greedy drafting chunk is then one replay (sampled
+        requests replay the one-step graph; the base's continuation streams through its
+        one-step graph with the next step in flight).
         Models without tokenizers make a token-level engine: `generate_ids` only (no
         templates, stop strings or text)."""
         if pilot.device != base.device:
@@ -156,9 +157,8 @@ class WSD:
             base.capture_decode()
             for c in graph_chunks:
                 base.capture_score(c)
-                if step_graphs:
+                if step_graphs:              # the pilot's greedy drafting chunks
                     pilot.capture_steps(c)
-                    base.capture_steps(c)
 
     @classmethod
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
