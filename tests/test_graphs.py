@@ -133,3 +133,17 @@ def test_wsd_with_graph_decode_matches_eager(tmp_path):
                       top_p=0.9, seed=3)
         a, b = eager.generate(prompt, p), graphed.generate(prompt, p)
         assert (a.switch_index, a.token_ids) == (b.switch_index, b.token_ids)
+
+
+def test_decode_steps_and_stream_refuse_to_overflow(tmp_path):
+    from wsd_engine import ContextOverflowError
+    m = load_model(make_model(str(tmp_path / "m"), "llama", init_scale=5.0), max_seq_len=12)
+    m.prefill(torch.tensor([3, 4, 5, 6, 7, 8, 9, 10]))                 # 8 of 12 positions
+    first = torch.tensor([11])
+    with pytest.raises(ContextOverflowError, match="does not fit the KV cache"):
+        m.decode_steps(first, 5)
+    with pytest.raises(ContextOverflowError, match="does not fit the KV cache"):
+        list(m.stream_greedy(first, 6))                                # feeds 5
+    assert m.cache.length == 8                                         # nothing written
+    assert len(m.decode_steps(first, 4)) == 5 and m.cache.length == 12  # exactly fits
+    assert list(m.stream_greedy(first, 0)) == []
