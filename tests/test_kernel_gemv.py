@@ -69,16 +69,17 @@ def test_gemv_matches_fp64(dtype, N, K, pre, with_res):
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_logits(dtype):
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 1000), (torch.bfloat16, 1000),
+                                     (torch.bfloat16, 32003)])
+def test_gemv_logits(dtype, V):
     """The final norm and the lm_head in one launch, fp32 out (F.linear(h, W).float())."""
     torch.manual_seed(7)
-    V, d = 1000, 96
+    d = 96
     x, res = torch.randn(1, d).to(dtype), torch.randn(1, d).to(dtype)
     w = (torch.randn(V, d) / d ** 0.5).to(dtype)
     nw = (1 + 0.1 * torch.randn(d)).to(dtype)
     y, h = gemv(x, w, pre="rmsnorm", residual=res, norm_weight=nw, eps=1e-5, logits=True,
-                config={"BLOCK_N": 128, "BLOCK_K": 128})
+                config={"BLOCK_N": 512, "BLOCK_K": 128})
     a, _ = rms_norm(x, nw, 1e-5, residual=res)
     _check_product(y, a, w, None, logits=True)
     ref, _ = gemv_ref(x, w, pre="rmsnorm", residual=res, norm_weight=nw, eps=1e-5, logits=True)
