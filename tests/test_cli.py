@@ -29,3 +29,11 @@ def test_generate_single_model_and_errors(tmp_path, capsys):
                  "--threshold", "1.5", "--draft-max-tokens", "8", "--max-new-tokens", "8"]) == 1
     assert "threshold" in capsys.readouterr().err
     assert main(["generate", "--pilot", pilot, "--prompt", "Hi"]) == 2
+
+
+def test_cuda_graphs_flag_needs_cuda_and_triton(tmp_path, capsys):
+    pilot, base = demo_pair(str(tmp_path))
+    assert main(["generate", "--model", base, "--prompt", "Hi", "--cuda-graphs"]) == 1
+    assert "CUDA graphs need device='cuda' and backend='triton'" in capsys.readouterr().err
+    assert main(["demo", "--dir", str(tmp_path), "--cuda-graphs"]) == 1
+    assert "ConfigError" in capsys.readouterr().err

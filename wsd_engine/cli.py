@@ -37,6 +37,9 @@ def _add_common(p):
                    "the checkpoint's)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the decode steps (and the chunk scoring) as CUDA graphs "
+                        "once, replay them per token (needs --device cuda --backend triton)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -76,6 +79,8 @@ def cmd_generate(a):
     if a.model:
         m = load_model(a.model, device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len,
                        backend=a.backend)
+        if a.cuda_graphs:
+            m.capture_decode()
         ids = m.tokenizer.encode(a.prompt)
         new = m.generate(ids, max_new_tokens=a.max_new_tokens)
         text = m.tokenizer.decode(new, skip_special_tokens=True)
@@ -86,7 +91,8 @@ def cmd_generate(a):
               "decoding with one model)", file=sys.stderr)
         return 2
     wsd = WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
-                              max_seq_len=a.max_seq_len, backend=a.backend)
+                              max_seq_len=a.max_seq_len, backend=a.backend,
+                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,))
     _show(wsd.generate(a.prompt, _params(a)), a.json)
     return 0
 
@@ -108,7 +114,8 @@ def cmd_demo(a):
     pilot, base = demo_pair(a.dir)
     print(f"tiny synthetic pilot and base (random 2-layer Llama models): {pilot}, {base}\n"
           f"prompt: {a.prompt!r}\n", file=sys.stderr if a.json else sys.stdout)
-    wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype, backend=a.backend)
+    wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype, backend=a.backend,
+                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,))
     a.draft_max_tokens, a.max_new_tokens = min(a.draft_max_tokens, 128), min(a.max_new_tokens, 160)
     _show(wsd.generate(a.prompt, _params(a)), a.json)
     return 0
