@@ -56,7 +56,7 @@ def build_tasks(b: Bench) -> list:
     t = [("copy bandwidth (1 GiB D2D copy)" if not b.smoke else "copy bandwidth (CPU)",
           b.copy_bandwidth)]
     first, rest = (presets[0], presets[1:]) if presets else (None, [])
-    pairs = list(PAIRS)
+    pairs = list(a.pairs)
     if decode and first:
         t += [(f"decode {first}: wsd_engine", lambda p=first: b.decode_engine(p)),
               (f"decode {first}: HF eager", lambda p=first: b.decode_hf(p))]
@@ -90,6 +90,9 @@ def parse_args(argv):
                     help="comma list of kernels, decode, wsd (default: all)")
     ap.add_argument("--preset", nargs="+", default=None,
                     help=f"decode presets, most important first (default: {' '.join(PRESET_ORDER)})")
+    ap.add_argument("--pairs", default=None,
+                    help="WSD pairs as PILOT+BASE presets, comma-separated (default: "
+                         + ",".join("+".join(p) for p in PAIRS) + ")")
     ap.add_argument("--pilot", help="pilot checkpoint folder (adds engine vs reference)")
     ap.add_argument("--base", help="base checkpoint folder (adds engine vs reference)")
     ap.add_argument("--out", default="bench_out")
@@ -138,6 +141,15 @@ def parse_args(argv):
     if bad:
         ap.error(f"unknown preset(s) {bad}; choose from {', '.join(PRESETS)}")
     a.presets = presets
+    if a.pairs is None:
+        a.pairs = list(PAIRS)
+    else:
+        pairs = [tuple(x.split("+")) for x in a.pairs.split(",") if x.strip()]
+        bad = [p for p in pairs if len(p) != 2 or any(q not in PRESETS for q in p)]
+        if bad or not pairs:
+            ap.error(f"--pairs takes PILOT+BASE presets, comma-separated, from "
+                     f"{', '.join(PRESETS)}; got {a.pairs!r}")
+        a.pairs = pairs
     a.steps = a.steps or (8 if smoke else 128)
     a.prompt_len = a.prompt_len or (16 if smoke else 128)
     a.response = a.response or (24 if smoke else 512)

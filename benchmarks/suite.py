@@ -116,7 +116,7 @@ class Bench:
                      "cuda_graphs": self.graphs, "notes": list(a.notes),
                      "settings": {"prompt_len": a.prompt_len, "decode_steps": a.steps,
                                   "response": a.response, "ks": a.ks, "chunk": a.chunk,
-                                  "ref_k": a.ref_k, "reference": not a.no_reference,
+                                  "pairs": ["+".join(p) for p in a.pairs], "ref_k": a.ref_k, "reference": not a.no_reference,
                                   "reps": a.reps, "presets": a.presets, "suites": a.suites,
                                   "time_budget_s": a.time_budget}},
             "copy_gbps": None, "models": {}, "decode": {}, "wsd": {}, "kernels": {},

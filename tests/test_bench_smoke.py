@@ -72,6 +72,17 @@ def test_bench_cpu_smoke(tmp_path):
         assert (tmp_path / "wsd.png").stat().st_size > 1000
 
 
+def test_bench_pairs_option(tmp_path, capsys):
+    from benchmarks.run import main
+    assert main(["--cpu-smoke", "--suite", "wsd", "--pairs", "llama3.2-3b+llama3.1-8b",
+                 "--ks", "8", "--no-reference", "--no-plots", "--out", str(tmp_path)]) == 0
+    R = json.loads((tmp_path / "results.json").read_text())
+    assert list(R["wsd"]) == ["llama3.2-3b + llama3.1-8b"] and not R["errors"]
+    with pytest.raises(SystemExit):
+        main(["--cpu-smoke", "--pairs", "llama3.2-1b", "--out", str(tmp_path)])
+    assert "--pairs takes PILOT+BASE" in capsys.readouterr().err
+
+
 def test_bench_time_budget_skips_and_records(tmp_path):
     from benchmarks.run import main
     assert main(["--cpu-smoke", "--suite", "decode", "--preset", "llama3.2-1b",
