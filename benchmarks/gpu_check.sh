@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 # decode append mode), the whole GPU suite later
 step pytest_new ${T_PYTEST_NEW:-120} python -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay
 step gemv ${T_GEMV:-120} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
-step e2e ${T_E2E:-260} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --time-budget ${E2E_BUDGET:-220} --out "$OUT/e2e"
+step e2e ${T_E2E:-260} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --no-torch-eager --time-budget ${E2E_BUDGET:-220} --out "$OUT/e2e"
 step pytest ${T_PYTEST:-150} python -m pytest -q -m gpu -p no:cacheprovider
 step attention ${T_ATTN:-95} python benchmarks/bench_attention.py --out "$OUT/attention.json"
 step switch ${T_SWITCH:-75} python benchmarks/bench_switch_score.py --out "$OUT/switch_score.json"

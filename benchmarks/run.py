@@ -118,6 +118,9 @@ def parse_args(argv):
                          "with HF generate: tens of seconds at real shapes)")
     ap.add_argument("--no-hf-compile", action="store_true",
                     help="skip the HF static cache + torch.compile baseline (minutes each)")
+    ap.add_argument("--no-torch-eager", action="store_true",
+                    help="skip this engine's torch-backend eager decode (a slow reference "
+                         "point, not a baseline of the targets)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -289,10 +289,13 @@ class Bench:
             tm = m
             for key in ("engine_graph", "engine_graph_steps", "engine_graph_steps_fused"):
                 sysd[key] = {"skipped": "CPU smoke: no CUDA graphs (torch backend only)"}
-        self.log(f"    {preset}: {SYSTEMS['engine_torch_eager']}")
-        self.attempt(sysd, "engine_torch_eager",
-                     lambda: measure_engine(tm, ids, a.steps, floor_ms, a.reps, dev),
-                     f"decode {preset} engine_torch_eager")
+        if a.no_torch_eager and not self.smoke:
+            sysd["engine_torch_eager"] = {"skipped": "--no-torch-eager"}
+        else:
+            self.log(f"    {preset}: {SYSTEMS['engine_torch_eager']}")
+            self.attempt(sysd, "engine_torch_eager",
+                         lambda: measure_engine(tm, ids, a.steps, floor_ms, a.reps, dev),
+                         f"decode {preset} engine_torch_eager")
         m = tm = None               # free before the next step
 
     def decode_hf(self, preset: str) -> None:
