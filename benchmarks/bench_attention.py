@@ -132,6 +132,7 @@ class Setup:
 
 
 def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
+    from wsd_engine.kernels.rope import rope as rope_k, rope_ref, rope_tables
     rows = []
     on_gpu = su.device == "cuda"
     for ctx in ctxs:
@@ -151,8 +152,7 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
         }
         # the decode step's append mode: q / new k unrotated, RoPE + cache write + attention
         # in one launch, against the rope kernel's cache write followed by attention
-        from wsd_engine.kernels.rope import rope as rope_k, rope_ref
-        cos, sin = _rope_tables(ctx, su.hd, su.device)
+        cos, sin = rope_tables(su.hd, ctx, base=500000.0, device=su.device)
         kn = torch.randn(su.n_kv, su.hd, device=su.device, dtype=su.dtype)
         vn = torch.randn(su.n_kv, su.hd, device=su.device, dtype=su.dtype)
         p_t = torch.tensor([ctx - 1], device=su.device)
@@ -208,10 +208,12 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
 
 def bench_prefill(pre, su: Setup, Ls, prefix, sweep=False):
     from torch.nn.attention.bias import causal_lower_right
+
+    from wsd_engine.kernels.rope import rope_tables
     rows = []
     dev = su.device
     max_seq = prefix + max(Ls)
-    cos, sin = _rope_tables(max_seq, su.hd, dev)
+    cos, sin = rope_tables(su.hd, max_seq, base=500000.0, device=dev)
     for L in Ls:
         n_layers = n_layers_for(su.n_kv * (prefix + L) * su.hd * su.dtype.itemsize * 2, dev)
         cache = torch.randn(n_layers, 2, su.n_kv, max_seq, su.hd, device=dev, dtype=su.dtype)
@@ -256,12 +258,6 @@ def bench_prefill(pre, su: Setup, Ls, prefix, sweep=False):
                              tflops=flops / (us * 1e-6) / 1e12, method=method, max_abs_err=err))
         del cache
     return rows
-
-
-def _rope_tables(max_seq, hd, device, base=500000.0):
-    inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)     # [hd/2]
-    emb = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv).repeat(1, 2)  # [S, hd]
-    return emb.cos().to(device), emb.sin().to(device)
 
 
 def print_table(title, rows, copy_gbps):

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -116,19 +115,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from wsd_engine.engine import WSD, WSDParams
-    from wsd_engine.synthetic import make_wsd_pair
+    from wsd_engine.synthetic import make_wsd_pair, without_tokenizer
 
     res = {"device": "cpu", "chunk": a.chunk, "tokens": a.tokens, "bw_gbps": a.bw,
            "torch": torch.__version__, "modes": {}}
     with tempfile.TemporaryDirectory() as d:
         pair = make_wsd_pair(d, damp=0.02, perturb=0.05, sharpen=100.0)
-        bare = []                    # the same weights without tokenizer files: token level
-        for src in pair:
-            dst = src + "_bare"
-            os.makedirs(dst)
-            for f in ("config.json", "generation_config.json", "model.safetensors"):
-                shutil.copy(os.path.join(src, f), dst)
-            bare.append(dst)
+        bare = [without_tokenizer(p, p + "_bare") for p in pair]   # token-level copies
         n = a.tokens
         kw = dict(max_seq_len=4 * n + 256)
         text, tokens = WSD.from_pretrained(*pair, **kw), WSD.from_pretrained(*bare, **kw)

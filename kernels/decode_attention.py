@@ -405,6 +405,13 @@ def _check_cache_heads(fn: str, n_q: int, hd: int, k_cache, v_cache) -> tuple[in
     return n_kv, max_seq
 
 
+def _check_device_scalar(fn: str, name: str, t: torch.Tensor, device) -> None:
+    """A position / length given as a tensor: one int32/int64 element on `device`."""
+    if t.numel() != 1 or t.dtype not in (torch.int32, torch.int64) or t.device != device:
+        raise ValueError(f"{fn}: a tensor {name} must be one int32/int64 element on {device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
 def _validate(q, k_cache, v_cache, seq_len, out):
     _check_ranks("decode_attention", (("q", q, 2), ("k_cache", k_cache, 3),
                                       ("v_cache", v_cache, 3)))
@@ -412,11 +419,7 @@ def _validate(q, k_cache, v_cache, seq_len, out):
     n_kv, max_seq = _check_cache_heads("decode_attention", n_q, hd, k_cache, v_cache)
     _check_dtype_device("decode_attention", q, {"k_cache": k_cache, "v_cache": v_cache}, {})
     if isinstance(seq_len, torch.Tensor):
-        if seq_len.numel() != 1 or seq_len.dtype not in (torch.int32, torch.int64) \
-                or seq_len.device != q.device:
-            raise ValueError(f"decode_attention: a tensor seq_len must be one int32/int64 "
-                             f"element on {q.device}, got {tuple(seq_len.shape)} "
-                             f"{seq_len.dtype} on {seq_len.device}")
+        _check_device_scalar("decode_attention", "seq_len", seq_len, q.device)
     elif not 1 <= int(seq_len) <= max_seq:
         raise ValueError(f"decode_attention: seq_len={seq_len} must be in [1, {max_seq}]")
     if out is not None and (out.shape != (n_q, hd) or out.dtype != q.dtype

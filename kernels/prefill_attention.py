@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import (_check_cache_heads, _check_dtype_device, _check_ranks, _dot,
+from .decode_attention import (_check_cache_heads, _check_device_scalar, _check_dtype_device,
+                               _check_ranks, _dot,
                                _num_sms, _softmax_update, combine_splits)
 
 _LOG2E = 1.4426950408889634
@@ -297,11 +298,7 @@ def _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out):
                                                  "v_cache": v_cache}, {"cos": cos, "sin": sin})
     limit = min(max_seq, cos.shape[0])
     if isinstance(start_pos, torch.Tensor):
-        if start_pos.numel() != 1 or start_pos.dtype not in (torch.int32, torch.int64) \
-                or start_pos.device != q.device:
-            raise ValueError(f"prefill_attention: a tensor start_pos must be one int32/int64 "
-                             f"element on {q.device}, got {tuple(start_pos.shape)} "
-                             f"{start_pos.dtype} on {start_pos.device}")
+        _check_device_scalar("prefill_attention", "start_pos", start_pos, q.device)
     else:
         start_pos = int(start_pos)
         if start_pos < 0 or start_pos + L > limit:

@@ -10,6 +10,8 @@ from wsd_engine.kernels import decode_attention as decode_mod
 from wsd_engine.kernels.decode_attention import (decode_attention, decode_attention_ref,
                                                  split_counters)
 from wsd_engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from wsd_engine.kernels.rope import rope_ref
+from wsd_engine.kernels.rope import rope_tables as rope_tables_hd
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
        # bf16: the interpreter rounds fp32->bf16 by truncation, so the rotated q/k can be 1 ulp
@@ -17,11 +19,8 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
        torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 
 
-def rope_tables(max_seq, hd, device="cpu", base=10000.0):
-    inv = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)   # [hd/2]
-    freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)     # [S, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)                                  # [S, hd]
-    return emb.cos().to(device), emb.sin().to(device)
+def rope_tables(max_seq, hd, device="cpu"):
+    return rope_tables_hd(hd, max_seq, device=device)                        # [S, hd] fp32
 
 
 def make_prefill(n_q, n_kv, hd, L, prefix, max_seq, dtype, device="cpu", seed=0):
@@ -231,7 +230,6 @@ def test_decode_attention_append(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_
                                  rope):
     """The new token (position seq_len - 1) written by the launch, q/k rotated there: equal
     to RoPE, then the cache write, then attention over [0, seq_len)."""
-    from wsd_engine.kernels.rope import rope_ref
     g = torch.Generator().manual_seed(seq_len)
     max_seq = seq_len + 11
     q = torch.randn(n_q, hd, generator=g).to(dtype)
@@ -260,7 +258,6 @@ def test_decode_attention_append(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_
 
 def test_decode_append_strided_views_of_qkv():
     """q, k_new, v_new as column slices of one fused projection row (the engine's layout)."""
-    from wsd_engine.kernels.rope import rope_ref
     n_q, n_kv, hd, S = 8, 2, 64, 40
     g = torch.Generator().manual_seed(11)
     qkv = torch.randn((n_q + 2 * n_kv) * hd, generator=g)
@@ -414,7 +411,6 @@ def test_cuda_graph_replay_at_new_positions():
 def test_decode_append_gpu_llama8b_and_graph_replay():
     """Append mode compiled at 8B shapes: eager at several lengths, then one captured launch
     replayed at new positions (the decode step's use), each against RoPE + write + ref."""
-    from wsd_engine.kernels.rope import rope_ref
     dev, S, dt = "cuda", 8192, torch.bfloat16
     g = torch.Generator().manual_seed(12)
     q = torch.randn(32, 128, generator=g).to(dev, dt)

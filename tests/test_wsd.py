@@ -15,7 +15,7 @@ from wsd_engine import ContextOverflowError, RequestError
 from wsd_engine.engine import WSD, WSDParams
 from wsd_engine.reference import ReferenceWSD
 from wsd_engine.sampling import SamplingParams
-from wsd_engine.synthetic import make_tokenizer, make_wsd_pair
+from wsd_engine.synthetic import make_tokenizer, make_wsd_pair, without_tokenizer
 
 PROMPT = "Tell me about the quick brown fox."
 CHUNKS = (1, 3, 8, 64)
@@ -272,18 +272,6 @@ def test_token_level_generate_ids_matches_text_api(mid, tmp_path):
     assert not n.switched and n.switch_index == DRAFT
 
 
-def _bare(pair, root):
-    """Copies of a pair without tokenizer files: token-level models."""
-    out = []
-    for src in pair:
-        dst = os.path.join(root, os.path.basename(src) + "_bare")
-        os.makedirs(dst)
-        for f in ("config.json", "generation_config.json", "model.safetensors"):
-            shutil.copy(os.path.join(src, f), dst)
-        out.append(dst)
-    return out
-
-
 @pytest.mark.parametrize("kw,want_k", [({}, None), ({"force_switch": 5, "ignore_eos": True}, 5),
                                        ({"force_switch": 0, "ignore_eos": True}, DRAFT)])
 def test_reference_token_level_matches_engine(mid, tok, tmp_path, kw, want_k):
@@ -296,7 +284,8 @@ def test_reference_token_level_matches_engine(mid, tok, tmp_path, kw, want_k):
     msgs = [{"role": "user", "content": PROMPT}]
     p_ids = apply_chat_template(tok, msgs)
     b_ids = render_base_prompt(tok, msgs, None)
-    eng = WSD.from_pretrained(*_bare(mid, str(tmp_path)))
+    eng = WSD.from_pretrained(*(without_tokenizer(p, str(tmp_path / os.path.basename(p)))
+                                for p in mid))
     assert not eng.text_mode
     hf = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, local_files_only=True)
           for p in mid]

@@ -144,3 +144,14 @@ def make_wsd_pair(root: str, perturb: float = 0.5, sharpen: float = 100.0, damp:
                            tokenizer=pilot_tokenizer, init_scale=5.0,
                            transform=sharpen_fn(seed + 1000), **overrides)
     return pilot, base
+
+
+def without_tokenizer(src: str, dst: str) -> str:
+    """A copy of checkpoint folder `src` in `dst` with the weights and configs only (no
+    tokenizer files): a token-level model (`WSD.generate_ids`)."""
+    import shutil
+    os.makedirs(dst, exist_ok=True)
+    for f in ("config.json", "generation_config.json", "model.safetensors"):
+        if os.path.isfile(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), dst)
+    return dst
