@@ -18,6 +18,14 @@ The grid never depends on seq_len: a fixed number of pieces covers [0, seq_len) 
 (piece length rounded up to BLOCK_N, computed in the kernel), pieces past the end write an
 empty result. With seq_len a device tensor the launch is CUDA-graph replayable at any length.
 
+Short contexts (MIN_PIECE > 0): the grid is sized for the longest context the cache holds,
+so at a few hundred keys most pieces would be empty. The kernel then uses only
+n_act = clamp(cdiv(keys, MIN_PIECE), 1, NUM_SPLITS) pieces, computed from the length it
+reads: in the fused path the programs past n_act load nothing, store nothing and do not
+arrive at the counter, and the last of the n_act pieces merges only those n_act partials
+(at 300 keys and MIN_PIECE 128: 3 partials, not 32). The unfused path keeps its empty
+stores (its combine kernel reads every piece).
+
 Append mode (`k_new`, `v_new`, optionally `cos`/`sin`): the decode step's new token, at
 position seq_len - 1, is not in the cache yet. Every program rotates its q heads (RoPE at
 that position) itself; the pieces cover the cached [0, seq_len - 1); piece 0 also rotates
@@ -42,6 +50,13 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # decode_attention(fused_combine=None) uses this. False until a GPU measurement shows the
 # one-launch variant wins (benchmarks/bench_attention.py: "triton_fused" vs "triton").
 FUSED_COMBINE_DEFAULT = True   # H200 2026-11-27: 7.9 vs 10.4 us at 1k, 20.0 vs 22.4 at 8k, 45.7 vs 48.5 at 32k
+
+# decode_attention(min_piece=None) uses this: pieces of at least this many keys, so a short
+# context uses few pieces (see the module docstring). 0 = always NUM_SPLITS pieces.
+# UNMEASURED on a GPU (written without one): 128 keys = two 64-key blocks per program; at
+# >= 4k keys and 32 pieces nothing changes. benchmarks/bench_attention.py --sweep times
+# min_piece 0 / 64 / 128 / 256 at 256 keys to 8k.
+MIN_PIECE_DEFAULT = 128
 
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -85,10 +100,11 @@ def _softmax_update(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, stride_oh, stride_po, stride_pl,
-                   GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Fused stage 2 for the GROUP query heads of kv head `kvh` (run by the last program).
+def _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, n_act, stride_oh, stride_po,
+                   stride_pl, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   S_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Fused stage 2 for the GROUP query heads of kv head `kvh` (run by the last program):
+    merges pieces [0, n_act) (n_act <= S_PAD; a constexpr NUM_SPLITS or a runtime count).
 
     Loads bypass L1 (.cg): the pieces were written by other SMs during this launch."""
     offs_g = tl.arange(0, G_PAD)                                        # [G]
@@ -97,15 +113,15 @@ def _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, stride_oh, stride_po,
     offs_d = tl.arange(0, HEAD_DIM)                                     # [HD]
     offs_s = tl.arange(0, S_PAD)                                        # [S]
     lse = tl.load(lse_part_ptr + offs_s[:, None] * stride_pl + head[None, :],
-                  mask=(offs_s < NUM_SPLITS)[:, None] & g_ok[None, :], other=float("-inf"),
+                  mask=(offs_s < n_act)[:, None] & g_ok[None, :], other=float("-inf"),
                   cache_modifier=".cg")                                 # [S, G]
     m = tl.max(lse, 0)                                                  # [G]
     m = tl.where(m == float("-inf"), 0.0, m)
     w_sum = tl.sum(tl.exp2(lse - m[None, :]), 0)                        # [G]; empty pieces -> 0
     acc = tl.zeros([G_PAD, HEAD_DIM], dtype=tl.float32)                 # [G, HD]
-    for s0 in range(0, NUM_SPLITS, BLOCK_S):                            # static bounds
+    for s0 in range(0, n_act, BLOCK_S):
         offs_c = s0 + tl.arange(0, BLOCK_S)                             # [C]
-        ok = (offs_c < NUM_SPLITS)[:, None] & g_ok[None, :]             # [C, G]
+        ok = (offs_c < n_act)[:, None] & g_ok[None, :]                  # [C, G]
         w = tl.exp2(tl.load(lse_part_ptr + offs_c[:, None] * stride_pl + head[None, :],
                             mask=ok, other=float("-inf"), cache_modifier=".cg")
                     - m[None, :])                                       # [C, G]
@@ -129,7 +145,7 @@ def _decode_attention_kernel(
     NUM_SPLITS: tl.constexpr, LEN_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
     FUSED: tl.constexpr = False, G_PAD: tl.constexpr = 1, S_PAD: tl.constexpr = 1,
     BLOCK_S: tl.constexpr = 1,
-    APPEND: tl.constexpr = False, ROPE: tl.constexpr = False,
+    APPEND: tl.constexpr = False, ROPE: tl.constexpr = False, MIN_PIECE: tl.constexpr = 0,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -141,27 +157,34 @@ def _decode_attention_kernel(
     n_cached = seq_len                                  # keys read from the cache
     if APPEND:
         n_cached = seq_len - 1
+    if MIN_PIECE > 0:   # pieces in use at this length (>= 1: piece 0 holds an appended token)
+        n_act = tl.minimum(tl.maximum(tl.cdiv(n_cached, MIN_PIECE), 1), NUM_SPLITS)
+        live = split < n_act   # a program past n_act: no loads (q masked, empty key range)
+    else:
+        n_act = NUM_SPLITS
+        live = split >= 0
 
     offs_h = tl.arange(0, BLOCK_H)                                      # [H] (>= 16 for tl.dot)
     h_ok = offs_h < GROUP
     head = kvh * GROUP + offs_h                                         # [H]
     offs_d = tl.arange(0, HEAD_DIM)                                     # [HD]
     q_ptrs = q_ptr + head[:, None] * stride_qh
-    q = tl.load(q_ptrs + offs_d[None, :], mask=h_ok[:, None], other=0.0)
+    q = tl.load(q_ptrs + offs_d[None, :], mask=h_ok[:, None] & live, other=0.0)
     if ROPE:   # rotate_half RoPE at the new token's position, fp32 math, rounded to the dtype
         pos = (seq_len - 1).to(tl.int64)
         c = tl.load(cos_ptr + pos * stride_tab + offs_d)                # [HD] fp32
         sn = tl.load(sin_ptr + pos * stride_tab + offs_d)
         offs_r = (offs_d + HEAD_DIM // 2) % HEAD_DIM                    # the other half
         sign = tl.where(offs_d < HEAD_DIM // 2, -1.0, 1.0)
-        q_r = tl.load(q_ptrs + offs_r[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
+        q_r = tl.load(q_ptrs + offs_r[None, :], mask=h_ok[:, None] & live,
+                      other=0.0).to(tl.float32)
         q = _round_to(q.to(tl.float32) * c[None, :] + sign[None, :] * q_r * sn[None, :],
                       q_ptr.dtype.element_ty)
     if FP32_DOT:
         q = q.to(tl.float32)                                            # [H, HD]
 
-    chunk = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    chunk = tl.cdiv(tl.cdiv(n_cached, n_act), BLOCK_N) * BLOCK_N
+    lo = split * chunk      # split >= n_act: lo >= n_act * chunk >= n_cached, no keys
     hi = tl.minimum(lo + chunk, n_cached)
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
@@ -209,17 +232,23 @@ def _decode_attention_kernel(
         has = l_i > 0.0
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # [H]
         o = acc / tl.where(has, l_i, 1.0)[:, None]
-        tl.store(o_part_ptr + split * stride_po + head[:, None] * HEAD_DIM + offs_d[None, :],
-                 o, mask=h_ok[:, None])
-        tl.store(lse_part_ptr + split * stride_pl + head, lse, mask=h_ok)
-        if FUSED:
-            # Every thread's partial stores happen before the (single-thread) release below.
-            tl.debug_barrier()
-            count = tl.atomic_add(cnt_ptr + kvh, 1, sem="acq_rel", scope="gpu")  # old value
-            if count == NUM_SPLITS - 1:   # last piece of this kv head: all others are visible
-                _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, stride_oh, stride_po,
-                               stride_pl, GROUP, G_PAD, HEAD_DIM, NUM_SPLITS, S_PAD, BLOCK_S)
-                tl.atomic_xchg(cnt_ptr + kvh, 0, sem="relaxed", scope="gpu")   # reusable
+        if FUSED:   # only the n_act live pieces store and arrive; the last one merges them
+            if live:
+                tl.store(o_part_ptr + split * stride_po + head[:, None] * HEAD_DIM
+                         + offs_d[None, :], o, mask=h_ok[:, None])
+                tl.store(lse_part_ptr + split * stride_pl + head, lse, mask=h_ok)
+                # Every thread's partial stores happen before the (single-thread) release.
+                tl.debug_barrier()
+                count = tl.atomic_add(cnt_ptr + kvh, 1, sem="acq_rel", scope="gpu")  # old
+                if count == n_act - 1:   # last piece of this kv head: all others are visible
+                    _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, n_act, stride_oh,
+                                   stride_po, stride_pl, GROUP, G_PAD, HEAD_DIM, S_PAD,
+                                   BLOCK_S)
+                    tl.atomic_xchg(cnt_ptr + kvh, 0, sem="relaxed", scope="gpu")  # reusable
+        else:       # the combine kernel reads all NUM_SPLITS pieces
+            tl.store(o_part_ptr + split * stride_po + head[:, None] * HEAD_DIM + offs_d[None, :],
+                     o, mask=h_ok[:, None])
+            tl.store(lse_part_ptr + split * stride_pl + head, lse, mask=h_ok)
 
 
 @triton.jit
@@ -290,8 +319,8 @@ def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.devi
 
 def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                      block_n=None, num_warps=None, num_stages=None,
-                     fused_combine: bool | None = None, k_new=None, v_new=None, cos=None,
-                     sin=None):
+                     fused_combine: bool | None = None, min_piece: int | None = None,
+                     k_new=None, v_new=None, cos=None, sin=None):
     """Attention of one query token over cache positions [0, seq_len).
 
     q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, stride(-1) == 1);
@@ -300,7 +329,9 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     capped by the blocks in max_seq, or in seq_len when it is an int). fused_combine: merge
     the pieces inside the same launch (last-arriving program per kv head, see
     `split_counters`) instead of a second kernel; None = FUSED_COMBINE_DEFAULT; ignored when
-    num_splits == 1. Returns out [n_q, hd] in q's dtype (written into `out` when given).
+    num_splits == 1. min_piece: use only as many pieces as give each >= min_piece keys at the
+    length read (at least 1, at most num_splits; 0 = all num_splits); None =
+    MIN_PIECE_DEFAULT. Returns out [n_q, hd] in q's dtype (written into `out` when given).
 
     Without k_new: q is already rotated and the current token's K/V are in the cache.
     Append mode, k_new/v_new [n_kv, hd] given: the current token (position seq_len - 1) is
@@ -326,6 +357,11 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
         num_splits = default_num_splits(n_kv, max_len, block_n, q.device)
     if num_splits < 1:
         raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
+    if min_piece is None:
+        min_piece = MIN_PIECE_DEFAULT
+    if isinstance(min_piece, bool) or not isinstance(min_piece, int) or min_piece < 0:
+        raise ValueError(f"decode_attention: min_piece must be an int >= 0 (0 = every piece), "
+                         f"got {min_piece!r}")
     if num_warps is None:
         num_warps = 4
     if num_stages is None:   # sm_90 compile, bf16, hd=128, 64 keys: 70 KB smem, 89 regs
@@ -357,7 +393,7 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), n_q * hd, n_q,
         kn, vn, kn.stride(0), vn.stride(0), tc, ts, tc.stride(0) if rope else 0,
-        APPEND=append, ROPE=rope,
+        APPEND=append, ROPE=rope, MIN_PIECE=min_piece if num_splits > 1 else 0,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
         FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots

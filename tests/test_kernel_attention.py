@@ -110,7 +110,7 @@ def test_prefill_rejects_bad_inputs():
 
 
 def run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, max_seq=None,
-                    device="cpu", seed=0, fused_combine=False):
+                    device="cpu", seed=0, fused_combine=False, min_piece=None):
     # the two-pass path unless a test asks for the single-launch one (the default)
     max_seq = max_seq or seq_len + 11
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -118,7 +118,7 @@ def run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, max_s
     cache = torch.randn(2, n_kv, max_seq, hd, generator=g).to(device=device, dtype=dtype)
     n = torch.tensor([seq_len], device=device) if len_tensor else seq_len
     out = decode_attention(q, cache[0], cache[1], n, num_splits=num_splits,
-                           fused_combine=fused_combine)
+                           fused_combine=fused_combine, min_piece=min_piece)
     want = decode_attention_ref(q, cache[0], cache[1], seq_len)
     assert out.shape == (n_q, hd) and out.dtype == dtype
     torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
@@ -136,9 +136,16 @@ DECODE_CASES = [
 ]
 
 
+# min_piece: 0 = every piece in use (pieces past the end), 16 = few keys per piece (with
+# 64-key blocks some live pieces are empty), None = MIN_PIECE_DEFAULT (few, long pieces)
+MIN_PIECES = [0, 16, None]
+
+
+@pytest.mark.parametrize("min_piece", MIN_PIECES)
 @pytest.mark.parametrize("n_q,n_kv,hd,seq_len,dtype,len_tensor,num_splits", DECODE_CASES)
-def test_decode_attention(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits):
-    run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits)
+def test_decode_attention(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, min_piece):
+    run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits,
+                    min_piece=min_piece)
 
 
 # Fused combine (one launch, last program per kv head merges). Same case layout as above.
@@ -162,10 +169,12 @@ def no_second_launch(monkeypatch):
     monkeypatch.setattr(decode_mod, "combine_splits", fail)
 
 
+@pytest.mark.parametrize("min_piece", MIN_PIECES)
 @pytest.mark.parametrize("n_q,n_kv,hd,seq_len,dtype,len_tensor,num_splits", FUSED_DECODE_CASES)
 def test_decode_attention_fused(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits,
-                                no_second_launch):
-    run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, fused_combine=True)
+                                min_piece, no_second_launch):
+    run_decode_case(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, fused_combine=True,
+                    min_piece=min_piece)
     assert not split_counters(torch.device("cpu"), n_kv).any()     # back to 0 for reuse
 
 
@@ -213,6 +222,71 @@ def test_decode_same_launch_new_length():
                                    **TOL[torch.float32])
 
 
+@pytest.fixture
+def nan_workspace(monkeypatch):
+    """Fresh fp32 buffers start as NaN: a merge reading a piece nobody wrote turns NaN."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_adaptive_piece_count(fused, nan_workspace):
+    """One launch shape (8 pieces, length read from a tensor), lengths from 1 to the cache
+    size: pieces of >= min_piece keys, the others idle; right answer at every length, the
+    arrival counters back to 0 (in the fused path only the live pieces arrive)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(8, 64, generator=g)
+    cache = torch.randn(2, 2, 300, 64, generator=g)
+    n = torch.tensor([1], dtype=torch.int32)
+    cnt = split_counters(torch.device("cpu"), 2)
+    for length in (1, 2, 40, 41, 79, 80, 81, 161, 300):
+        n.fill_(length)
+        for min_piece in (1, 40, 80, 1000):
+            out = decode_attention(q, cache[0], cache[1], n, num_splits=8, block_n=16,
+                                   fused_combine=fused, min_piece=min_piece)
+            torch.testing.assert_close(out, decode_attention_ref(q, cache[0], cache[1], length),
+                                       **TOL[torch.float32])
+            assert not cnt.any()
+
+
+def test_decode_adaptive_pieces_arrive(monkeypatch, no_second_launch):
+    """Only the n_act = clamp(cdiv(keys, min_piece), 1, num_splits) live pieces write a
+    partial, and the merge reads only those: the workspace starts as NaN, the idle pieces'
+    rows stay NaN, the output is finite and right."""
+    real_empty = torch.empty
+    made = []
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+    monkeypatch.setattr(torch, "empty", empty)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(4, 64, generator=g)
+    cache = torch.randn(2, 1, 256, 64, generator=g)
+    out = decode_attention(q, cache[0], cache[1], 200, num_splits=8, block_n=32,
+                           fused_combine=True, min_piece=64)    # cdiv(200, 64) = 4 live pieces
+    torch.testing.assert_close(out, decode_attention_ref(q, cache[0], cache[1], 200),
+                               **TOL[torch.float32])
+    lse_part = next(t for t in made if t.shape == (8, 4))          # [pieces, n_q]
+    assert torch.isfinite(lse_part[:4]).all()                       # live pieces written
+    assert torch.isnan(lse_part[4:]).all()                          # idle ones never touched
+
+
+def test_decode_rejects_bad_min_piece():
+    q, cache = torch.randn(8, 64), torch.randn(2, 2, 16, 64)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_piece"):
+            decode_attention(q, cache[0], cache[1], 4, min_piece=bad)
+    assert decode_attention(q, cache[0], cache[1], 4, min_piece=0).shape == (8, 64)
+
+
 # Append mode: (n_q, n_kv, hd, seq_len, dtype, len as tensor, num_splits, fused, rope)
 APPEND_CASES = [
     (8, 2, 64, 77, torch.float32, False, 3, False, True),
@@ -224,10 +298,11 @@ APPEND_CASES = [
 ]
 
 
+@pytest.mark.parametrize("min_piece", [0, None])
 @pytest.mark.parametrize("n_q,n_kv,hd,seq_len,dtype,len_tensor,num_splits,fused,rope",
                          APPEND_CASES)
 def test_decode_attention_append(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_splits, fused,
-                                 rope):
+                                 rope, min_piece):
     """The new token (position seq_len - 1) written by the launch, q/k rotated there: equal
     to RoPE, then the cache write, then attention over [0, seq_len)."""
     g = torch.Generator().manual_seed(seq_len)
@@ -250,7 +325,7 @@ def test_decode_attention_append(n_q, n_kv, hd, seq_len, dtype, len_tensor, num_
     n = torch.tensor([seq_len], dtype=torch.int64) if len_tensor else seq_len
     kw = dict(cos=cos, sin=sin) if rope else {}
     out = decode_attention(q, cache[0], cache[1], n, num_splits=num_splits, fused_combine=fused,
-                           k_new=kn, v_new=vn, **kw)
+                           min_piece=min_piece, k_new=kn, v_new=vn, **kw)
     torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
     assert_cache_close(cache, ref_cache, dtype)     # the new row written, nothing else touched
     assert not split_counters(torch.device("cpu"), n_kv).any()
