@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_attention [--out attn.json] [--sweep]   # CUDA
     python -m benchmarks.bench_attention --cpu-smoke                    # interpreter, tiny
-    python -m benchmarks.bench_attention --compile-check                # sm_90 AOT, no GPU
+    python -m benchmarks.bench_attention --compile-check   # sm_90 AOT, no GPU (compile_check.py)
 
 Timing: every implementation runs once per layer of a multi-layer cache (>= 256 MiB of K/V in
 all, so the 50 MB L2 of an H100 cannot hold it, as in a real forward), the whole sweep
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 N_Q, N_KV, HD = 32, 8, 128          # Llama-3.1-8B attention
-DECODE_CTX = (1024, 4096, 8192, 32768)
+DECODE_CTX = (256, 1024, 4096, 8192, 32768)   # 256: the engine's short-answer decode
 PREFILL_L = (8, 64, 512)
 PREFILL_PREFIX = 1024
 L2_DEFEAT_BYTES = 256 << 20
@@ -169,7 +169,19 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
         impls["triton_append (one launch)"] = lambda i: dec.decode_attention(
             q, cache[i, 0], cache[i, 1], n_t, k_new=kn, v_new=vn, cos=cos, sin=sin)
         impls["rope+write kernel, then triton"] = rope_write_then_attend
-        appends = ("triton_append (one launch)", "rope+write kernel, then triton")
+        # the engine's cache is longer than the context: its graph-captured step launches
+        # the piece count of the whole cache (32 on a 132-SM card) at every length; min_piece
+        # decides how many of those pieces a short context uses (0 = all of them)
+        eng_splits = dec.default_num_splits(su.n_kv, 1 << 15, 64, torch.device(su.device))
+        mps = [0, None] + ([64, 128, 256, 512] if sweep else [])
+        for mp in mps:
+            label = "default" if mp is None else mp
+            impls[f"triton_append[splits={eng_splits},min_piece={label}]"] = (
+                lambda i, mp=mp: dec.decode_attention(
+                    q, cache[i, 0], cache[i, 1], n_t, k_new=kn, v_new=vn, cos=cos, sin=sin,
+                    num_splits=eng_splits, min_piece=mp))
+        appends = tuple(n for n in impls if n.startswith("triton_append")) + (
+            "rope+write kernel, then triton",)
         if on_gpu:   # inductor on CPU needs a C++ toolchain and minutes: GPU only
             compiled = torch.compile(dec.decode_attention_ref, dynamic=False)
             impls["compile(ref)"] = lambda i: compiled(q, cache[i, 0], cache[i, 1], ctx)
@@ -278,81 +290,6 @@ def print_table(title, rows, copy_gbps):
                   f"{r['tflops']:.3g} | {r['method']} | {r['max_abs_err']:.1e} |")
 
 
-def compile_check(arch=90):
-    """Compile the default GPU configs for sm_<arch> without a GPU (needs the ptxas that ships
-    with Triton's NVIDIA backend) and print shared memory, registers and spills per config."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    dec, pre = _kernels()
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
-    fp32_args = {"o_part_ptr", "lse_part_ptr", "cos_ptr", "sin_ptr"}
-
-    def build(fn, dt, consts, num_warps, num_stages):
-        sig = {}
-        for n in fn.arg_names:
-            if n in consts:
-                sig[n] = "constexpr"
-            elif n.endswith("_ptr"):
-                sig[n] = "*fp32" if n in fp32_args else "*i64" if n in ("pos_ptr", "len_ptr") \
-                    else "*i32" if n == "cnt_ptr" else f"*{dt}"
-            else:
-                sig[n] = "fp32" if n == "qk_scale" else "i32"
-        # what the JIT sees at run time: 16-byte aligned pointers and strides (cp.async needs it)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in consts and (n.endswith("_ptr") or n.startswith("stride"))}
-        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=num_warps, num_stages=num_stages))
-        usage = ""
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            if os.path.exists(cuobjdump):
-                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True,
-                                       text=True).stdout
-        m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
-        return k.metadata.shared, (m.group(1), m.group(2)) if m else ("?", "?")
-
-    print(f"| kernel | config | smem KB | regs | stack B |  (sm_{arch}, triton {triton.__version__})")
-    print("|---|---|---:|---:|---:|")
-    dev = torch.device("cuda")
-    for L in (1, 8, 64, 512):
-        cfg = pre.prefill_config(L, N_Q // N_KV, HD, torch.bfloat16, dev)
-        g_pad = triton.next_power_of_2(N_Q // N_KV)
-        for splits in (1, 8):
-            consts = dict(GROUP=N_Q // N_KV, G_PAD=g_pad, HEAD_DIM=HD,
-                          BLOCK_T=cfg["block_r"] // g_pad, BLOCK_R=cfg["block_r"],
-                          BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, POS_FROM_PTR=True,
-                          FP32_DOT=False)
-            smem, (regs, stack) = build(pre._prefill_attention_kernel, "bf16", consts,
-                                        cfg["num_warps"], cfg["num_stages"])
-            print(f"| prefill L={L} | {cfg} splits={splits} | {smem // 1024} | {regs} | {stack} |")
-    consts = dict(GROUP=N_Q // N_KV, BLOCK_H=16, HEAD_DIM=HD, BLOCK_N=64, NUM_SPLITS=64,
-                  LEN_FROM_PTR=True, FP32_DOT=False, FUSED=False, G_PAD=1, S_PAD=1, BLOCK_S=1)
-    smem, (regs, stack) = build(dec._decode_attention_kernel, "bf16", consts, 4, 3)
-    print(f"| decode | block_n=64 warps=4 stages=3 | {smem // 1024} | {regs} | {stack} |")
-    group = N_Q // N_KV
-    for bn in (64, 128):
-        for splits in (17, 32, 33):
-            s_pad = triton.next_power_of_2(splits)
-            g_pad = triton.next_power_of_2(group)
-            consts = dict(GROUP=group, BLOCK_H=16, HEAD_DIM=HD, BLOCK_N=bn, NUM_SPLITS=splits,
-                          LEN_FROM_PTR=True, FP32_DOT=False, FUSED=True, G_PAD=g_pad,
-                          S_PAD=s_pad, BLOCK_S=max(1, min(s_pad, 8192 // (g_pad * HD))))
-            smem, (regs, stack) = build(dec._decode_attention_kernel, "bf16", consts, 4, 3)
-            print(f"| decode fused | block_n={bn} warps=4 stages=3 splits={splits} | "
-                  f"{smem // 1024} | {regs} | {stack} |")
-    consts = dict(NUM_SPLITS=64, BLOCK_S=64, HEAD_DIM=HD, BLOCK_ROWS=1)
-    smem, (regs, stack) = build(dec._attention_combine_kernel, "bf16", consts, 4, 1)
-    print(f"| combine | splits=64 | {smem // 1024} | {regs} | {stack} |")
-    return 0
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the results as JSON to this path")
@@ -371,7 +308,8 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET") == "1":
             print("bench_attention: --compile-check needs TRITON_INTERPRET unset", file=sys.stderr)
             return 2
-        return compile_check()
+        from benchmarks.compile_check import main as compile_main
+        return compile_main(["--only", "attention"])
 
     if args.cpu_smoke:
         if not torch.cuda.is_available():

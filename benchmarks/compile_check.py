@@ -1,0 +1,248 @@
+"""Compile every Triton kernel for a GPU target without a GPU (ahead of time, sm_90 default).
+
+    python -m benchmarks.compile_check [--arch 90] [--json out.json]
+
+The CPU interpreter runs the kernels' Python, not the compiler: a name defined in only one
+branch, a type that differs between the arms of a runtime `if`, an op the GPU backend lacks,
+or a config whose shared memory exceeds the card's only show up when the kernel is compiled
+for a GPU. This compiles each kernel at the configs the launchers pick on a GPU (bf16,
+Llama-3.1-8B and Llama-3.2-1B shapes, the engine's decode / prefill / scoring paths) with
+the ptxas that ships with Triton's NVIDIA backend, and prints shared memory, registers and
+spill stack per config. Exit status 1 if any config fails to compile or needs more shared
+memory than an H100 block may use (227 KB). Needs TRITON_INTERPRET unset; no GPU, no driver.
+`tests/test_gpu_compile.py` runs it in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+SMEM_LIMIT = 227 * 1024          # H100 / H200: max dynamic shared memory per block
+
+# Llama-3.1-8B and Llama-3.2-1B: (n_q, n_kv, head_dim, d_model, intermediate, vocab)
+SHAPES = {"8b": (32, 8, 128, 4096, 14336, 128256), "1b": (32, 8, 64, 2048, 8192, 128256)}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def _signature(fn, consts, ptr_types, float_args, dtype):
+    """Triton signature: constexprs; pointers (model dtype unless named in ptr_types);
+    scalars i32 unless in float_args. Pointers and strides get the 16-divisibility the JIT
+    sees for the engine's (aligned, 16-multiple) tensors."""
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        n = p.name
+        if n in consts:
+            sig[n] = "constexpr"
+            continue
+        if n.endswith("_ptr"):
+            sig[n] = "*" + ptr_types.get(n, dtype)
+        else:
+            sig[n] = "fp32" if n in float_args else "i32"
+        if n.endswith("_ptr") or n.startswith("stride") or n.endswith("_stride"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def configs():
+    """(label, kernel, constexprs, pointer types, float scalars, num_warps, num_stages)."""
+    from wsd_engine.kernels import decode_attention as dec
+    from wsd_engine.kernels import gemv as gemv_mod
+    from wsd_engine.kernels import prefill_attention as pre
+    from wsd_engine.kernels import rms_norm, rope, sampling, swiglu
+    from wsd_engine.kernels import switch_score as sw
+
+    import torch
+    cuda = torch.device("cuda")
+    out = []
+    for model, (n_q, n_kv, hd, d, inter, vocab) in SHAPES.items():
+        group, g_pad = n_q // n_kv, _next_pow2(n_q // n_kv)
+        # decode attention: the engine's step (append + RoPE + fused merge, adaptive pieces,
+        # 32 pieces as on a 132-SM card), the two-pass variant and its combine kernel
+        dec_ptrs = {"o_part_ptr": "fp32", "lse_part_ptr": "fp32", "cos_ptr": "fp32",
+                    "sin_ptr": "fp32", "len_ptr": "i64", "cnt_ptr": "i32"}
+        for append in (True, False):
+            for fused in (True, False):
+                splits = 32
+                s_pad = _next_pow2(splits)
+                consts = dict(GROUP=group, BLOCK_H=max(16, g_pad), HEAD_DIM=hd, BLOCK_N=64,
+                              NUM_SPLITS=splits, LEN_FROM_PTR=True, FP32_DOT=False,
+                              FUSED=fused, G_PAD=g_pad if fused else 1,
+                              S_PAD=s_pad if fused else 1,
+                              BLOCK_S=max(1, min(s_pad, 8192 // (g_pad * hd))) if fused else 1,
+                              APPEND=append, ROPE=append, MIN_PIECE=dec.MIN_PIECE_DEFAULT)
+                label = (f"{model} decode_attention {'append+rope ' if append else ''}"
+                         f"{'fused' if fused else 'two-pass'} splits={splits}")
+                out.append((label, dec._decode_attention_kernel, consts, dec_ptrs,
+                            {"qk_scale"}, 4, 3))
+        out.append((f"{model} attention_combine splits=32", dec._attention_combine_kernel,
+                    dict(NUM_SPLITS=32, BLOCK_S=32, HEAD_DIM=hd,
+                         BLOCK_ROWS=max(1, 8192 // (32 * hd))),
+                    {"o_part_ptr": "fp32", "lse_part_ptr": "fp32"}, set(), 4, 1))
+        # prefill attention: one decode-size token, a scored chunk of 8, a 128-token prompt
+        for L, splits in ((1, 8), (8, 1), (8, 8), (128, 1), (512, 1)):
+            cfg = pre.prefill_config(L, group, hd, torch.bfloat16, cuda)
+            consts = dict(GROUP=group, G_PAD=g_pad, HEAD_DIM=hd, BLOCK_T=cfg["block_r"] // g_pad,
+                          BLOCK_R=cfg["block_r"], BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,
+                          POS_FROM_PTR=True, FP32_DOT=False)
+            out.append((f"{model} prefill_attention L={L} splits={splits}",
+                        pre._prefill_attention_kernel, consts,
+                        {"cos_ptr": "fp32", "sin_ptr": "fp32", "o_part_ptr": "fp32",
+                         "lse_part_ptr": "fp32", "pos_ptr": "i64"}, {"qk_scale"},
+                        cfg["num_warps"], cfg["num_stages"]))
+        # gemv: every one-token matmul of a layer, and the lm_head with the final norm
+        for name, n, k, pre_mode, res, logits in (
+                ("qkv (norm+res)", (n_q + 2 * n_kv) * hd, d, "rmsnorm", True, False),
+                ("o", d, n_q * hd, "none", False, False),
+                ("gate_up (norm+res)", 2 * inter, d, "rmsnorm", True, False),
+                ("down (swiglu)", d, inter, "swiglu", False, False),
+                ("lm_head (norm, logits)", vocab, d, "rmsnorm", False, True)):
+            cfg = gemv_mod.default_config(n, k)
+            consts = dict(PRE=gemv_mod.PRE_MODES[pre_mode], HAS_RES=res, HAS_BIAS=False,
+                          LOGITS=logits, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+            out.append((f"{model} gemv {name} N={n} K={k}", gemv_mod._gemv_kernel, consts,
+                        {"y_ptr": "fp32"} if logits else {}, {"K_f", "eps"},
+                        cfg["num_warps"], cfg["num_stages"]))
+        # layer kernels at their GPU launch shapes
+        block_d = _next_pow2(d)
+        for res in (True, False):
+            out.append((f"{model} rms_norm residual={res}", rms_norm._rms_norm_kernel,
+                        dict(HAS_RESIDUAL=res, BLOCK_D=block_d), {}, {"D_f", "eps"},
+                        min(16, max(1, block_d // 512)), 3))
+        half = hd // 2
+        bh = _next_pow2(half)
+        for to_cache in (False, True):
+            out.append((f"{model} rope to_cache={to_cache}", rope._rope_kernel,
+                        dict(HALF=half, BLOCK_HALF=bh, BLOCK_H=max(1, min(_next_pow2(n_q),
+                                                                          4096 // bh)),
+                             TO_CACHE=to_cache),
+                        {"cos_ptr": "fp32", "sin_ptr": "fp32", "pos_ptr": "i64"}, set(), 4, 3))
+        for block in (256, 1024):
+            out.append((f"{model} swiglu block={block}", swiglu._swiglu_kernel,
+                        dict(BLOCK=block), {}, set(), 4, 3))
+    # sampling (fp32 logits): greedy, temperature, top-k + top-p, seed from a device tensor
+    for greedy, top_k, top_p, seed_ptr in ((True, False, False, False),
+                                           (False, False, False, True),
+                                           (False, True, True, False)):
+        out.append((f"sample greedy={greedy} top_k={top_k} top_p={top_p} seed_ptr={seed_ptr}",
+                    sampling._sample_kernel,
+                    dict(GREEDY=greedy, TOP_K=top_k, TOP_P=top_p, SEED_IS_PTR=seed_ptr,
+                         OFFSET_IS_PTR=seed_ptr, BLOCK_R=1, BLOCK_V=4096),
+                    {"x_ptr": "fp32", "out_ptr": "i64", "seed_ptr": "i64", "offset_ptr": "i64"},
+                    {"temperature", "top_p"}, 8, 3))
+    # switch_score: the GPU launch (bf16, 64 x 128 tiles, 4 stages), c = 8 and 64
+    for c in (8, 64):
+        block_c = max(16, _next_pow2(c))
+        out.append((f"switch_score c={c} V=128256 d=4096", sw._switch_score_kernel,
+                    dict(TILES_PER_PROG=4, BLOCK_C=block_c, BLOCK_V=64, BLOCK_D=128,
+                         UPCAST=False),
+                    {"ids_ptr": "i64", "wsf_ptr": "fp32", "wsi_ptr": "i32"}, set(), 4, 4))
+        for n_prev_ptr, from_logp in ((True, False), (False, True)):
+            out.append((f"switch_score_combine c={c} n_prev_ptr={n_prev_ptr} "
+                        f"from_logp={from_logp}", sw._switch_score_combine_kernel,
+                        dict(BLOCK_C=block_c, BLOCK_P=min(256, max(16, 4096 // block_c)),
+                             N_PREV_IS_PTR=n_prev_ptr,
+                             FROM_LOGP=from_logp),
+                        {"wsf_ptr": "fp32", "wsi_ptr": "i32", "logp_in_ptr": "fp32",
+                         "carry_ptr": "fp32", "n_prev_ptr": "i64", "logp_ptr": "fp32",
+                         "lse_ptr": "fp32", "argmax_ptr": "i64", "mean_ptr": "fp32",
+                         "first_ptr": "i32"},
+                        {"window_f", "log_gamma"}, 4, 3))
+    return out
+
+
+def _usage(cubin: bytes):
+    """(registers, spill stack bytes) per thread from cuobjdump, or ('?', '?')."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        return "?", "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        txt = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", txt)
+    return (int(m.group(1)), int(m.group(2))) if m else ("?", "?")
+
+
+def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages, arch=90):
+    """Compile one kernel config for sm_<arch>; a row with ok, smem, regs, stack or error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    # constexpr parameters not named take their defaults (never a runtime i32)
+    consts = {**{p.name: p.default for p in fn.params
+                 if p.is_constexpr and p.name not in consts}, **consts}
+    sig, attrs = _signature(fn, consts, ptr_types, float_args, "bf16")
+    # a scalar like n_prev is a pointer only when its *_IS_PTR flag says so
+    for flag, arg in (("N_PREV_IS_PTR", "n_prev"), ("SEED_IS_PTR", "seed"),
+                      ("OFFSET_IS_PTR", "offset")):
+        if arg in sig and consts.get(flag):
+            sig[arg] = "*i64"
+    t0 = time.perf_counter()
+    row = dict(kernel=label, num_warps=num_warps, num_stages=num_stages)
+    try:
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=num_warps, num_stages=num_stages))
+        regs, stack = _usage(k.asm["cubin"])
+        row.update(ok=k.metadata.shared <= SMEM_LIMIT, smem=k.metadata.shared, regs=regs,
+                   stack=stack)
+        if not row["ok"]:
+            row["error"] = f"shared memory {k.metadata.shared} B > {SMEM_LIMIT} B"
+    except Exception as e:  # noqa: BLE001 - every failure is reported, then exit 1
+        msg = str(e).strip().splitlines()
+        row.update(ok=False, error=f"{type(e).__name__}: {' | '.join(msg[-3:])[:400]}")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def compile_all(arch: int = 90, only: str | None = None):
+    return [compile_one(*cfg, arch=arch) for cfg in configs() if not only or only in cfg[0]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
+    ap.add_argument("--only", help="compile only the configs whose label contains this")
+    ap.add_argument("--json", help="write the rows as JSON to this path")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)",
+              file=sys.stderr)
+        return 2
+    import triton
+    rows = compile_all(args.arch, args.only)
+    print(f"| kernel config (sm_{args.arch}, triton {triton.__version__}) | warps | stages | "
+          f"smem KB | regs | spill B | ok |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        if "smem" in r:
+            print(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | "
+                  f"{r['smem'] / 1024:.0f} | {r['regs']} | {r['stack']} | "
+                  f"{'yes' if r['ok'] else 'NO: ' + r['error']} |")
+        else:
+            print(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | | | | "
+                  f"NO: {r['error']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(arch=args.arch, triton=triton.__version__, rows=rows), f, indent=1)
+    bad = [r["kernel"] for r in rows if not r["ok"]]
+    if bad:
+        print(f"compile_check: {len(bad)} of {len(rows)} configs failed: {', '.join(bad)}",
+              file=sys.stderr)
+        return 1
+    print(f"compile_check: all {len(rows)} configs compile for sm_{args.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
