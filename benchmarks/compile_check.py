@@ -33,11 +33,22 @@ def _next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+# Integer arguments that are multiples of 16 at every model shape compiled here (the JIT
+# specialises such values: it is what lets a masked load along K become 16-byte vectors).
+DIV16_INTS = {
+    "_gemv_kernel": {"N", "K"}, "_rms_norm_kernel": {"D"}, "_swiglu_kernel": {"I"},
+    "_switch_score_kernel": {"D", "V"}, "_decode_attention_kernel": {"max_seq"},
+    "_prefill_attention_kernel": {"pos_limit", "n_q_heads"}, "_rope_kernel": {"n_q"},
+    "_sample_kernel": {"V"}, "_attention_combine_kernel": {"n_rows", "n_heads"},
+}
+
+
 def _signature(fn, consts, ptr_types, float_args, dtype):
     """Triton signature: constexprs; pointers (model dtype unless named in ptr_types);
-    scalars i32 unless in float_args. Pointers and strides get the 16-divisibility the JIT
-    sees for the engine's (aligned, 16-multiple) tensors."""
+    scalars i32 unless in float_args. Pointers, strides and the sizes in DIV16_INTS get the
+    16-divisibility the JIT sees for the engine's (aligned, 16-multiple) tensors."""
     sig, attrs = {}, {}
+    div16 = DIV16_INTS.get(fn.__name__, set())
     for i, p in enumerate(fn.params):
         n = p.name
         if n in consts:
@@ -47,7 +58,8 @@ def _signature(fn, consts, ptr_types, float_args, dtype):
             sig[n] = "*" + ptr_types.get(n, dtype)
         else:
             sig[n] = "fp32" if n in float_args else "i32"
-        if n.endswith("_ptr") or n.startswith("stride") or n.endswith("_stride"):
+        if (n.endswith("_ptr") or n.startswith("stride") or n.endswith("_stride")
+                or n in div16):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -83,6 +95,9 @@ def configs():
                          f"{'fused' if fused else 'two-pass'} splits={splits}")
                 out.append((label, dec._decode_attention_kernel, consts, dec_ptrs,
                             {"qk_scale"}, 4, 3))
+                if append and fused:   # the engine's step with programmatic dependent launch
+                    out.append((label + " pdl", dec._decode_attention_kernel,
+                                dict(consts, PDL=True), dec_ptrs, {"qk_scale"}, 4, 3))
         out.append((f"{model} attention_combine splits=32", dec._attention_combine_kernel,
                     dict(NUM_SPLITS=32, BLOCK_S=32, HEAD_DIM=hd,
                          BLOCK_ROWS=max(1, 8192 // (32 * hd))),
@@ -108,9 +123,11 @@ def configs():
             cfg = gemv_mod.default_config(n, k)
             consts = dict(PRE=gemv_mod.PRE_MODES[pre_mode], HAS_RES=res, HAS_BIAS=False,
                           LOGITS=logits, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-            out.append((f"{model} gemv {name} N={n} K={k}", gemv_mod._gemv_kernel, consts,
-                        {"y_ptr": "fp32"} if logits else {}, {"K_f", "eps"},
-                        cfg["num_warps"], cfg["num_stages"]))
+            for pdl in (False, True):   # pdl: first weight tile before the PDL wait
+                out.append((f"{model} gemv {name} N={n} K={k}{' pdl' if pdl else ''}",
+                            gemv_mod._gemv_kernel, dict(consts, PREFETCH=pdl, PDL=pdl),
+                            {"y_ptr": "fp32"} if logits else {}, {"K_f", "eps"},
+                            cfg["num_warps"], cfg["num_stages"]))
         # layer kernels at their GPU launch shapes
         block_d = _next_pow2(d)
         for res in (True, False):

@@ -11,6 +11,7 @@ SYSTEMS = {   # decode systems: key -> label (table / plot order)
     "engine_graph": "wsd_engine generate (triton, graph per step, one step in flight)",
     "engine_graph_steps": "wsd_engine 16-step graph blocks (triton; the drafting path)",
     "engine_graph_steps_fused": "as above, fused_gemv (norm/SwiGLU in the matmul)",
+    "engine_graph_steps_fused_pdl": "as above, + programmatic dependent launch (sm_90+)",
     "engine_torch_eager": "wsd_engine torch backend, eager",
     "hf_eager": "HF transformers eager generate",
     "hf_compile": "HF static cache + torch.compile",

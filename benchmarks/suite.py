@@ -273,21 +273,25 @@ class Bench:
                          f"decode {preset} engine_graph_steps")
             self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused']}")
 
-            def fused():
+            def fused(pdl=False):
                 m._graphs.clear()
-                m.ops.fused_gemv = True
+                m.ops.fused_gemv, m.ops.pdl = True, pdl
                 try:
                     m.capture_steps(STEP_BLOCK)
                     return measure_blocks(m, ids, a.steps, floor_ms, a.reps, dev)
                 finally:
-                    m.ops.fused_gemv = False
+                    m.ops.fused_gemv = m.ops.pdl = False
             self.attempt(sysd, "engine_graph_steps_fused", fused,
                          f"decode {preset} engine_graph_steps_fused")
+            self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused_pdl']}")
+            self.attempt(sysd, "engine_graph_steps_fused_pdl", lambda: fused(pdl=True),
+                         f"decode {preset} engine_graph_steps_fused_pdl")
             m._graphs.clear()
             tm = build_model(cfg, m.weights, dev, self.dtype, msl, backend="torch")
         else:
             tm = m
-            for key in ("engine_graph", "engine_graph_steps", "engine_graph_steps_fused"):
+            for key in ("engine_graph", "engine_graph_steps", "engine_graph_steps_fused",
+                        "engine_graph_steps_fused_pdl"):
                 sysd[key] = {"skipped": "CPU smoke: no CUDA graphs (torch backend only)"}
         if a.no_torch_eager and not self.smoke:
             sysd["engine_torch_eager"] = {"skipped": "--no-torch-eager"}

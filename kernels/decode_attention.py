@@ -32,6 +32,11 @@ that position) itself; the pieces cover the cached [0, seq_len - 1); piece 0 als
 the new key, writes it and the new value into the cache (no other program reads that row)
 and folds the token into its softmax as one more key. RoPE, the cache write and the
 attention are then one launch.
+
+PDL (`pdl=True`, sm_90+, see `pdl.py`): the kernel waits for its predecessor (the qkv
+projection that wrote q / k_new / v_new) before its first load and then lets the next kernel
+launch, so the next projection's programs are resident and streaming their weights while
+this one runs.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_wait_then_release, use_pdl
 from .rms_norm import _round_to
 
 _LOG2E = 1.4426950408889634
@@ -146,9 +152,11 @@ def _decode_attention_kernel(
     FUSED: tl.constexpr = False, G_PAD: tl.constexpr = 1, S_PAD: tl.constexpr = 1,
     BLOCK_S: tl.constexpr = 1,
     APPEND: tl.constexpr = False, ROPE: tl.constexpr = False, MIN_PIECE: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
+    pdl_wait_then_release(PDL)   # q, k_new, v_new (and the length) come from earlier kernels
     if LEN_FROM_PTR:
         seq_len = tl.load(len_ptr).to(tl.int32)
     else:
@@ -320,7 +328,7 @@ def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.devi
 def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                      block_n=None, num_warps=None, num_stages=None,
                      fused_combine: bool | None = None, min_piece: int | None = None,
-                     k_new=None, v_new=None, cos=None, sin=None):
+                     k_new=None, v_new=None, cos=None, sin=None, pdl: bool | None = False):
     """Attention of one query token over cache positions [0, seq_len).
 
     q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, stride(-1) == 1);
@@ -331,7 +339,8 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     `split_counters`) instead of a second kernel; None = FUSED_COMBINE_DEFAULT; ignored when
     num_splits == 1. min_piece: use only as many pieces as give each >= min_piece keys at the
     length read (at least 1, at most num_splits; 0 = all num_splits); None =
-    MIN_PIECE_DEFAULT. Returns out [n_q, hd] in q's dtype (written into `out` when given).
+    MIN_PIECE_DEFAULT. pdl: programmatic dependent launch (`pdl.py`; None = PDL_DEFAULT, a
+    no-op off sm_90+ CUDA). Returns out [n_q, hd] in q's dtype (written into `out` when given).
 
     Without k_new: q is already rotated and the current token's K/V are in the cache.
     Append mode, k_new/v_new [n_kv, hd] given: the current token (position seq_len - 1) is
@@ -362,6 +371,7 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     if isinstance(min_piece, bool) or not isinstance(min_piece, int) or min_piece < 0:
         raise ValueError(f"decode_attention: min_piece must be an int >= 0 (0 = every piece), "
                          f"got {min_piece!r}")
+    pdl = use_pdl(pdl, q.device)
     if num_warps is None:
         num_warps = 4
     if num_stages is None:   # sm_90 compile, bf16, hd=128, 64 keys: 70 KB smem, 89 regs
@@ -397,7 +407,7 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
         FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots
-        num_warps=num_warps, num_stages=num_stages, **fused_meta,
+        num_warps=num_warps, num_stages=num_stages, PDL=pdl, launch_pdl=pdl, **fused_meta,
     )
     if num_splits > 1 and not fused:
         combine_splits(o_part, lse_part, out, n_q)

@@ -17,6 +17,11 @@ along K) in [BLOCK_N, BLOCK_K] tiles and accumulates W * a elementwise in fp32, 
 once at the end. With pre="rmsnorm" every program first makes one pass over x to get the
 norm (the vector is a few KB, served from L2); program 0 also writes h. W is read once in
 all: the kernel is a weight stream, its floor is bytes(W) / copy bandwidth.
+
+With `pdl=True` (sm_90+, see `pdl.py`) a program loads its first weight tile before it
+waits for the previous kernel (weights are never written during a step), so the weight
+stream starts while the producer of `x` finishes; then it waits, releases the next kernel
+and runs the rest of the loop as usual.
 """
 from __future__ import annotations
 
@@ -24,10 +29,33 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl as _pdl
+from .pdl import pdl_wait_then_release, use_pdl
 from .rms_norm import _round_to
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRE_MODES = {"none": 0, "rmsnorm": 1, "swiglu": 2}
+
+
+@triton.jit
+def _activation(x_ptr, r_ptr, nw_ptr, offs, m, K, rstd, dtype: tl.constexpr,
+                PRE: tl.constexpr, HAS_RES: tl.constexpr):
+    """The fp32 activation a[offs] the weight tile multiplies (PRE: 0 x, 1 rmsnorm, 2 swiglu),
+    with the separate kernels' roundings."""
+    if PRE == 2:
+        g = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + K + offs, mask=m, other=0.0).to(tl.float32)
+        a = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u, dtype).to(tl.float32)
+    else:
+        a = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if PRE == 1:
+            if HAS_RES:
+                r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                a = _round_to(a + r, dtype).to(tl.float32)
+            nw = tl.load(nw_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            a = _round_to(a * rstd, dtype).to(tl.float32)
+            a = _round_to(nw * a, dtype).to(tl.float32)
+    return a
 
 
 @triton.jit
@@ -42,12 +70,20 @@ def _gemv_kernel(
     N, K, K_f, eps,
     PRE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN]
     r_mask = rows < N
     dtype = x_ptr.dtype.element_ty
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn             # [BN, 1]
+    k_first = 0
+    if PREFETCH:   # the first weight tile before the wait: weights only (pdl.py, rule 1)
+        offs0 = tl.arange(0, BLOCK_K)
+        w0 = tl.load(w_rows + offs0[None, :], mask=r_mask[:, None] & (offs0 < K)[None, :],
+                     other=0.0)                                         # [BN, BK]
+        k_first = BLOCK_K
+    pdl_wait_then_release(PDL)   # nothing when PDL is off
 
     rstd = 0.0
     if PRE == 1:
@@ -65,22 +101,13 @@ def _gemv_kernel(
         rstd = tl.math.rsqrt(var + eps)
 
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PREFETCH:   # the peeled first tile
+        a = _activation(x_ptr, r_ptr, nw_ptr, offs0, offs0 < K, K, rstd, dtype, PRE, HAS_RES)
+        acc += w0.to(tl.float32) * a[None, :]
+    for k0 in range(k_first, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)                               # [BK]
         m = offs < K
-        if PRE == 2:
-            g = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + K + offs, mask=m, other=0.0).to(tl.float32)
-            a = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u, dtype).to(tl.float32)
-        else:
-            a = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            if PRE == 1:
-                if HAS_RES:
-                    r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                    a = _round_to(a + r, dtype).to(tl.float32)
-                nw = tl.load(nw_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                a = _round_to(a * rstd, dtype).to(tl.float32)
-                a = _round_to(nw * a, dtype).to(tl.float32)
+        a = _activation(x_ptr, r_ptr, nw_ptr, offs, m, K, rstd, dtype, PRE, HAS_RES)
         w = tl.load(w_rows + offs[None, :], mask=r_mask[:, None] & m[None, :],
                     other=0.0).to(tl.float32)                           # [BN, BK]
         acc += w * a[None, :]
@@ -111,7 +138,7 @@ def _check_vec(name, t, n, dtype, device):
 
 
 def gemv(x, weight, bias=None, pre="none", residual=None, norm_weight=None, eps=1e-6,
-         logits=False, config=None):
+         logits=False, config=None, pdl=False):
     """y [1, N] = weight [N, K] @ a for one token, a formed from x as `pre` says.
 
     x: [1, K] (pre "none" / "rmsnorm") or [1, 2K] = [gate | up] (pre "swiglu"), fp32 /
@@ -119,6 +146,8 @@ def gemv(x, weight, bias=None, pre="none", residual=None, norm_weight=None, eps=
     of x's dtype and device. Returns y in x's dtype (fp32 with logits=True); with pre
     "rmsnorm" and a residual returns (y, h), h = x + residual (the new residual stream).
     No host sync (CUDA-graph capturable). `config` overrides `default_config` (benchmarks).
+    pdl: launch with programmatic dependent launch (`pdl.py`; None = PDL_DEFAULT; a no-op
+    off sm_90+ CUDA, e.g. in the interpreter).
     """
     if pre not in PRE_MODES:
         raise ValueError(f"pre must be one of {', '.join(PRE_MODES)}, got {pre!r}")
@@ -151,13 +180,17 @@ def gemv(x, weight, bias=None, pre="none", residual=None, norm_weight=None, eps=
     h = torch.empty((1, K), device=x.device, dtype=x.dtype) if residual is not None else None
     cfg = dict(default_config(N, K), **(config or {}))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    # the PDL program layout (first tile prefetched) whenever asked for, so the interpreter
+    # tests it; the wait/release instructions and the launch flag only where PDL exists
+    prefetch = bool(pdl if pdl is not None else _pdl.PDL_DEFAULT)
+    pdl = use_pdl(pdl, x.device)
     dummy = x
     _gemv_kernel[grid](
         x, residual if residual is not None else dummy, h if h is not None else dummy,
         norm_weight if norm_weight is not None else dummy, weight, weight.stride(0),
         bias if bias is not None else dummy, y, N, K, float(K), float(eps),
         PRE=PRE_MODES[pre], HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        LOGITS=logits, **cfg)
+        LOGITS=logits, PREFETCH=prefetch, PDL=pdl, launch_pdl=pdl, **cfg)
     return (y, h) if residual is not None else y
 
 

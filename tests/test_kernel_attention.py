@@ -483,9 +483,12 @@ def test_cuda_graph_replay_at_new_positions():
 
 
 @pytest.mark.gpu
-def test_decode_append_gpu_llama8b_and_graph_replay():
+@pytest.mark.parametrize("pdl", [False, True])
+def test_decode_append_gpu_llama8b_and_graph_replay(pdl):
     """Append mode compiled at 8B shapes: eager at several lengths, then one captured launch
-    replayed at new positions (the decode step's use), each against RoPE + write + ref."""
+    replayed at new positions (the decode step's use), each against RoPE + write + ref.
+    Short lengths use few pieces (min_piece); pdl: launched with programmatic dependent
+    launch after the torch ops that wrote its inputs."""
     dev, S, dt = "cuda", 8192, torch.bfloat16
     g = torch.Generator().manual_seed(12)
     q = torch.randn(32, 128, generator=g).to(dev, dt)
@@ -499,20 +502,22 @@ def test_decode_append_gpu_llama8b_and_graph_replay():
         ref_cache[0][:, n - 1], ref_cache[1][:, n - 1] = kr[0], vn
         return decode_attention_ref(qr[0], ref_cache[0], ref_cache[1], n)
 
-    for n in (1, 1000, 4097, S):
+    for n in (1, 129, 1000, 4097, S):
         for len_t in (False, True):
             ref_cache = cache.clone()
             w = want(n, ref_cache)
             nn = torch.tensor([n], device=dev) if len_t else n
-            out = decode_attention(q, cache[0], cache[1], nn, k_new=kn, v_new=vn, cos=cos, sin=sin)
+            out = decode_attention(q, cache[0], cache[1], nn, k_new=kn, v_new=vn, cos=cos, sin=sin,
+                                   pdl=pdl)
             torch.testing.assert_close(out.float(), w.float(), **TOL[dt])
             assert_cache_close(cache, ref_cache, dt)
     seq = torch.ones(1, dtype=torch.int64, device=dev)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(q, cache[0], cache[1], seq, k_new=kn, v_new=vn, cos=cos, sin=sin)
-    for n in (5, 1000, 4097, S):
+        out = decode_attention(q, cache[0], cache[1], seq, k_new=kn, v_new=vn, cos=cos, sin=sin,
+                               pdl=pdl)
+    for n in (5, 300, 1000, 4097, S, 200):
         seq.fill_(n)
         ref_cache = cache.clone()
         w = want(n, ref_cache)

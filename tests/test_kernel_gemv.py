@@ -45,11 +45,14 @@ def _check_product(y, a, w, b, logits):
     assert bool((err <= ulp + 1e-6 * scale).all()), float(err.max())
 
 
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,K", [(37, 72), (130, 1000)])
 @pytest.mark.parametrize("pre,with_res", [("none", False), ("rmsnorm", False),
                                           ("rmsnorm", True), ("swiglu", False)])
-def test_gemv_matches_fp64(dtype, N, K, pre, with_res):
+def test_gemv_matches_fp64(dtype, N, K, pre, with_res, pdl):
+    """pdl=True: the PDL program layout (first weight tile loaded before the wait, loop
+    peeled); on CPU the wait itself is a no-op. Same sums in the same order: bitwise equal."""
     torch.manual_seed(N + K)
     x = torch.randn(1, 2 * K if pre == "swiglu" else K).to(dtype)
     w = (torch.randn(N, K) / K ** 0.5).to(dtype)
@@ -57,8 +60,12 @@ def test_gemv_matches_fp64(dtype, N, K, pre, with_res):
     res = torch.randn(1, K).to(dtype) if with_res else None
     nw = (1 + 0.1 * torch.randn(K)).to(dtype) if pre == "rmsnorm" else None
     out = gemv(x, w, b, pre=pre, residual=res, norm_weight=nw, eps=1e-5,
-               config={"BLOCK_N": 64, "BLOCK_K": 512})
+               config={"BLOCK_N": 64, "BLOCK_K": 512}, pdl=pdl)
     y, h = out if with_res else (out, None)
+    if pdl:
+        plain = gemv(x, w, b, pre=pre, residual=res, norm_weight=nw, eps=1e-5,
+                     config={"BLOCK_N": 64, "BLOCK_K": 512}, pdl=False)
+        assert torch.equal(y, plain[0] if with_res else plain)
     a, h_want = _activation(x, pre, res, nw, 1e-5)
     if with_res:
         assert torch.equal(h, h_want)             # the new residual stream, written once
@@ -114,6 +121,8 @@ def test_gemv_validation():
         gemv(x, w, residual=torch.randn(1, 16))
     with pytest.raises(ValueError, match="norm_weight is only used"):
         gemv(x, w, norm_weight=torch.randn(16))
+    with pytest.raises(ValueError, match="pdl must be"):
+        gemv(x, w, pdl="yes")
     _check_product(gemv(x, w), x, w, None, logits=False)     # still usable
 
 
@@ -137,3 +146,37 @@ def test_gemv_llama8b_bf16_gpu(name, N, K, pre):
     if h is not None:
         assert torch.equal(h, h_want)
     _check_product(y, a, w, None, logits=logits)       # fp64 on the GPU (4 GB at the lm_head)
+
+
+@pytest.mark.gpu
+def test_gemv_pdl_chain_gpu():
+    """A chain of dependent gemvs (each reads the previous output and the residual stream)
+    launched with PDL, eagerly and replayed from a CUDA graph: bitwise equal to ordinary
+    launches. A kernel reading its input before the producer finished would differ."""
+    from wsd_engine.kernels.pdl import pdl_supported
+    if not pdl_supported("cuda"):
+        pytest.skip("PDL needs an sm_90+ GPU")
+    torch.manual_seed(10)
+    dev, dt, d, n = "cuda", torch.bfloat16, 4096, 12
+    ws = [(torch.randn(d, d, device=dev) / d ** 0.5).to(dt) for _ in range(n)]
+    nws = [(1 + 0.1 * torch.randn(d, device=dev)).to(dt) for _ in range(n)]
+    x0, r0 = torch.randn(1, d, device=dev).to(dt), torch.randn(1, d, device=dev).to(dt)
+
+    def chain(pdl):
+        x, r = x0, r0
+        for w, nw in zip(ws, nws):
+            x, r = gemv(x, w, pre="rmsnorm", residual=r, norm_weight=nw, eps=1e-5, pdl=pdl)
+        return x, r
+
+    want = chain(False)
+    got = chain(True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    chain(True)                                          # warm-up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain(True)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])

@@ -49,42 +49,51 @@ def _decode_logits_match(ref, tri, ids):
                                    ref.decode_one_token(t.reshape(1)), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_fused_gemv_decode_matches_torch_backend(tmp_path, family):
+@pytest.mark.parametrize("family,pdl", [("qwen2", False), ("llama", False), ("llama", True)])
+def test_fused_gemv_decode_matches_torch_backend(tmp_path, family, pdl):
     """fused_gemv: one-token steps run the gemv kernel with the norms / SwiGLU / logits
-    fused in (qwen2: qkv bias too); logits and greedy tokens as the torch backend."""
+    fused in (qwen2: qkv bias too); logits and greedy tokens as the torch backend. pdl: the
+    PDL program layout (the wait itself needs an sm_90 GPU)."""
     path = make_model(str(tmp_path / family), family, init_scale=5.0)
     ref = load_model(path, backend="torch")
     tri = load_model(path, backend="triton")
     tri.ops.fused_gemv = True
+    tri.ops.pdl = pdl
     calls = []
     gemv = tri.ops._gemv
     big = {"BLOCK_N": 128, "BLOCK_K": 512}        # few programs: the interpreter runs them serially
-    tri.ops._gemv = lambda *a, **k: calls.append(k.get("pre", "none")) or gemv(*a, config=big, **k)
+    pdls = set()
+    tri.ops._gemv = lambda *a, **k: (calls.append(k.get("pre", "none")), pdls.add(k.get("pdl"))) \
+        and gemv(*a, config=big, **k)
     torch.manual_seed(1)
     ids = torch.randint(3, 320, (9,))
     _decode_logits_match(ref, tri, ids)
     L = tri.config.num_layers
     # per step: (norm+qkv, o, norm+gate_up, swiglu+down) per layer + norm+lm_head
     assert calls.count("rmsnorm") >= 4 * (2 * L + 1) and calls.count("swiglu") >= 4 * L
+    assert pdls == {pdl}                          # every one-token matmul asked for it
     assert tri.generate(ids[:6], max_new_tokens=12, stop_at_eos=False) == \
         ref.generate(ids[:6], max_new_tokens=12, stop_at_eos=False)
 
 
 @pytest.mark.gpu
-def test_fused_gemv_on_gpu_eager_and_graphs(tmp_path):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_fused_gemv_on_gpu_eager_and_graphs(tmp_path, pdl):
     """Compiled gemv path: fp32 logits as the torch backend; bf16 greedy tokens of the
-    graph-captured n-step decode equal its eager run."""
+    graph-captured n-step decode equal its eager run. pdl: the graphed model launches its
+    one-token kernels with PDL, the eager one without: same tokens."""
     path = make_model(str(tmp_path / "m"), "qwen2", init_scale=5.0)
     ref = load_model(path, device="cuda", backend="torch")
     tri = load_model(path, device="cuda", backend="triton")
     tri.ops.fused_gemv = True
+    tri.ops.pdl = pdl
     ids = torch.randint(3, 320, (9,), generator=torch.Generator().manual_seed(2)).cuda()
     _decode_logits_match(ref, tri, ids)
     eager = load_model(path, device="cuda", dtype=torch.bfloat16, backend="triton")
     graphed = load_model(path, device="cuda", dtype=torch.bfloat16, backend="triton")
     for m in (eager, graphed):
         m.ops.fused_gemv = True
+    graphed.ops.pdl = pdl
     graphed.capture_decode()
     graphed.capture_steps(8)
     for n in (7, 8, 30):                         # the one-step graph, one step in flight

@@ -30,6 +30,7 @@ class TritonOps:
         try:
             from .kernels.decode_attention import decode_attention
             from .kernels.gemv import gemv
+            from .kernels.pdl import PDL_DEFAULT
             from .kernels.prefill_attention import prefill_attention
             from .kernels.rms_norm import rms_norm
             from .kernels.rope import rope
@@ -41,6 +42,10 @@ class TritonOps:
         self._decode_attention, self._prefill_attention = decode_attention, prefill_attention
         self._rms_norm, self._rope, self._swiglu, self._gemv = rms_norm, rope, swiglu, gemv
         self.fused_gemv = FUSED_GEMV_DEFAULT
+        # programmatic dependent launch for the one-token kernels (gemv, decode attention):
+        # on an sm_90+ GPU each starts while its predecessor finishes (kernels/pdl.py);
+        # set before capturing graphs. With fused_gemv the whole layer is such kernels.
+        self.pdl = PDL_DEFAULT
 
     def rms_norm(self, x, weight, residual=None):
         """norm(x + residual) and the new residual stream, one kernel (fused add)."""
@@ -59,7 +64,7 @@ class TritonOps:
             # cache, one launch (append mode)
             seq_len = start + 1 if isinstance(start, int) else positions + 1
             return self._decode_attention(q[0], kc, vc, seq_len, k_new=k[0], v_new=v[0],
-                                          cos=cos, sin=sin)[None]       # [1, nq, hd]
+                                          cos=cos, sin=sin, pdl=self.pdl)[None]  # [1, nq, hd]
         # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
         return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
 
@@ -72,7 +77,7 @@ class TritonOps:
 
     def linear(self, x, weight, bias=None):
         if self._one_token(x):
-            return self._gemv(x, weight, bias)
+            return self._gemv(x, weight, bias, pdl=self.pdl)
         return torch.nn.functional.linear(x, weight, bias)
 
     def norm_linear(self, x, residual, norm_weight, weight, bias=None, logits=False):
@@ -82,14 +87,14 @@ class TritonOps:
         if self._one_token(x):
             if residual is None:
                 return self._gemv(x, weight, bias, pre="rmsnorm", norm_weight=norm_weight,
-                                  eps=eps, logits=logits), x
+                                  eps=eps, logits=logits, pdl=self.pdl), x
             return self._gemv(x, weight, bias, pre="rmsnorm", residual=residual,
-                              norm_weight=norm_weight, eps=eps, logits=logits)
+                              norm_weight=norm_weight, eps=eps, logits=logits, pdl=self.pdl)
         h, residual = self.rms_norm(x, norm_weight, residual)
         y = torch.nn.functional.linear(h, weight, bias)
         return (y.float() if logits else y), residual
 
     def swiglu_linear(self, gate_up, weight, bias=None):
         if self._one_token(gate_up):
-            return self._gemv(gate_up, weight, bias, pre="swiglu")
+            return self._gemv(gate_up, weight, bias, pre="swiglu", pdl=self.pdl)
         return torch.nn.functional.linear(self.swiglu(gate_up), weight, bias)

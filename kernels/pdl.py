@@ -1,0 +1,68 @@
+"""Programmatic dependent launch (PDL, sm_90+): the next kernel of a decode step starts
+while the current one finishes.
+
+At batch 1 a decode step is a chain of short kernels, each waiting for the previous one to
+end before it is even launched; the gap and the ramp of every kernel (a few µs) add up over
+~160 kernels per step. With PDL (`launch_pdl=True`), a kernel may be scheduled as soon as
+every program of its predecessor has executed `griddepcontrol.launch_dependents`; it must
+execute `griddepcontrol.wait` (returns once the predecessor has completed and its writes are
+visible) before it touches anything the predecessor, or anything after its own wait, writes.
+
+The discipline every PDL kernel here follows, which keeps the chain race-free:
+  1. before its wait a program reads only model weights (never written during a step) and
+     computes addresses;
+  2. it signals `launch_dependents` right after its own wait, so a kernel can be running
+     ahead of at most one unfinished predecessor, and everything two launches back is done.
+`griddepcontrol.wait` is a no-op in a kernel launched without PDL, so a PDL kernel after an
+ordinary one (a torch op) is still ordered by the stream.
+
+Off by default (`PDL_DEFAULT`) until a GPU run shows it pays:
+`python -m benchmarks.run --suite decode` times the fused-gemv decode step with and without.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# TritonOps.pdl's default. UNMEASURED (written without a GPU): see benchmarks/NOTES.md.
+PDL_DEFAULT = False
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_supported(device) -> bool:
+    """PDL needs a compiled kernel (not the interpreter) on an sm_90+ CUDA device."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] >= 9
+
+
+def use_pdl(pdl: bool | None, device) -> bool:
+    """The launch flag for a `pdl=` argument: None follows PDL_DEFAULT; True where the
+    device cannot do it is a no-op (the kernel runs as an ordinary launch)."""
+    if pdl is None:
+        pdl = PDL_DEFAULT
+    if not isinstance(pdl, bool):
+        raise ValueError(f"pdl must be True, False or None (PDL_DEFAULT), got {pdl!r}")
+    return pdl and pdl_supported(device)
+
+
+@triton.jit
+def pdl_wait_then_release(PDL: tl.constexpr):
+    """Wait for the predecessor kernel (its writes become visible), then let the next
+    kernel launch. Nothing when PDL is off (the interpreter never sees the PTX)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+__all__ = ["PDL_DEFAULT", "pdl_supported", "use_pdl", "pdl_wait_then_release"]
