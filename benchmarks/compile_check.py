@@ -90,7 +90,8 @@ def configs():
                               FUSED=fused, G_PAD=g_pad if fused else 1,
                               S_PAD=s_pad if fused else 1,
                               BLOCK_S=max(1, min(s_pad, 8192 // (g_pad * hd))) if fused else 1,
-                              APPEND=append, ROPE=append, MIN_PIECE=dec.MIN_PIECE_DEFAULT)
+                              APPEND=append, ROPE=append, MIN_PIECE=dec.MIN_PIECE_DEFAULT,
+                              LEN_OFFSET=1 if append else 0)   # the step passes its position
                 label = (f"{model} decode_attention {'append+rope ' if append else ''}"
                          f"{'fused' if fused else 'two-pass'} splits={splits}")
                 out.append((label, dec._decode_attention_kernel, consts, dec_ptrs,

@@ -152,13 +152,13 @@ def _decode_attention_kernel(
     FUSED: tl.constexpr = False, G_PAD: tl.constexpr = 1, S_PAD: tl.constexpr = 1,
     BLOCK_S: tl.constexpr = 1,
     APPEND: tl.constexpr = False, ROPE: tl.constexpr = False, MIN_PIECE: tl.constexpr = 0,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, LEN_OFFSET: tl.constexpr = 0,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     pdl_wait_then_release(PDL)   # q, k_new, v_new (and the length) come from earlier kernels
-    if LEN_FROM_PTR:
-        seq_len = tl.load(len_ptr).to(tl.int32)
+    if LEN_FROM_PTR:   # + LEN_OFFSET: the caller may pass the new token's position
+        seq_len = tl.load(len_ptr).to(tl.int32) + LEN_OFFSET
     else:
         seq_len = len_val
     seq_len = tl.minimum(seq_len, max_seq)
@@ -328,7 +328,8 @@ def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.devi
 def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                      block_n=None, num_warps=None, num_stages=None,
                      fused_combine: bool | None = None, min_piece: int | None = None,
-                     k_new=None, v_new=None, cos=None, sin=None, pdl: bool | None = False):
+                     k_new=None, v_new=None, cos=None, sin=None, pdl: bool | None = False,
+                     seq_len_offset: int = 0):
     """Attention of one query token over cache positions [0, seq_len).
 
     q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, stride(-1) == 1);
@@ -339,7 +340,9 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     `split_counters`) instead of a second kernel; None = FUSED_COMBINE_DEFAULT; ignored when
     num_splits == 1. min_piece: use only as many pieces as give each >= min_piece keys at the
     length read (at least 1, at most num_splits; 0 = all num_splits); None =
-    MIN_PIECE_DEFAULT. pdl: programmatic dependent launch (`pdl.py`; None = PDL_DEFAULT, a
+    MIN_PIECE_DEFAULT. seq_len_offset: the length used is seq_len + seq_len_offset (a decode
+    step passes its position tensor and 1: no kernel to add them). pdl: programmatic
+    dependent launch (`pdl.py`; None = PDL_DEFAULT, a
     no-op off sm_90+ CUDA). Returns out [n_q, hd] in q's dtype (written into `out` when given).
 
     Without k_new: q is already rotated and the current token's K/V are in the cache.
@@ -347,6 +350,12 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     written into the cache by this launch; with cos/sin ([>= max_seq, hd] fp32 RoPE tables)
     q and k_new are unrotated and rotated here (RoPE + cache write + attention: one launch).
     """
+    if (isinstance(seq_len_offset, bool) or not isinstance(seq_len_offset, int)
+            or seq_len_offset < 0):
+        raise ValueError(f"decode_attention: seq_len_offset must be an int >= 0, got "
+                         f"{seq_len_offset!r}")
+    if seq_len_offset and not isinstance(seq_len, torch.Tensor):
+        seq_len, seq_len_offset = int(seq_len) + seq_len_offset, 0
     n_q, hd, n_kv, max_seq = _validate(q, k_cache, v_cache, seq_len, out)
     append = k_new is not None or v_new is not None
     rope = cos is not None or sin is not None
@@ -407,7 +416,8 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
         FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots
-        num_warps=num_warps, num_stages=num_stages, PDL=pdl, launch_pdl=pdl, **fused_meta,
+        num_warps=num_warps, num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
+        LEN_OFFSET=seq_len_offset, **fused_meta,
     )
     if num_splits > 1 and not fused:
         combine_splits(o_part, lse_part, out, n_q)

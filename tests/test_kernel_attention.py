@@ -279,6 +279,31 @@ def test_decode_adaptive_pieces_arrive(monkeypatch, no_second_launch):
     assert torch.isnan(lse_part[4:]).all()                          # idle ones never touched
 
 
+def test_decode_seq_len_offset():
+    """A decode step passes its position tensor and seq_len_offset=1 (the kernel adds it):
+    same as the length itself, for a tensor and an int, plain and append mode."""
+    g = torch.Generator().manual_seed(8)
+    q, kn, vn = torch.randn(8, 64, generator=g), torch.randn(2, 64, generator=g), \
+        torch.randn(2, 64, generator=g)
+    cache = torch.randn(2, 2, 50, 64, generator=g)
+    cos, sin = rope_tables(50, 64)
+    for pos in (0, 16, 49):
+        want = decode_attention(q, cache[0], cache[1], pos + 1, num_splits=3)
+        for p in (torch.tensor([pos]), pos):
+            got = decode_attention(q, cache[0], cache[1], p, num_splits=3, seq_len_offset=1)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        c1, c2 = cache.clone(), cache.clone()
+        want = decode_attention(q, c1[0], c1[1], pos + 1, k_new=kn, v_new=vn, cos=cos, sin=sin)
+        got = decode_attention(q, c2[0], c2[1], torch.tensor([pos]), k_new=kn, v_new=vn,
+                               cos=cos, sin=sin, seq_len_offset=1)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert torch.equal(c1, c2)
+    with pytest.raises(ValueError, match="seq_len_offset"):
+        decode_attention(q, cache[0], cache[1], 4, seq_len_offset=-1)
+    with pytest.raises(ValueError, match="seq_len"):       # the int + offset is range-checked
+        decode_attention(q, cache[0], cache[1], 50, seq_len_offset=1)
+
+
 def test_decode_rejects_bad_min_piece():
     q, cache = torch.randn(8, 64), torch.randn(2, 2, 16, 64)
     for bad in (-1, 1.5, True):

@@ -107,3 +107,27 @@ def test_fused_gemv_on_gpu_eager_and_graphs(tmp_path, pdl):
         a, b = eager.decode_steps(first, 8), graphed.decode_steps(first, 8)
         assert a.tolist() == b.tolist()
         first = a[8:]
+
+
+def test_device_position_paths_match_int_positions(ckpt):
+    """The graph bodies' forward, run eagerly: positions as a [1] device tensor (read only
+    in the kernels: decode attention adds the 1 to get the length, the n-step body takes
+    views of one position vector) give the same logits / tokens as host-int positions."""
+    ref = load_model(ckpt, backend="torch")
+    tri = load_model(ckpt, backend="triton")
+    torch.manual_seed(3)
+    ids = torch.randint(3, 320, (14,))
+    for m in (ref, tri):
+        m.cache.reset()
+        m.prefill(ids[:9])
+    pos = torch.tensor([9])
+    got = tri._forward_at(ids[9:10], pos, return_hidden=False)          # one token
+    torch.testing.assert_close(got[0], ref.decode_one_token(ids[9:10]), atol=2e-4, rtol=0)
+    tri.cache.length = 10
+    pos.fill_(10)
+    got = tri._forward_at(ids[10:13], pos, return_hidden=False)         # a 3-token chunk
+    torch.testing.assert_close(got, ref.score_chunk(ids[10:13], 10), atol=2e-4, rtol=0)
+    tri.cache.length = 13
+    pos.fill_(13)
+    steps = tri._greedy_steps(ids[13:14], pos, 5)                       # the n-step body
+    assert steps.tolist() == ref.decode_steps(ids[13:14], 5).tolist()

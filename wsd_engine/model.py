@@ -110,6 +110,8 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
     if host_start:
         cache.check_fits(start, T)
         positions = torch.arange(start, start + T, device=tokens.device)    # [T]
+    elif T == 1:
+        positions = start                       # [1] device tensor: no kernel in a graph step
     else:
         positions = start + torch.arange(T, device=tokens.device)          # [T]
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -165,13 +165,19 @@ class Model:
         if not isinstance(n_steps, int) or n_steps < 1:
             raise ConfigError(f"n_steps must be an int >= 1, got {n_steps!r}")
 
-        def steps(tok, pos):
-            toks = [tok]
-            for i in range(n_steps):
-                logits = self._forward_at(toks[-1], pos + i, return_hidden=False)  # [1, V]
-                toks.append(torch.argmax(logits, dim=-1))                           # [1]
-            return torch.cat(toks)                                                  # [n+1]
-        self._graphs[("steps", n_steps)] = self._capture(1, steps, n_cache=n_steps)
+        self._graphs[("steps", n_steps)] = self._capture(
+            1, lambda tok, pos: self._greedy_steps(tok, pos, n_steps), n_cache=n_steps)
+
+    def _greedy_steps(self, tok: torch.Tensor, pos: torch.Tensor, n_steps: int) -> torch.Tensor:
+        """The body of `capture_steps`: n greedy steps from token [1] at device position
+        pos [1]; returns [n + 1] (tok and its successors). Nothing is read on the host."""
+        toks = [tok]
+        # every step's position in one kernel; each step reads a [1] view of it
+        all_pos = pos + torch.arange(n_steps, device=pos.device)                  # [n]
+        for i in range(n_steps):
+            logits = self._forward_at(toks[-1], all_pos[i:i + 1], return_hidden=False)
+            toks.append(torch.argmax(logits, dim=-1))                               # [1]
+        return torch.cat(toks)                                                      # [n+1]
 
     def _forward_at(self, tok: torch.Tensor, pos: torch.Tensor, return_hidden: bool):
         """The forward with a device-tensor start position (nothing read on the host)."""
