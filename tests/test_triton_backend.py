@@ -131,3 +131,75 @@ def test_device_position_paths_match_int_positions(ckpt):
     pos.fill_(13)
     steps = tri._greedy_steps(ids[13:14], pos, 5)                       # the n-step body
     assert steps.tolist() == ref.decode_steps(ids[13:14], 5).tolist()
+
+
+# ops that launch no kernel: allocation, views and metadata
+_NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.select.int",
+              "aten.split_with_sizes.default", "aten.t.default", "aten.unsqueeze.default",
+              "aten.view.default", "aten._unsafe_view.default", "aten.slice.Tensor",
+              "aten.expand.default", "aten.as_strided.default", "aten.alias.default",
+              "aten.detach.default"}
+
+
+def _count_launches(fn):
+    """Run fn and count what it launches: each Triton kernel (by name) and each torch op
+    that runs a kernel (views and allocations left out; the interpreter's own tensor work
+    during a Triton launch is not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    counts, inside = {}, [0]
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        name = "triton:" + self.fn.__name__
+        counts[name] = counts.get(name, 0) + 1
+        inside[0] += 1
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and str(func) not in _NO_KERNEL:
+                counts[str(func)] = counts.get(str(func), 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    InterpretedFunction.run = run
+    try:
+        with Count():
+            fn()
+    finally:
+        InterpretedFunction.run = real_run
+    mm = counts.pop("aten.mm.default", 0) + counts.pop("aten.addmm.default", 0)  # cuBLAS
+    if mm:
+        counts["matmul"] = mm
+    return counts
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_step_launch_count(ckpt, fused):
+    """What a graph-captured greedy step launches, counted on the eager run of the graph
+    body: with fused_gemv, 4 gemvs + 1 attention per layer and the lm_head gemv, plus the
+    embedding and the argmax; nothing else (no per-layer length or position arithmetic).
+    Without it: 2 norms, 4 matmuls, 1 attention, 1 SwiGLU per layer + final norm + lm_head."""
+    tri = load_model(ckpt, backend="triton")
+    tri.ops.fused_gemv = fused
+    L = tri.config.num_layers
+    tri.prefill(torch.tensor([3, 4, 5, 6]))
+    tok, pos = torch.tensor([7]), torch.tensor([4])
+    tri._forward_at(tok, pos, return_hidden=False)          # warm-up: one-time allocations
+    got = _count_launches(lambda: torch.argmax(tri._forward_at(tok, pos, return_hidden=False),
+                                               dim=-1))
+    if fused:
+        want = {"triton:_gemv_kernel": 4 * L + 1, "triton:_decode_attention_kernel": L}
+    else:
+        want = {"triton:_rms_norm_kernel": 2 * L + 1, "matmul": 4 * L + 1,
+                "triton:_decode_attention_kernel": L, "triton:_swiglu_kernel": L}
+    want.update({"aten.embedding.default": 1, "aten.argmax.default": 1})
+    assert got == want
+    # the n-step graph body: every position in one add, then n such steps and one cat
+    got = _count_launches(lambda: tri._greedy_steps(tok, pos, 3))
+    step = {k: 3 * v for k, v in want.items()}
+    step.update({"aten.arange.default": 1, "aten.add.Tensor": 1, "aten.cat.default": 1})
+    assert got == step
