@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 # the layout `pip install -e .` gives: kernels/ importable as wsd_engine.kernels
 [ -e wsd_engine/kernels ] || ln -s ../kernels wsd_engine/kernels
-STEPS=${STEPS:-"pytest_new gemv e2e pytest attention switch backend layers"}
+STEPS=${STEPS:-"pytest_new e2e gemv attention pytest switch backend layers"}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 step() {   # step NAME TIMEOUT CMD...
@@ -25,12 +25,14 @@ step() {   # step NAME TIMEOUT CMD...
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 # the GPU tests of what changed since the last GPU run first (n-step graphs, fused gemv,
-# decode append mode), the whole GPU suite later
-step pytest_new ${T_PYTEST_NEW:-120} python -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay
-step gemv ${T_GEMV:-120} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
-step e2e ${T_E2E:-260} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --no-torch-eager --time-budget ${E2E_BUDGET:-220} --out "$OUT/e2e"
+# PDL, decode append mode with adaptive pieces), then the end-to-end decode (per-step and
+# n-step graphs, fused gemv, + PDL) and WSD runs, the gemv sweep, the attention bench
+# (min_piece rows), the whole GPU suite last
+step pytest_new ${T_PYTEST_NEW:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay
+step e2e ${T_E2E:-240} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --no-torch-eager --time-budget ${E2E_BUDGET:-200} --out "$OUT/e2e"
+step gemv ${T_GEMV:-90} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
+step attention ${T_ATTN:-80} python benchmarks/bench_attention.py --out "$OUT/attention.json"
 step pytest ${T_PYTEST:-150} python -m pytest -q -m gpu -p no:cacheprovider
-step attention ${T_ATTN:-95} python benchmarks/bench_attention.py --out "$OUT/attention.json"
 step switch ${T_SWITCH:-75} python benchmarks/bench_switch_score.py --out "$OUT/switch_score.json"
 step backend ${T_BACKEND:-90} python benchmarks/bench_backend.py --out "$OUT/backend.json"
 step layers ${T_LAYERS:-40} python benchmarks/bench_layers.py --no-compile --out "$OUT/layers.json"
