@@ -97,7 +97,8 @@ def main(argv=None):
         run_case(rows, label, impls, nbytes, copy_gbps, device,
                  ref_name="norm/swiglu kernel + F.linear")
         if args.sweep and not smoke:
-            grid = itertools.product((8, 16, 32), (256, 512), (4, 8), (3,))
+            # num_stages 1: the weight loop unpipelined (one tile in flight per program)
+            grid = itertools.product((8, 16, 32), (256, 512), (4, 8), (1, 3))
             best = None
             for bn, bk, nw_, ns in grid:
                 cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw_, "num_stages": ns}

@@ -123,7 +123,8 @@ def configs():
                 ("lm_head (norm, logits)", vocab, d, "rmsnorm", False, True)):
             cfg = gemv_mod.default_config(n, k)
             consts = dict(PRE=gemv_mod.PRE_MODES[pre_mode], HAS_RES=res, HAS_BIAS=False,
-                          LOGITS=logits, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                          LOGITS=logits, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                          STAGES=cfg["num_stages"])
             for pdl in (False, True):   # pdl: first weight tile before the PDL wait
                 out.append((f"{model} gemv {name} N={n} K={k}{' pdl' if pdl else ''}",
                             gemv_mod._gemv_kernel, dict(consts, PREFETCH=pdl, PDL=pdl),
