@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 # PDL, decode append mode with adaptive pieces), then the end-to-end decode (per-step and
 # n-step graphs, fused gemv, + PDL) and WSD runs, the gemv sweep, the attention bench
 # (min_piece rows), the whole GPU suite last
-step pytest_new ${T_PYTEST_NEW:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay
+step pytest_new ${T_PYTEST_NEW:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/test_pdl.py tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay
 step e2e ${T_E2E:-240} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --no-torch-eager --time-budget ${E2E_BUDGET:-200} --out "$OUT/e2e"
 step gemv ${T_GEMV:-90} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
 step attention ${T_ATTN:-80} python benchmarks/bench_attention.py --out "$OUT/attention.json"

@@ -57,12 +57,30 @@ def use_pdl(pdl: bool | None, device) -> bool:
 
 
 @triton.jit
+def pdl_wait():
+    """griddepcontrol.wait: returns once the predecessor grid completed and its memory
+    operations are visible (a no-op in a kernel launched without PDL). Written as inline
+    PTX, not pure (some Triton releases marked their helper pure, which lets it be dropped)."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def pdl_release():
+    """griddepcontrol.launch_dependents: the next kernel may launch once every program of
+    this one has executed it (or exited)."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def pdl_wait_then_release(PDL: tl.constexpr):
     """Wait for the predecessor kernel (its writes become visible), then let the next
     kernel launch. Nothing when PDL is off (the interpreter never sees the PTX)."""
     if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait()
+        pdl_release()
 
 
-__all__ = ["PDL_DEFAULT", "pdl_supported", "use_pdl", "pdl_wait_then_release"]
+__all__ = ["PDL_DEFAULT", "pdl_supported", "use_pdl", "pdl_wait", "pdl_release",
+           "pdl_wait_then_release"]
