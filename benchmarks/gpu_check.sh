@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 # the layout `pip install -e .` gives: kernels/ importable as wsd_engine.kernels
 [ -e wsd_engine/kernels ] || ln -s ../kernels wsd_engine/kernels
-STEPS=${STEPS:-"pytest_new e2e gemv attention pytest switch backend layers"}
+STEPS=${STEPS:-"pytest_new e2e gemv attention wsd_fast pytest switch backend layers"}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 step() {   # step NAME TIMEOUT CMD...
@@ -32,6 +32,8 @@ step pytest_new ${T_PYTEST_NEW:-150} python -m pytest -q -m gpu -p no:cacheprovi
 step e2e ${T_E2E:-240} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --no-torch-eager --time-budget ${E2E_BUDGET:-200} --out "$OUT/e2e"
 step gemv ${T_GEMV:-90} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
 step attention ${T_ATTN:-80} python benchmarks/bench_attention.py --out "$OUT/attention.json"
+# WSD with the one-token fast path (fused gemv + PDL) at one switch point, no baselines
+step wsd_fast ${T_WSD_FAST:-70} python -m benchmarks.run --suite wsd --pairs llama3.2-1b+llama3.1-8b --ks 64 --fused-gemv --pdl --no-reference --no-hf-compile --no-torch-eager --no-plots --out "$OUT/wsd_fast"
 step pytest ${T_PYTEST:-150} python -m pytest -q -m gpu -p no:cacheprovider
 step switch ${T_SWITCH:-75} python benchmarks/bench_switch_score.py --out "$OUT/switch_score.json"
 step backend ${T_BACKEND:-90} python benchmarks/bench_backend.py --out "$OUT/backend.json"

@@ -121,6 +121,11 @@ def parse_args(argv):
     ap.add_argument("--no-torch-eager", action="store_true",
                     help="skip this engine's torch-backend eager decode (a slow reference "
                          "point, not a baseline of the targets)")
+    ap.add_argument("--fused-gemv", action="store_true",
+                    help="WSD runs (and their base-only baseline): one-token matmuls through "
+                         "the gemv kernel (the decode suite times both ways regardless)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="WSD runs: programmatic dependent launch for the one-token kernels")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -107,6 +107,11 @@ class Bench:
         self.dtype = torch.float32 if self.smoke else torch.bfloat16
         self.backend = "torch" if self.smoke else "triton"
         self.graphs = not self.smoke
+        # the WSD runs' one-token kernels (triton backend only; the CPU smoke runs torch)
+        on = not self.smoke
+        # (None = the engine's default; the flags turn them on)
+        self.decode_kernels = {k: True if getattr(a, k, False) and on else None
+                               for k in ("fused_gemv", "pdl")}
         os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
         self.R = {
             "meta": {"device": device_name(self.dev), "versions": versions(),
@@ -118,7 +123,9 @@ class Bench:
                                   "response": a.response, "ks": a.ks, "chunk": a.chunk,
                                   "pairs": ["+".join(p) for p in a.pairs], "ref_k": a.ref_k, "reference": not a.no_reference,
                                   "reps": a.reps, "presets": a.presets, "suites": a.suites,
-                                  "time_budget_s": a.time_budget}},
+                                  "time_budget_s": a.time_budget,
+                                  "wsd_fused_gemv": bool(self.decode_kernels["fused_gemv"]),
+                                  "wsd_pdl": bool(self.decode_kernels["pdl"])}},
             "copy_gbps": None, "models": {}, "decode": {}, "wsd": {}, "kernels": {},
             "tasks": [], "skipped": [], "errors": [],
         }
@@ -274,19 +281,20 @@ class Bench:
             self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused']}")
 
             def fused(pdl=False):
-                m._graphs.clear()
-                m.ops.fused_gemv, m.ops.pdl = True, pdl
+                m.clear_graphs()
+                m.set_decode_kernels(fused_gemv=True, pdl=pdl)
                 try:
                     m.capture_steps(STEP_BLOCK)
                     return measure_blocks(m, ids, a.steps, floor_ms, a.reps, dev)
                 finally:
-                    m.ops.fused_gemv = m.ops.pdl = False
+                    m.clear_graphs()
+                    m.set_decode_kernels(fused_gemv=False, pdl=False)
             self.attempt(sysd, "engine_graph_steps_fused", fused,
                          f"decode {preset} engine_graph_steps_fused")
             self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused_pdl']}")
             self.attempt(sysd, "engine_graph_steps_fused_pdl", lambda: fused(pdl=True),
                          f"decode {preset} engine_graph_steps_fused_pdl")
-            m._graphs.clear()
+            m.clear_graphs()
             tm = build_model(cfg, m.weights, dev, self.dtype, msl, backend="torch")
         else:
             tm = m
@@ -353,7 +361,8 @@ class Bench:
         e.update(prompt_len=a.prompt_len, response=R_, chunk=c, pilot_floor_ms=fp,
                  base_floor_ms=fb, cuda_graphs=self.graphs)
         self.log(f"    {key}: engine set-up" + (" (capturing CUDA graphs)" if self.graphs else ""))
-        wsd = WSD(pilot, base, cuda_graphs=self.graphs, graph_chunks=(c,))
+        wsd = WSD(pilot, base, cuda_graphs=self.graphs, graph_chunks=(c,),
+                  **self.decode_kernels)
         wsd.generate_ids(ids, ids, WSDParams(draft_max_tokens=min(R_, 4 * c),   # warm-up
                                              max_new_tokens=min(R_, 6 * c), chunk=c,
                                              force_switch=min(c, R_), ignore_eos=True))
@@ -462,7 +471,7 @@ class Bench:
             wsd = WSD.from_pretrained(a.pilot, a.base, device=dev,
                                       dtype=None if self.smoke else torch.bfloat16,
                                       backend=self.backend, cuda_graphs=self.graphs,
-                                      graph_chunks=(a.chunk,))
+                                      graph_chunks=(a.chunk,), **self.decode_kernels)
             fp, fb = self._floor("ckpt pilot", wsd.pilot), self._floor("ckpt base", wsd.base)
             wsd.generate(CKPT_PROMPT, WSDParams(**dict(params, draft_max_tokens=min(R_, 16),
                                                        max_new_tokens=min(R_, 24)),

@@ -37,3 +37,18 @@ def test_cuda_graphs_flag_needs_cuda_and_triton(tmp_path, capsys):
     assert "CUDA graphs need device='cuda' and backend='triton'" in capsys.readouterr().err
     assert main(["demo", "--dir", str(tmp_path), "--cuda-graphs"]) == 1
     assert "ConfigError" in capsys.readouterr().err
+
+
+def test_decode_kernel_flags(tmp_path, capsys):
+    """--fused-gemv / --pdl: the triton backend's one-token kernels; a clear error on the
+    torch backend. The triton run gives the same text as the torch one."""
+    pilot, base = demo_pair(str(tmp_path))
+    args = ["generate", "--pilot", pilot, "--base", base, "--prompt", "Hi", "--json",
+            "--draft-max-tokens", "12", "--max-new-tokens", "16"]
+    assert main(args + ["--fused-gemv"]) == 1
+    assert "fused_gemv needs backend='triton'" in capsys.readouterr().err
+    assert main(args) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(args + ["--backend", "triton", "--fused-gemv", "--pdl"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["token_ids"] == want["token_ids"] and got["switch_index"] == want["switch_index"]

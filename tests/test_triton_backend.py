@@ -203,3 +203,30 @@ def test_decode_step_launch_count(ckpt, fused):
     step = {k: 3 * v for k, v in want.items()}
     step.update({"aten.arange.default": 1, "aten.add.Tensor": 1, "aten.cat.default": 1})
     assert got == step
+
+
+def test_set_decode_kernels(ckpt):
+    """Model.set_decode_kernels: triton only, not after a capture, None keeps a setting;
+    WSD(fused_gemv=, pdl=) sets both models before capturing."""
+    from wsd_engine.errors import ConfigError
+    tri = load_model(ckpt, backend="triton")
+    tri.set_decode_kernels(fused_gemv=True)
+    assert tri.ops.fused_gemv and not tri.ops.pdl
+    tri.set_decode_kernels(pdl=True)
+    assert tri.ops.fused_gemv and tri.ops.pdl
+    with pytest.raises(ConfigError, match="True, False or None"):
+        tri.set_decode_kernels(pdl="on")
+    tri._graphs["decode"] = {}                       # as if a graph had been captured
+    with pytest.raises(ConfigError, match="clear_graphs"):
+        tri.set_decode_kernels(fused_gemv=False)
+    tri.set_decode_kernels(fused_gemv=True)          # no change: allowed
+    tri.clear_graphs()
+    tri.set_decode_kernels(fused_gemv=False)
+    assert not tri.ops.fused_gemv
+    ref = load_model(ckpt, backend="torch")
+    ref.set_decode_kernels(fused_gemv=False, pdl=False)    # nothing to do: fine
+    with pytest.raises(ConfigError, match="pdl needs backend='triton'"):
+        ref.set_decode_kernels(pdl=True)
+    w = WSD(load_model(ckpt, backend="triton"), load_model(ckpt, backend="triton"),
+            fused_gemv=True, pdl=True)
+    assert all(m.ops.fused_gemv and m.ops.pdl for m in (w.pilot, w.base))

@@ -40,6 +40,12 @@ def _add_common(p):
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the decode steps (and the chunk scoring) as CUDA graphs "
                         "once, replay them per token (needs --device cuda --backend triton)")
+    p.add_argument("--fused-gemv", action="store_true",
+                   help="triton backend: one-token matmuls through the gemv kernel with the "
+                        "norm / SwiGLU fused in")
+    p.add_argument("--pdl", action="store_true",
+                   help="triton backend: launch the one-token kernels with programmatic "
+                        "dependent launch (sm_90+ GPUs)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -79,6 +85,7 @@ def cmd_generate(a):
     if a.model:
         m = load_model(a.model, device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len,
                        backend=a.backend)
+        m.set_decode_kernels(fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
         if a.cuda_graphs:
             m.capture_decode()
         ids = m.tokenizer.encode(a.prompt)
@@ -92,7 +99,8 @@ def cmd_generate(a):
         return 2
     wsd = WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, backend=a.backend,
-                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,))
+                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
+                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
     _show(wsd.generate(a.prompt, _params(a)), a.json)
     return 0
 
@@ -115,7 +123,8 @@ def cmd_demo(a):
     print(f"tiny synthetic pilot and base (random 2-layer Llama models): {pilot}, {base}\n"
           f"prompt: {a.prompt!r}\n", file=sys.stderr if a.json else sys.stdout)
     wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype, backend=a.backend,
-                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,))
+                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
+                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
     a.draft_max_tokens, a.max_new_tokens = min(a.draft_max_tokens, 128), min(a.max_new_tokens, 160)
     _show(wsd.generate(a.prompt, _params(a)), a.json)
     return 0

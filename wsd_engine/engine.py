@@ -124,13 +124,16 @@ class WSD:
     """A pilot (small aligned chat model) and a base (strong base model) on one device."""
 
     def __init__(self, pilot: Model, base: Model, base_template=None, cuda_graphs: bool = False,
-                 graph_chunks=(8,), step_graphs: bool = True):
+                 graph_chunks=(8,), step_graphs: bool = True, fused_gemv: bool | None = None,
+                 pdl: bool | None = None):
         """cuda_graphs: capture, once per engine, each model's decode step and the base's
         chunk-scoring forward for each size in `graph_chunks` (CUDA + triton backend);
         other chunk sizes run eagerly. With `step_graphs` also the pilot's greedy n-step
         decode for those sizes: a greedy drafting chunk is then one replay (sampled
         requests replay the one-step graph; the base's continuation streams through its
         one-step graph with the next step in flight).
+        fused_gemv / pdl (triton backend; None keeps each model's setting): the one-token
+        kernels of both models (`Model.set_decode_kernels`), set before any capture.
         Models without tokenizers make a token-level engine: `generate_ids` only (no
         templates, stop strings or text)."""
         if pilot.device != base.device:
@@ -152,6 +155,8 @@ class WSD:
         self.pilot_eos = set(pilot.eos_token_ids)
         self.base_eos = set(base.eos_token_ids)
         self.last_result: Optional[WSDResult] = None
+        for m in (pilot, base):
+            m.set_decode_kernels(fused_gemv=fused_gemv, pdl=pdl)
         if cuda_graphs:
             pilot.capture_decode()
             base.capture_decode()
@@ -163,10 +168,12 @@ class WSD:
     @classmethod
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
                         backend="torch", base_template=None, cuda_graphs=False,
-                        graph_chunks=(8,), step_graphs=True) -> "WSD":
+                        graph_chunks=(8,), step_graphs=True, fused_gemv=None,
+                        pdl=None) -> "WSD":
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend)
         return cls(load_model(pilot, **kw), load_model(base, **kw), base_template,
-                   cuda_graphs=cuda_graphs, graph_chunks=graph_chunks, step_graphs=step_graphs)
+                   cuda_graphs=cuda_graphs, graph_chunks=graph_chunks, step_graphs=step_graphs,
+                   fused_gemv=fused_gemv, pdl=pdl)
 
     # ---- public API ----------------------------------------------------------------
     def generate(self, prompt, params: Optional[WSDParams] = None):

@@ -144,6 +144,37 @@ class Model:
             return self.forward(tokens, start, return_hidden=return_hidden)
         return self._replay(g, tokens, start)
 
+    # ---- one-token kernel options (triton backend) ------------------------------------
+    def set_decode_kernels(self, fused_gemv: bool | None = None, pdl: bool | None = None) -> None:
+        """Choose the one-token (decode) kernels of the triton backend; None leaves a
+        setting as it is. fused_gemv: every one-token matmul through the `gemv` kernel with
+        the RMSNorm / SwiGLU / logits fused in (5 launches per layer). pdl: launch them with
+        programmatic dependent launch (sm_90+ GPUs; a no-op elsewhere). Captured graphs keep
+        the kernels they were captured with, so set this before capturing (ConfigError
+        otherwise: call `clear_graphs()` first)."""
+        for name, v in (("fused_gemv", fused_gemv), ("pdl", pdl)):
+            if v is not None and not isinstance(v, bool):
+                raise ConfigError(f"{name} must be True, False or None, got {v!r}")
+        want = {k: v for k, v in (("fused_gemv", fused_gemv), ("pdl", pdl)) if v is not None}
+        if not want:
+            return
+        if self.backend != "triton":
+            if any(want.values()):
+                raise ConfigError(f"{', '.join(k for k, v in want.items() if v)} needs "
+                                  f"backend='triton' (this model: {self.backend})")
+            return
+        if self._graphs and any(getattr(self.ops, k) != v for k, v in want.items()):
+            raise ConfigError("this model has captured CUDA graphs, which keep the kernels "
+                              "they were captured with; call clear_graphs() first, then "
+                              "capture again")
+        for k, v in want.items():
+            setattr(self.ops, k, v)
+
+    def clear_graphs(self) -> None:
+        """Drop every captured CUDA graph (and its memory pool); calls run eagerly until
+        the next capture."""
+        self._graphs.clear()
+
     # ---- CUDA graphs ---------------------------------------------------------------
     def capture_decode(self) -> None:
         """Capture one decode step as a CUDA graph; later `decode_one_token` calls replay
