@@ -342,8 +342,8 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     length read (at least 1, at most num_splits; 0 = all num_splits); None =
     MIN_PIECE_DEFAULT. seq_len_offset: the length used is seq_len + seq_len_offset (a decode
     step passes its position tensor and 1: no kernel to add them). pdl: programmatic
-    dependent launch (`pdl.py`; None = PDL_DEFAULT, a
-    no-op off sm_90+ CUDA). Returns out [n_q, hd] in q's dtype (written into `out` when given).
+    dependent launch (`pdl.py`; None = PDL_DEFAULT; a no-op off sm_90+ CUDA).
+    Returns out [n_q, hd] in q's dtype (written into `out` when given).
 
     Without k_new: q is already rotated and the current token's K/V are in the cache.
     Append mode, k_new/v_new [n_kv, hd] given: the current token (position seq_len - 1) is
