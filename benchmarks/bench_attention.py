@@ -181,10 +181,13 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False):
                     q, cache[i, 0], cache[i, 1], n_t, k_new=kn, v_new=vn, cos=cos, sin=sin,
                     num_splits=eng_splits, min_piece=mp))
         # programmatic dependent launch: each layer's call starts while the previous ends
-        impls[f"triton_append[splits={eng_splits},min_piece=default,pdl]"] = (
-            lambda i: dec.decode_attention(q, cache[i, 0], cache[i, 1], n_t, k_new=kn,
-                                           v_new=vn, cos=cos, sin=sin,
-                                           num_splits=eng_splits, pdl=True))
+        # (and, before its wait, an L2 prefetch of the first key blocks of its piece)
+        for pf in (0, None, 4):
+            impls[f"triton_append[splits={eng_splits},min_piece=default,pdl,"
+                  f"prefetch={'default' if pf is None else pf}]"] = (
+                lambda i, pf=pf: dec.decode_attention(
+                    q, cache[i, 0], cache[i, 1], n_t, k_new=kn, v_new=vn, cos=cos, sin=sin,
+                    num_splits=eng_splits, pdl=True, prefetch_tiles=pf))
         appends = tuple(n for n in impls if n.startswith("triton_append")) + (
             "rope+write kernel, then triton",)
         if on_gpu:   # inductor on CPU needs a C++ toolchain and minutes: GPU only

@@ -98,7 +98,9 @@ def configs():
                             {"qk_scale"}, 4, 3))
                 if append and fused:   # the engine's step with programmatic dependent launch
                     out.append((label + " pdl", dec._decode_attention_kernel,
-                                dict(consts, PDL=True), dec_ptrs, {"qk_scale"}, 4, 3))
+                                dict(consts, PDL=True, PREFETCH_TILES=2,
+                                     LINES=(hd * 2 + 127) // 128, LINE_ELEMS=64),
+                                dec_ptrs, {"qk_scale"}, 4, 3))
         out.append((f"{model} attention_combine splits=32", dec._attention_combine_kernel,
                     dict(NUM_SPLITS=32, BLOCK_S=32, HEAD_DIM=hd,
                          BLOCK_ROWS=max(1, 8192 // (32 * hd))),

@@ -36,7 +36,11 @@ attention are then one launch.
 PDL (`pdl=True`, sm_90+, see `pdl.py`): the kernel waits for its predecessor (the qkv
 projection that wrote q / k_new / v_new) before its first load and then lets the next kernel
 launch, so the next projection's programs are resident and streaming their weights while
-this one runs.
+this one runs. Before the wait each program asks L2 for the first PREFETCH_TILES key blocks
+of its piece (K and V: `prefetch.global.L2`, a hint that returns nothing), computed from the
+length as read then; everything after the wait reads the length again, so a length written
+by the predecessor only makes the hint useless, never the result wrong. The cache prefix is
+written by earlier steps, complete by then (pdl.py, rule 2).
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_wait_then_release, use_pdl
+from .pdl import pdl_wait_then_release, prefetch_l2, use_pdl
 from .rms_norm import _round_to
 
 _LOG2E = 1.4426950408889634
@@ -140,6 +144,42 @@ def _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, n_act, stride_oh, str
              o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
+@triton.jit
+def _piece_range(len_ptr, len_val, max_seq, split, LEN_FROM_PTR: tl.constexpr,
+                 LEN_OFFSET: tl.constexpr, APPEND: tl.constexpr, MIN_PIECE: tl.constexpr,
+                 NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """seq_len, the keys read from the cache, the pieces in use, and this piece's [lo, hi)."""
+    if LEN_FROM_PTR:   # + LEN_OFFSET: the caller may pass the new token's position
+        seq_len = tl.load(len_ptr).to(tl.int32) + LEN_OFFSET
+    else:
+        seq_len = len_val
+    seq_len = tl.minimum(seq_len, max_seq)
+    n_cached = seq_len                                  # keys read from the cache
+    if APPEND:
+        n_cached = seq_len - 1
+    if MIN_PIECE > 0:   # pieces in use at this length (>= 1: piece 0 holds an appended token)
+        n_act = tl.minimum(tl.maximum(tl.cdiv(n_cached, MIN_PIECE), 1), NUM_SPLITS)
+    else:
+        n_act = n_cached * 0 + NUM_SPLITS
+    chunk = tl.cdiv(tl.cdiv(n_cached, n_act), BLOCK_N) * BLOCK_N
+    lo = split * chunk      # split >= n_act: lo >= n_act * chunk >= n_cached, no keys
+    hi = tl.minimum(lo + chunk, n_cached)
+    return seq_len, n_cached, n_act, lo, hi
+
+
+@triton.jit
+def _prefetch_piece(kc_base, vc_base, stride_kcs, stride_vcs, lo, hi,
+                    TILES: tl.constexpr, BLOCK_N: tl.constexpr, LINES: tl.constexpr,
+                    LINE_ELEMS: tl.constexpr):
+    """L2 prefetch of K and V rows [lo, min(lo + TILES * BLOCK_N, hi)): LINES 128-byte lines
+    per row. Rows past the range are clamped onto its last row (addresses stay inside)."""
+    if lo < hi:
+        rows = tl.minimum(lo + tl.arange(0, TILES * BLOCK_N), hi - 1).to(tl.int64)   # [R]
+        lines = tl.arange(0, LINES) * LINE_ELEMS                                      # [L]
+        prefetch_l2(kc_base + rows[:, None] * stride_kcs + lines[None, :])
+        prefetch_l2(vc_base + rows[:, None] * stride_vcs + lines[None, :])
+
+
 @triton.jit(do_not_specialize=["len_val"])
 def _decode_attention_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr, o_part_ptr, lse_part_ptr, len_ptr, cnt_ptr,
@@ -153,24 +193,22 @@ def _decode_attention_kernel(
     BLOCK_S: tl.constexpr = 1,
     APPEND: tl.constexpr = False, ROPE: tl.constexpr = False, MIN_PIECE: tl.constexpr = 0,
     PDL: tl.constexpr = False, LEN_OFFSET: tl.constexpr = 0,
+    PREFETCH_TILES: tl.constexpr = 0, LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
+    kc_base = kc_ptr + kvh * stride_kch
+    vc_base = vc_ptr + kvh * stride_vch
+    if PREFETCH_TILES > 0:   # PDL only: an L2 hint for this piece's first blocks, pre-wait
+        _, _, _, lo0, hi0 = _piece_range(len_ptr, len_val, max_seq, split, LEN_FROM_PTR,
+                                         LEN_OFFSET, APPEND, MIN_PIECE, NUM_SPLITS, BLOCK_N)
+        _prefetch_piece(kc_base, vc_base, stride_kcs, stride_vcs, lo0, hi0, PREFETCH_TILES,
+                        BLOCK_N, LINES, LINE_ELEMS)
     pdl_wait_then_release(PDL)   # q, k_new, v_new (and the length) come from earlier kernels
-    if LEN_FROM_PTR:   # + LEN_OFFSET: the caller may pass the new token's position
-        seq_len = tl.load(len_ptr).to(tl.int32) + LEN_OFFSET
-    else:
-        seq_len = len_val
-    seq_len = tl.minimum(seq_len, max_seq)
-    n_cached = seq_len                                  # keys read from the cache
-    if APPEND:
-        n_cached = seq_len - 1
-    if MIN_PIECE > 0:   # pieces in use at this length (>= 1: piece 0 holds an appended token)
-        n_act = tl.minimum(tl.maximum(tl.cdiv(n_cached, MIN_PIECE), 1), NUM_SPLITS)
-        live = split < n_act   # a program past n_act: no loads (q masked, empty key range)
-    else:
-        n_act = NUM_SPLITS
-        live = split >= 0
+    seq_len, n_cached, n_act, lo, hi = _piece_range(
+        len_ptr, len_val, max_seq, split, LEN_FROM_PTR, LEN_OFFSET, APPEND, MIN_PIECE,
+        NUM_SPLITS, BLOCK_N)
+    live = split < n_act   # a program past n_act: no loads (q masked, empty key range)
 
     offs_h = tl.arange(0, BLOCK_H)                                      # [H] (>= 16 for tl.dot)
     h_ok = offs_h < GROUP
@@ -191,15 +229,9 @@ def _decode_attention_kernel(
     if FP32_DOT:
         q = q.to(tl.float32)                                            # [H, HD]
 
-    chunk = tl.cdiv(tl.cdiv(n_cached, n_act), BLOCK_N) * BLOCK_N
-    lo = split * chunk      # split >= n_act: lo >= n_act * chunk >= n_cached, no keys
-    hi = tl.minimum(lo + chunk, n_cached)
-
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)               # [H, HD]
-    kc_base = kc_ptr + kvh * stride_kch
-    vc_base = vc_ptr + kvh * stride_vch
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)                             # [N]
         n_ok = offs_n < hi
@@ -329,7 +361,7 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                      block_n=None, num_warps=None, num_stages=None,
                      fused_combine: bool | None = None, min_piece: int | None = None,
                      k_new=None, v_new=None, cos=None, sin=None, pdl: bool | None = False,
-                     seq_len_offset: int = 0):
+                     seq_len_offset: int = 0, prefetch_tiles: int | None = None):
     """Attention of one query token over cache positions [0, seq_len).
 
     q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, stride(-1) == 1);
@@ -342,7 +374,8 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     length read (at least 1, at most num_splits; 0 = all num_splits); None =
     MIN_PIECE_DEFAULT. seq_len_offset: the length used is seq_len + seq_len_offset (a decode
     step passes its position tensor and 1: no kernel to add them). pdl: programmatic
-    dependent launch (`pdl.py`; None = PDL_DEFAULT; a no-op off sm_90+ CUDA).
+    dependent launch (`pdl.py`; None = PDL_DEFAULT; a no-op off sm_90+ CUDA); with it,
+    prefetch_tiles key blocks per piece are asked of L2 before the wait (None = 2).
     Returns out [n_q, hd] in q's dtype (written into `out` when given).
 
     Without k_new: q is already rotated and the current token's K/V are in the cache.
@@ -381,6 +414,13 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
         raise ValueError(f"decode_attention: min_piece must be an int >= 0 (0 = every piece), "
                          f"got {min_piece!r}")
     pdl = use_pdl(pdl, q.device)
+    if prefetch_tiles is None:
+        prefetch_tiles = 2
+    if isinstance(prefetch_tiles, bool) or not isinstance(prefetch_tiles, int) \
+            or prefetch_tiles < 0:
+        raise ValueError(f"decode_attention: prefetch_tiles must be an int >= 0, got "
+                         f"{prefetch_tiles!r}")
+    line_elems = 128 // q.element_size()                  # elements per 128-byte line
     if num_warps is None:
         num_warps = 4
     if num_stages is None:   # sm_90 compile, bf16, hd=128, 64 keys: 70 KB smem, 89 regs
@@ -417,7 +457,8 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
         FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots
         num_warps=num_warps, num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
-        LEN_OFFSET=seq_len_offset, **fused_meta,
+        LEN_OFFSET=seq_len_offset, PREFETCH_TILES=prefetch_tiles if pdl else 0,
+        LINES=triton.cdiv(hd, line_elems), LINE_ELEMS=line_elems, **fused_meta,
     )
     if num_splits > 1 and not fused:
         combine_splits(o_part, lse_part, out, n_q)

@@ -74,6 +74,15 @@ def pdl_release():
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """An L2 prefetch of the 128-byte line of each pointer (a hint: no data returned, no
+    ordering; pass only addresses inside an allocation). For the time a kernel spends
+    before its PDL wait."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def pdl_wait_then_release(PDL: tl.constexpr):
     """Wait for the predecessor kernel (its writes become visible), then let the next
     kernel launch. Nothing when PDL is off (the interpreter never sees the PTX)."""
@@ -83,4 +92,4 @@ def pdl_wait_then_release(PDL: tl.constexpr):
 
 
 __all__ = ["PDL_DEFAULT", "pdl_supported", "use_pdl", "pdl_wait", "pdl_release",
-           "pdl_wait_then_release"]
+           "prefetch_l2", "pdl_wait_then_release"]

@@ -309,6 +309,13 @@ def test_decode_rejects_bad_min_piece():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="min_piece"):
             decode_attention(q, cache[0], cache[1], 4, min_piece=bad)
+        with pytest.raises(ValueError, match="prefetch_tiles"):
+            decode_attention(q, cache[0], cache[1], 4, pdl=True, prefetch_tiles=bad)
+    with pytest.raises(ValueError, match="pdl must be"):
+        decode_attention(q, cache[0], cache[1], 4, pdl="on")
+    # pdl on a CPU (no PDL there): the plain launch, same answer
+    torch.testing.assert_close(decode_attention(q, cache[0], cache[1], 4, pdl=True),
+                               decode_attention(q, cache[0], cache[1], 4), atol=0, rtol=0)
     assert decode_attention(q, cache[0], cache[1], 4, min_piece=0).shape == (8, 64)
 
 
