@@ -129,7 +129,9 @@ def configs():
                           STAGES=cfg["num_stages"])
             for pdl in (False, True):   # pdl: first weight tile before the PDL wait
                 out.append((f"{model} gemv {name} N={n} K={k}{' pdl' if pdl else ''}",
-                            gemv_mod._gemv_kernel, dict(consts, PREFETCH=pdl, PDL=pdl),
+                            gemv_mod._gemv_kernel,
+                            dict(consts, PREFETCH=pdl, PDL=pdl, LINE_ELEMS=64,
+                                 L2_LINES=cfg["l2_tiles"] * max(1, cfg["BLOCK_K"] // 64) if pdl else 0),
                             {"y_ptr": "fp32"} if logits else {}, {"K_f", "eps"},
                             cfg["num_warps"], cfg["num_stages"]))
         # layer kernels at their GPU launch shapes

@@ -19,9 +19,10 @@ norm (the vector is a few KB, served from L2); program 0 also writes h. W is rea
 all: the kernel is a weight stream, its floor is bytes(W) / copy bandwidth.
 
 With `pdl=True` (sm_90+, see `pdl.py`) a program loads its first weight tile before it
-waits for the previous kernel (weights are never written during a step), so the weight
-stream starts while the producer of `x` finishes; then it waits, releases the next kernel
-and runs the rest of the loop as usual.
+waits for the previous kernel (weights are never written during a step), and asks L2 for
+the next L2_TILES tiles (`prefetch.global.L2`, a hint), so the weight stream starts while
+the producer of `x` finishes; then it waits, releases the next kernel and runs the rest of
+the loop as usual.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import pdl as _pdl
-from .pdl import pdl_wait_then_release, use_pdl
+from .pdl import pdl_wait_then_release, prefetch_l2, use_pdl
 from .rms_norm import _round_to
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,7 +71,8 @@ def _gemv_kernel(
     N, K, K_f, eps,
     PRE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
-    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False, L2_LINES: tl.constexpr = 0,
+    LINE_ELEMS: tl.constexpr = 64,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN]
@@ -83,6 +85,10 @@ def _gemv_kernel(
         w0 = tl.load(w_rows + offs0[None, :], mask=r_mask[:, None] & (offs0 < K)[None, :],
                      other=0.0)                                         # [BN, BK]
         k_first = BLOCK_K
+    if L2_LINES > 0:   # PDL only: the next tiles' 128-byte lines into L2 (rows, k clamped)
+        ks = tl.minimum(BLOCK_K + tl.arange(0, L2_LINES) * LINE_ELEMS, K - 1)     # [L]
+        rr = tl.minimum(rows, N - 1).to(tl.int64)
+        prefetch_l2(w_ptr + rr[:, None] * stride_wn + ks[None, :])
     pdl_wait_then_release(PDL)   # nothing when PDL is off
 
     rstd = 0.0
@@ -129,8 +135,12 @@ def default_config(N: int, K: int) -> dict:
     num_stages pipelines the weight loop (sm_90 compile, 8B shapes: 34-38 KB of shared
     memory at 3 stages; at 1 the loop has one 16 KB tile in flight per program)."""
     block_n = 16 if N >= 4096 else 8
-    return {"BLOCK_N": block_n, "BLOCK_K": min(512, triton.next_power_of_2(K)),
-            "num_warps": 4, "num_stages": 3}
+    block_k = min(512, triton.next_power_of_2(K))
+    # l2_tiles (PDL only; 0 or a power of two): tiles after the first asked of L2 before
+    # the wait; 2 = 32 KB per program, ~17 MB over a first wave of 4 programs per SM on 132
+    # SMs (L2: 50 MB)
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 3,
+            "l2_tiles": 2}
 
 
 def _check_vec(name, t, n, dtype, device):
@@ -188,6 +198,11 @@ def gemv(x, weight, bias=None, pre="none", residual=None, norm_weight=None, eps=
     # tests it; the wait/release instructions and the launch flag only where PDL exists
     prefetch = bool(pdl if pdl is not None else _pdl.PDL_DEFAULT)
     pdl = use_pdl(pdl, x.device)
+    line_elems = 128 // x.element_size()               # elements per 128-byte line
+    l2_tiles = cfg["l2_tiles"]
+    if not isinstance(l2_tiles, int) or l2_tiles < 0 or l2_tiles & (l2_tiles - 1):
+        raise ValueError(f"config l2_tiles must be 0 or a power of two, got {l2_tiles!r}")
+    l2_lines = l2_tiles * max(1, cfg["BLOCK_K"] // line_elems)       # a power of two
     dummy = x
     _gemv_kernel[grid](
         x, residual if residual is not None else dummy, h if h is not None else dummy,
@@ -195,7 +210,8 @@ def gemv(x, weight, bias=None, pre="none", residual=None, norm_weight=None, eps=
         bias if bias is not None else dummy, y, N, K, float(K), float(eps),
         PRE=PRE_MODES[pre], HAS_RES=residual is not None, HAS_BIAS=bias is not None,
         LOGITS=logits, PREFETCH=prefetch, PDL=pdl, launch_pdl=pdl,
-        STAGES=cfg["num_stages"], **cfg)
+        STAGES=cfg["num_stages"], L2_LINES=l2_lines if pdl else 0, LINE_ELEMS=line_elems,
+        **{k: v for k, v in cfg.items() if k != "l2_tiles"})
     return (y, h) if residual is not None else y
 
 
