@@ -123,6 +123,8 @@ def test_gemv_validation():
         gemv(x, w, norm_weight=torch.randn(16))
     with pytest.raises(ValueError, match="pdl must be"):
         gemv(x, w, pdl="yes")
+    with pytest.raises(ValueError, match="l2_tiles must be 0 or a power of two"):
+        gemv(x, w, config={"l2_tiles": 3})
     _check_product(gemv(x, w), x, w, None, logits=False)     # still usable
 
 
