@@ -197,6 +197,21 @@ def _usage(cubin: bytes):
     return (int(m.group(1)), int(m.group(2))) if m else ("?", "?")
 
 
+def _pdl_order(ptx: str) -> dict:
+    """Where a PDL kernel's global loads and L2 prefetches sit relative to its
+    griddepcontrol.wait / launch_dependents (kernels/pdl.py's rules, read off the PTX)."""
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    waits = [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln]
+    releases = [i for i, ln in enumerate(lines) if "griddepcontrol.launch_dependents" in ln]
+    first_wait = waits[0] if waits else len(lines)
+    return {"waits": len(waits), "releases": len(releases),
+            "release_after_wait": bool(waits and releases and releases[0] > first_wait),
+            "loads_before_wait": sum(1 for ln in lines[:first_wait]
+                                     if "ld.global" in ln or "cp.async" in ln),
+            "prefetches_before_wait": sum(1 for ln in lines[:first_wait]
+                                          if ln.startswith("prefetch") or " prefetch." in ln)}
+
+
 def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages, arch=90):
     """Compile one kernel config for sm_<arch>; a row with ok, smem, regs, stack or error."""
     import triton
@@ -219,6 +234,8 @@ def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages,
         regs, stack = _usage(k.asm["cubin"])
         row.update(ok=k.metadata.shared <= SMEM_LIMIT, smem=k.metadata.shared, regs=regs,
                    stack=stack)
+        if consts.get("PDL"):
+            row["pdl"] = _pdl_order(k.asm["ptx"])
         if not row["ok"]:
             row["error"] = f"shared memory {k.metadata.shared} B > {SMEM_LIMIT} B"
     except Exception as e:  # noqa: BLE001 - every failure is reported, then exit 1

@@ -42,6 +42,19 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     for row in rows:   # the engine's decode paths and the scoring kernel do not spill
         if "decode_attention" in row["kernel"] or "switch_score c=8" in row["kernel"]:
             assert row["stack"] in (0, "?"), row
+    # PDL (kernels/pdl.py), read off the PTX: one wait, the release after it; before the
+    # wait a gemv loads its first weight tile and prefetches the next, decode attention
+    # loads only its length and prefetches its first key blocks
+    pdl_rows = [r for r in rows if "pdl" in r]
+    assert len(pdl_rows) == 12
+    for r in pdl_rows:
+        o = r["pdl"]
+        assert o["waits"] == 1 and o["releases"] == 1 and o["release_after_wait"], r
+        assert o["prefetches_before_wait"] > 0, r
+        if "decode_attention" in r["kernel"]:
+            assert o["loads_before_wait"] == 1, r
+        else:
+            assert o["loads_before_wait"] > 0, r
 
 
 def test_the_check_reports_a_kernel_that_does_not_compile(tmp_path):
