@@ -5,16 +5,18 @@
 The CPU interpreter runs the kernels' Python, not the compiler: a name defined in only one
 branch, a type that differs between the arms of a runtime `if`, an op the GPU backend lacks,
 or a config whose shared memory exceeds the card's only show up when the kernel is compiled
-for a GPU. This compiles each kernel at the configs the launchers pick on a GPU (bf16,
-Llama-3.1-8B and Llama-3.2-1B shapes, the engine's decode / prefill / scoring paths) with
-the ptxas that ships with Triton's NVIDIA backend, and prints shared memory, registers and
-spill stack per config. Exit status 1 if any config fails to compile or needs more shared
+for a GPU. This compiles each kernel at the configs the launchers pick on a GPU (bf16 at
+Llama-3.1-8B and Llama-3.2-1B shapes: the engine's decode / prefill / scoring paths, with
+and without PDL; fp32 and bf16 at the shapes the GPU tests use) with the ptxas that ships
+with Triton's NVIDIA backend, and prints shared memory, registers and spill stack per
+config, and for PDL kernels where their loads sit against the wait. Exit status 1 if any config fails to compile or needs more shared
 memory than an H100 block may use (227 KB). Needs TRITON_INTERPRET unset; no GPU, no driver.
 `tests/test_gpu_compile.py` runs it in CI.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -25,30 +27,24 @@ import time
 
 SMEM_LIMIT = 227 * 1024          # H100 / H200: max dynamic shared memory per block
 
-# Llama-3.1-8B and Llama-3.2-1B: (n_q, n_kv, head_dim, d_model, intermediate, vocab)
-SHAPES = {"8b": (32, 8, 128, 4096, 14336, 128256), "1b": (32, 8, 64, 2048, 8192, 128256)}
+# (n_q, n_kv, head_dim, d_model, intermediate, vocab): Llama-3.1-8B, Llama-3.2-1B, the
+# tiny random model the GPU tests load (wsd_engine.synthetic.tiny_config) and a small
+# head_dim-128 model (the GPU tests' fp32 attention cases)
+SHAPES = {"8b": (32, 8, 128, 4096, 14336, 128256), "1b": (32, 8, 64, 2048, 8192, 128256),
+          "tiny": (4, 2, 16, 64, 128, 320), "h128": (8, 2, 128, 256, 512, 1000)}
 
 
 def _next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
-# Integer arguments that are multiples of 16 at every model shape compiled here (the JIT
-# specialises such values: it is what lets a masked load along K become 16-byte vectors).
-DIV16_INTS = {
-    "_gemv_kernel": {"N", "K"}, "_rms_norm_kernel": {"D"}, "_swiglu_kernel": {"I"},
-    "_switch_score_kernel": {"D", "V"}, "_decode_attention_kernel": {"max_seq"},
-    "_prefill_attention_kernel": {"pos_limit", "n_q_heads"}, "_rope_kernel": {"n_q"},
-    "_sample_kernel": {"V"}, "_attention_combine_kernel": {"n_rows", "n_heads"},
-}
-
-
-def _signature(fn, consts, ptr_types, float_args, dtype):
-    """Triton signature: constexprs; pointers (model dtype unless named in ptr_types);
-    scalars i32 unless in float_args. Pointers, strides and the sizes in DIV16_INTS get the
-    16-divisibility the JIT sees for the engine's (aligned, 16-multiple) tensors."""
+def _signature(fn, consts, ptr_types, float_args, dtype, ints):
+    """Triton signature: constexprs; pointers (`dtype` unless named in ptr_types); scalars
+    i32 unless in float_args. What the JIT specialises: pointers and strides of the engine's
+    tensors are 16-byte / 16-element aligned, and an integer argument whose value (in
+    `ints`) is a multiple of 16 gets that divisibility too (it is what lets a masked load
+    along K become 16-byte vectors)."""
     sig, attrs = {}, {}
-    div16 = DIV16_INTS.get(fn.__name__, set())
     for i, p in enumerate(fn.params):
         n = p.name
         if n in consts:
@@ -59,13 +55,15 @@ def _signature(fn, consts, ptr_types, float_args, dtype):
         else:
             sig[n] = "fp32" if n in float_args else "i32"
         if (n.endswith("_ptr") or n.startswith("stride") or n.endswith("_stride")
-                or n in div16):
+                or (n in ints and ints[n] % 16 == 0)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 
+@functools.cache
 def configs():
-    """(label, kernel, constexprs, pointer types, float scalars, num_warps, num_stages)."""
+    """One dict per kernel config: label, fn, consts, ptr_types, float_args, num_warps,
+    num_stages, dtype (the model's) and ints (integer arguments' values at that shape)."""
     from wsd_engine.kernels import decode_attention as dec
     from wsd_engine.kernels import gemv as gemv_mod
     from wsd_engine.kernels import prefill_attention as pre
@@ -75,47 +73,66 @@ def configs():
     import torch
     cuda = torch.device("cuda")
     out = []
-    for model, (n_q, n_kv, hd, d, inter, vocab) in SHAPES.items():
+
+    def add(label, fn, consts, ptr_types, float_args, num_warps, num_stages, dtype="bf16",
+            ints=None):
+        out.append(dict(label=label, fn=fn, consts=consts, ptr_types=ptr_types,
+                        float_args=float_args, num_warps=num_warps, num_stages=num_stages,
+                        dtype=dtype, ints=ints or {}))
+
+    # the real models in bf16; the GPU tests' tiny model (hd 16) in fp32 and bf16, and their
+    # fp32 head_dim-128 attention cases
+    for model, dt in (("8b", "bf16"), ("1b", "bf16"), ("tiny", "fp32"), ("tiny", "bf16"),
+                      ("h128", "fp32")):
+        n_q, n_kv, hd, d, inter, vocab = SHAPES[model]
+        tdt = torch.float32 if dt == "fp32" else torch.bfloat16
+        esize = 4 if dt == "fp32" else 2
+        line_elems = 128 // esize
+        fp32 = dt == "fp32"
+        tag = model if dt == "bf16" else f"{model} {dt}"
+        max_seq = 4096
         group, g_pad = n_q // n_kv, _next_pow2(n_q // n_kv)
         # decode attention: the engine's step (append + RoPE + fused merge, adaptive pieces,
         # 32 pieces as on a 132-SM card), the two-pass variant and its combine kernel
         dec_ptrs = {"o_part_ptr": "fp32", "lse_part_ptr": "fp32", "cos_ptr": "fp32",
                     "sin_ptr": "fp32", "len_ptr": "i64", "cnt_ptr": "i32"}
+        dec_ints = {"max_seq": max_seq}
+        dec_stages = 2 if fp32 else 3
         for append in (True, False):
             for fused in (True, False):
                 splits = 32
                 s_pad = _next_pow2(splits)
                 consts = dict(GROUP=group, BLOCK_H=max(16, g_pad), HEAD_DIM=hd, BLOCK_N=64,
-                              NUM_SPLITS=splits, LEN_FROM_PTR=True, FP32_DOT=False,
+                              NUM_SPLITS=splits, LEN_FROM_PTR=True, FP32_DOT=fp32,
                               FUSED=fused, G_PAD=g_pad if fused else 1,
                               S_PAD=s_pad if fused else 1,
                               BLOCK_S=max(1, min(s_pad, 8192 // (g_pad * hd))) if fused else 1,
                               APPEND=append, ROPE=append, MIN_PIECE=dec.MIN_PIECE_DEFAULT,
                               LEN_OFFSET=1 if append else 0)   # the step passes its position
-                label = (f"{model} decode_attention {'append+rope ' if append else ''}"
+                label = (f"{tag} decode_attention {'append+rope ' if append else ''}"
                          f"{'fused' if fused else 'two-pass'} splits={splits}")
-                out.append((label, dec._decode_attention_kernel, consts, dec_ptrs,
-                            {"qk_scale"}, 4, 3))
+                add(label, dec._decode_attention_kernel, consts, dec_ptrs, {"qk_scale"}, 4,
+                    dec_stages, dt, dec_ints)
                 if append and fused:   # the engine's step with programmatic dependent launch
-                    out.append((label + " pdl", dec._decode_attention_kernel,
-                                dict(consts, PDL=True, PREFETCH_TILES=2,
-                                     LINES=(hd * 2 + 127) // 128, LINE_ELEMS=64),
-                                dec_ptrs, {"qk_scale"}, 4, 3))
-        out.append((f"{model} attention_combine splits=32", dec._attention_combine_kernel,
-                    dict(NUM_SPLITS=32, BLOCK_S=32, HEAD_DIM=hd,
-                         BLOCK_ROWS=max(1, 8192 // (32 * hd))),
-                    {"o_part_ptr": "fp32", "lse_part_ptr": "fp32"}, set(), 4, 1))
+                    add(label + " pdl", dec._decode_attention_kernel,
+                        dict(consts, PDL=True, PREFETCH_TILES=2,
+                             LINES=-(-hd // line_elems), LINE_ELEMS=line_elems),
+                        dec_ptrs, {"qk_scale"}, 4, dec_stages, dt, dec_ints)
+        add(f"{tag} attention_combine splits=32", dec._attention_combine_kernel,
+            dict(NUM_SPLITS=32, BLOCK_S=32, HEAD_DIM=hd, BLOCK_ROWS=max(1, 8192 // (32 * hd))),
+            {"o_part_ptr": "fp32", "lse_part_ptr": "fp32"}, set(), 4, 1, dt,
+            {"n_rows": n_q, "n_heads": n_q})
         # prefill attention: one decode-size token, a scored chunk of 8, a 128-token prompt
         for L, splits in ((1, 8), (8, 1), (8, 8), (128, 1), (512, 1)):
-            cfg = pre.prefill_config(L, group, hd, torch.bfloat16, cuda)
+            cfg = pre.prefill_config(L, group, hd, tdt, cuda)
             consts = dict(GROUP=group, G_PAD=g_pad, HEAD_DIM=hd, BLOCK_T=cfg["block_r"] // g_pad,
                           BLOCK_R=cfg["block_r"], BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,
-                          POS_FROM_PTR=True, FP32_DOT=False)
-            out.append((f"{model} prefill_attention L={L} splits={splits}",
-                        pre._prefill_attention_kernel, consts,
-                        {"cos_ptr": "fp32", "sin_ptr": "fp32", "o_part_ptr": "fp32",
+                          POS_FROM_PTR=True, FP32_DOT=fp32)
+            add(f"{tag} prefill_attention L={L} splits={splits}", pre._prefill_attention_kernel,
+                consts, {"cos_ptr": "fp32", "sin_ptr": "fp32", "o_part_ptr": "fp32",
                          "lse_part_ptr": "fp32", "pos_ptr": "i64"}, {"qk_scale"},
-                        cfg["num_warps"], cfg["num_stages"]))
+                cfg["num_warps"], cfg["num_stages"], dt,
+                {"n_tokens": L, "pos_limit": max_seq, "n_q_heads": n_q})
         # gemv: every one-token matmul of a layer, and the lm_head with the final norm
         for name, n, k, pre_mode, res, logits in (
                 ("qkv (norm+res)", (n_q + 2 * n_kv) * hd, d, "rmsnorm", True, False),
@@ -126,59 +143,62 @@ def configs():
             cfg = gemv_mod.default_config(n, k)
             consts = dict(PRE=gemv_mod.PRE_MODES[pre_mode], HAS_RES=res, HAS_BIAS=False,
                           LOGITS=logits, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                          STAGES=cfg["num_stages"])
+                          STAGES=cfg["num_stages"], LINE_ELEMS=line_elems)
+            l2_lines = cfg["l2_tiles"] * max(1, cfg["BLOCK_K"] // line_elems)
             for pdl in (False, True):   # pdl: first weight tile before the PDL wait
-                out.append((f"{model} gemv {name} N={n} K={k}{' pdl' if pdl else ''}",
-                            gemv_mod._gemv_kernel,
-                            dict(consts, PREFETCH=pdl, PDL=pdl, LINE_ELEMS=64,
-                                 L2_LINES=cfg["l2_tiles"] * max(1, cfg["BLOCK_K"] // 64) if pdl else 0),
-                            {"y_ptr": "fp32"} if logits else {}, {"K_f", "eps"},
-                            cfg["num_warps"], cfg["num_stages"]))
+                add(f"{tag} gemv {name} N={n} K={k}{' pdl' if pdl else ''}",
+                    gemv_mod._gemv_kernel,
+                    dict(consts, PREFETCH=pdl, PDL=pdl, L2_LINES=l2_lines if pdl else 0),
+                    {"y_ptr": "fp32"} if logits else {}, {"K_f", "eps"},
+                    cfg["num_warps"], cfg["num_stages"], dt, {"N": n, "K": k})
         # layer kernels at their GPU launch shapes
         block_d = _next_pow2(d)
         for res in (True, False):
-            out.append((f"{model} rms_norm residual={res}", rms_norm._rms_norm_kernel,
-                        dict(HAS_RESIDUAL=res, BLOCK_D=block_d), {}, {"D_f", "eps"},
-                        min(16, max(1, block_d // 512)), 3))
+            add(f"{tag} rms_norm residual={res}", rms_norm._rms_norm_kernel,
+                dict(HAS_RESIDUAL=res, BLOCK_D=block_d), {}, {"D_f", "eps"},
+                min(16, max(1, block_d // 512)), 3, dt, {"D": d})
         half = hd // 2
         bh = _next_pow2(half)
         for to_cache in (False, True):
-            out.append((f"{model} rope to_cache={to_cache}", rope._rope_kernel,
-                        dict(HALF=half, BLOCK_HALF=bh, BLOCK_H=max(1, min(_next_pow2(n_q),
-                                                                          4096 // bh)),
-                             TO_CACHE=to_cache),
-                        {"cos_ptr": "fp32", "sin_ptr": "fp32", "pos_ptr": "i64"}, set(), 4, 3))
+            add(f"{tag} rope to_cache={to_cache}", rope._rope_kernel,
+                dict(HALF=half, BLOCK_HALF=bh, BLOCK_H=max(1, min(_next_pow2(n_q), 4096 // bh)),
+                     TO_CACHE=to_cache),
+                {"cos_ptr": "fp32", "sin_ptr": "fp32", "pos_ptr": "i64"}, set(), 4, 3, dt,
+                {"n_q": n_q, "n_kv": n_kv})
         for block in (256, 1024):
-            out.append((f"{model} swiglu block={block}", swiglu._swiglu_kernel,
-                        dict(BLOCK=block), {}, set(), 4, 3))
+            add(f"{tag} swiglu block={block}", swiglu._swiglu_kernel, dict(BLOCK=block), {},
+                set(), 4, 3, dt, {"I": inter})
+        # switch_score: the GPU launch (bf16: 64 x 128 tiles, 4 stages; fp32: 64 x 64, 2)
+        for c in (8, 64):
+            block_c = max(16, _next_pow2(c))
+            add(f"{tag} switch_score c={c} V={vocab} d={d}", sw._switch_score_kernel,
+                dict(TILES_PER_PROG=4, BLOCK_C=block_c, BLOCK_V=64,
+                     BLOCK_D=64 if fp32 else 128, UPCAST=fp32),
+                {"ids_ptr": "i64", "wsf_ptr": "fp32", "wsi_ptr": "i32"}, set(), 4,
+                2 if fp32 else 4, dt, {"C": c, "D": d, "V": vocab})
+    # merge of switch_score's partials (fp32 workspaces, any model)
+    for c in (8, 64):
+        block_c = max(16, _next_pow2(c))
+        for n_prev_ptr, from_logp in ((True, False), (False, True)):
+            add(f"switch_score_combine c={c} n_prev_ptr={n_prev_ptr} from_logp={from_logp}",
+                sw._switch_score_combine_kernel,
+                dict(BLOCK_C=block_c, BLOCK_P=min(256, max(16, 4096 // block_c)),
+                     N_PREV_IS_PTR=n_prev_ptr, FROM_LOGP=from_logp),
+                {"wsf_ptr": "fp32", "wsi_ptr": "i32", "logp_in_ptr": "fp32",
+                 "carry_ptr": "fp32", "n_prev_ptr": "i64", "logp_ptr": "fp32",
+                 "lse_ptr": "fp32", "argmax_ptr": "i64", "mean_ptr": "fp32",
+                 "first_ptr": "i32"},
+                {"window_f", "log_gamma"}, 4, 3, "fp32", {"C": c})
     # sampling (fp32 logits): greedy, temperature, top-k + top-p, seed from a device tensor
     for greedy, top_k, top_p, seed_ptr in ((True, False, False, False),
                                            (False, False, False, True),
                                            (False, True, True, False)):
-        out.append((f"sample greedy={greedy} top_k={top_k} top_p={top_p} seed_ptr={seed_ptr}",
-                    sampling._sample_kernel,
-                    dict(GREEDY=greedy, TOP_K=top_k, TOP_P=top_p, SEED_IS_PTR=seed_ptr,
-                         OFFSET_IS_PTR=seed_ptr, BLOCK_R=1, BLOCK_V=4096),
-                    {"x_ptr": "fp32", "out_ptr": "i64", "seed_ptr": "i64", "offset_ptr": "i64"},
-                    {"temperature", "top_p"}, 8, 3))
-    # switch_score: the GPU launch (bf16, 64 x 128 tiles, 4 stages), c = 8 and 64
-    for c in (8, 64):
-        block_c = max(16, _next_pow2(c))
-        out.append((f"switch_score c={c} V=128256 d=4096", sw._switch_score_kernel,
-                    dict(TILES_PER_PROG=4, BLOCK_C=block_c, BLOCK_V=64, BLOCK_D=128,
-                         UPCAST=False),
-                    {"ids_ptr": "i64", "wsf_ptr": "fp32", "wsi_ptr": "i32"}, set(), 4, 4))
-        for n_prev_ptr, from_logp in ((True, False), (False, True)):
-            out.append((f"switch_score_combine c={c} n_prev_ptr={n_prev_ptr} "
-                        f"from_logp={from_logp}", sw._switch_score_combine_kernel,
-                        dict(BLOCK_C=block_c, BLOCK_P=min(256, max(16, 4096 // block_c)),
-                             N_PREV_IS_PTR=n_prev_ptr,
-                             FROM_LOGP=from_logp),
-                        {"wsf_ptr": "fp32", "wsi_ptr": "i32", "logp_in_ptr": "fp32",
-                         "carry_ptr": "fp32", "n_prev_ptr": "i64", "logp_ptr": "fp32",
-                         "lse_ptr": "fp32", "argmax_ptr": "i64", "mean_ptr": "fp32",
-                         "first_ptr": "i32"},
-                        {"window_f", "log_gamma"}, 4, 3))
+        add(f"sample greedy={greedy} top_k={top_k} top_p={top_p} seed_ptr={seed_ptr}",
+            sampling._sample_kernel,
+            dict(GREEDY=greedy, TOP_K=top_k, TOP_P=top_p, SEED_IS_PTR=seed_ptr,
+                 OFFSET_IS_PTR=seed_ptr, BLOCK_R=1, BLOCK_V=4096),
+            {"x_ptr": "fp32", "out_ptr": "i64", "seed_ptr": "i64", "offset_ptr": "i64"},
+            {"temperature", "top_p"}, 8, 3, "fp32", {"V": 128256, "B": 1})
     return out
 
 
@@ -212,7 +232,8 @@ def _pdl_order(ptx: str) -> dict:
                                           if ln.startswith("prefetch") or " prefetch." in ln)}
 
 
-def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages, arch=90):
+def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages,
+                dtype="bf16", ints=None, arch=90):
     """Compile one kernel config for sm_<arch>; a row with ok, smem, regs, stack or error."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -220,7 +241,7 @@ def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages,
     # constexpr parameters not named take their defaults (never a runtime i32)
     consts = {**{p.name: p.default for p in fn.params
                  if p.is_constexpr and p.name not in consts}, **consts}
-    sig, attrs = _signature(fn, consts, ptr_types, float_args, "bf16")
+    sig, attrs = _signature(fn, consts, ptr_types, float_args, dtype, ints or {})
     # a scalar like n_prev is a pointer only when its *_IS_PTR flag says so
     for flag, arg in (("N_PREV_IS_PTR", "n_prev"), ("SEED_IS_PTR", "seed"),
                       ("OFFSET_IS_PTR", "offset")):
@@ -245,8 +266,21 @@ def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages,
     return row
 
 
-def compile_all(arch: int = 90, only: str | None = None):
-    return [compile_one(*cfg, arch=arch) for cfg in configs() if not only or only in cfg[0]]
+def _compile_index(i: int, arch: int) -> dict:
+    return compile_one(**configs()[i], arch=arch)
+
+
+def compile_all(arch: int = 90, only: str | None = None, jobs: int = 1):
+    """Compile every config (whose label contains `only`), `jobs` processes at a time
+    (ptxas and the Triton passes are single-threaded); rows in config order."""
+    idx = [i for i, cfg in enumerate(configs()) if not only or only in cfg["label"]]
+    if jobs <= 1 or len(idx) < 2:
+        return [_compile_index(i, arch) for i in idx]
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+        return list(ex.map(_compile_index, idx, [arch] * len(idx)))
 
 
 def main(argv=None) -> int:
@@ -254,13 +288,15 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
     ap.add_argument("--only", help="compile only the configs whose label contains this")
     ap.add_argument("--json", help="write the rows as JSON to this path")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="compile in this many processes (default: up to 4, one per CPU)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)",
               file=sys.stderr)
         return 2
     import triton
-    rows = compile_all(args.arch, args.only)
+    rows = compile_all(args.arch, args.only, args.jobs)
     print(f"| kernel config (sm_{args.arch}, triton {triton.__version__}) | warps | stages | "
           f"smem KB | regs | spill B | ok |")
     print("|---|---:|---:|---:|---:|---:|---|")
