@@ -9,9 +9,9 @@ for a GPU. This compiles each kernel at the configs the launchers pick on a GPU 
 Llama-3.1-8B and Llama-3.2-1B shapes: the engine's decode / prefill / scoring paths, with
 and without PDL; fp32 and bf16 at the shapes the GPU tests use) with the ptxas that ships
 with Triton's NVIDIA backend, and prints shared memory, registers and spill stack per
-config, and for PDL kernels where their loads sit against the wait. Exit status 1 if any config fails to compile or needs more shared
-memory than an H100 block may use (227 KB). Needs TRITON_INTERPRET unset; no GPU, no driver.
-`tests/test_gpu_compile.py` runs it in CI.
+config, and for PDL kernels where their loads sit against the wait. Exit status 1 if any
+config fails to compile or needs more shared memory than an H100 block may use (227 KB).
+Needs TRITON_INTERPRET unset; no GPU, no driver. `tests/test_gpu_compile.py` runs it in CI.
 """
 from __future__ import annotations
 
