@@ -23,8 +23,9 @@ so at a few hundred keys most pieces would be empty. The kernel then uses only
 n_act = clamp(cdiv(keys, MIN_PIECE), 1, NUM_SPLITS) pieces, computed from the length it
 reads: in the fused path the programs past n_act load nothing, store nothing and do not
 arrive at the counter, and the last of the n_act pieces merges only those n_act partials
-(at 300 keys and MIN_PIECE 128: 3 partials, not 32). The unfused path keeps its empty
-stores (its combine kernel reads every piece).
+(at 300 keys and MIN_PIECE 128: 3 partials, not 32); with one piece in use (<= MIN_PIECE
+keys) that piece writes the output itself: no partial, no counter, no merge. The unfused
+path keeps its empty stores (its combine kernel reads every piece).
 
 Append mode (`k_new`, `v_new`, optionally `cos`/`sin`): the decode step's new token, at
 position seq_len - 1, is not in the cache yet. Every program rotates its q heads (RoPE at
@@ -273,7 +274,11 @@ def _decode_attention_kernel(
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # [H]
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         if FUSED:   # only the n_act live pieces store and arrive; the last one merges them
-            if live:
+            if n_act == 1:   # a short context in one piece: its result is the output
+                if live:
+                    tl.store(out_ptr + head[:, None] * stride_oh + offs_d[None, :],
+                             o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+            elif live:
                 tl.store(o_part_ptr + split * stride_po + head[:, None] * HEAD_DIM
                          + offs_d[None, :], o, mask=h_ok[:, None])
                 tl.store(lse_part_ptr + split * stride_pl + head, lse, mask=h_ok)
