@@ -115,7 +115,7 @@ def _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, n_act, stride_oh, str
                    stride_pl, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    S_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Fused stage 2 for the GROUP query heads of kv head `kvh` (run by the last program):
-    merges pieces [0, n_act) (n_act <= S_PAD; a constexpr NUM_SPLITS or a runtime count).
+    merges pieces [0, n_act) (n_act <= S_PAD, the pieces in use at this length).
 
     Loads bypass L1 (.cg): the pieces were written by other SMs during this launch."""
     offs_g = tl.arange(0, G_PAD)                                        # [G]

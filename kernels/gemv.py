@@ -196,8 +196,8 @@ def gemv(x, weight, bias=None, pre="none", residual=None, norm_weight=None, eps=
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     # the PDL program layout (first tile prefetched) whenever asked for, so the interpreter
     # tests it; the wait/release instructions and the launch flag only where PDL exists
-    prefetch = bool(pdl if pdl is not None else _pdl.PDL_DEFAULT)
-    pdl = use_pdl(pdl, x.device)
+    prefetch = _pdl.PDL_DEFAULT if pdl is None else pdl
+    pdl = use_pdl(prefetch, x.device)            # validates: prefetch is a bool from here
     line_elems = 128 // x.element_size()               # elements per 128-byte line
     l2_tiles = cfg["l2_tiles"]
     if not isinstance(l2_tiles, int) or l2_tiles < 0 or l2_tiles & (l2_tiles - 1):

@@ -16,7 +16,7 @@ from .cache import StaticKVCache
 from .config import ModelConfig
 from .errors import ConfigError
 
-# TritonOps.fused_gemv's default; set `model.ops.fused_gemv` before capturing graphs
+# TritonOps.fused_gemv's default; `Model.set_decode_kernels` changes it per model
 FUSED_GEMV_DEFAULT = False
 
 
@@ -62,13 +62,12 @@ class TritonOps:
         if q.shape[0] == 1:
             # decode: RoPE, this token's K/V into the cache and flash-decoding over the
             # cache, one launch (append mode)
-            # the length is position + 1; a device position goes in as is, the kernel adds 1
-            # (no extra launch per layer in a graph-captured step)
-            seq_len = start + 1 if isinstance(start, int) else positions
-            return self._decode_attention(q[0], kc, vc, seq_len, k_new=k[0], v_new=v[0],
+            # the length is position + 1: the launcher adds it to an int, the kernel to a
+            # device position (no extra launch per layer in a graph-captured step)
+            pos = start if isinstance(start, int) else positions
+            return self._decode_attention(q[0], kc, vc, pos, k_new=k[0], v_new=v[0],
                                           cos=cos, sin=sin, pdl=self.pdl,
-                                          seq_len_offset=0 if isinstance(start, int) else 1,
-                                          )[None]                          # [1, nq, hd]
+                                          seq_len_offset=1)[None]         # [1, nq, hd]
         # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
         return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
 
