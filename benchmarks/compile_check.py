@@ -6,10 +6,11 @@ The CPU interpreter runs the kernels' Python, not the compiler: a name defined i
 branch, a type that differs between the arms of a runtime `if`, an op the GPU backend lacks,
 or a config whose shared memory exceeds the card's only show up when the kernel is compiled
 for a GPU. This compiles each kernel at the configs the launchers pick on a GPU (bf16 at
-Llama-3.1-8B and Llama-3.2-1B shapes: the engine's decode / prefill / scoring paths, with
-and without PDL; fp32 and bf16 at the shapes the GPU tests use) with the ptxas that ships
-with Triton's NVIDIA backend, and prints shared memory, registers and spill stack per
-config, and for PDL kernels where their loads sit against the wait. Exit status 1 if any
+the shapes of the four benchmark presets, Llama-3.1-8B / 3.2-1B / 3.2-3B and Qwen2.5-7B:
+the engine's decode / prefill / scoring paths, with and without PDL; fp32 and bf16 at the
+shapes the GPU tests use) with the ptxas that ships with Triton's NVIDIA backend, and
+prints shared memory, registers and spill stack per config, and for PDL kernels where
+their loads sit against the wait. Exit status 1 if any
 config fails to compile or needs more shared memory than an H100 block may use (227 KB).
 Needs TRITON_INTERPRET unset; no GPU, no driver. `tests/test_gpu_compile.py` runs it in CI.
 """
@@ -27,11 +28,16 @@ import time
 
 SMEM_LIMIT = 227 * 1024          # H100 / H200: max dynamic shared memory per block
 
-# (n_q, n_kv, head_dim, d_model, intermediate, vocab): Llama-3.1-8B, Llama-3.2-1B, the
-# tiny random model the GPU tests load (wsd_engine.synthetic.tiny_config) and a small
+# (n_q, n_kv, head_dim, d_model, intermediate, vocab): the benchmark presets (Llama-3.1-8B,
+# Llama-3.2-1B, Llama-3.2-3B: GQA group 3; Qwen2.5-7B: group 7, q/k/v bias, vocab 152064),
+# the tiny random model the GPU tests load (wsd_engine.synthetic.tiny_config) and a small
 # head_dim-128 model (the GPU tests' fp32 attention cases)
 SHAPES = {"8b": (32, 8, 128, 4096, 14336, 128256), "1b": (32, 8, 64, 2048, 8192, 128256),
+          "3b": (24, 8, 128, 3072, 8192, 128256), "qwen7b": (28, 4, 128, 3584, 18944, 152064),
           "tiny": (4, 2, 16, 64, 128, 320), "h128": (8, 2, 128, 256, 512, 1000)}
+QKV_BIAS = {"qwen7b"}
+MODELS = (("8b", "bf16"), ("1b", "bf16"), ("3b", "bf16"), ("qwen7b", "bf16"),
+          ("tiny", "fp32"), ("tiny", "bf16"), ("h128", "fp32"))
 
 
 def _next_pow2(n: int) -> int:
@@ -82,8 +88,7 @@ def configs():
 
     # the real models in bf16; the GPU tests' tiny model (hd 16) in fp32 and bf16, and their
     # fp32 head_dim-128 attention cases
-    for model, dt in (("8b", "bf16"), ("1b", "bf16"), ("tiny", "fp32"), ("tiny", "bf16"),
-                      ("h128", "fp32")):
+    for model, dt in MODELS:
         n_q, n_kv, hd, d, inter, vocab = SHAPES[model]
         tdt = torch.float32 if dt == "fp32" else torch.bfloat16
         esize = 4 if dt == "fp32" else 2
@@ -134,14 +139,16 @@ def configs():
                 cfg["num_warps"], cfg["num_stages"], dt,
                 {"n_tokens": L, "pos_limit": max_seq, "n_q_heads": n_q})
         # gemv: every one-token matmul of a layer, and the lm_head with the final norm
-        for name, n, k, pre_mode, res, logits in (
-                ("qkv (norm+res)", (n_q + 2 * n_kv) * hd, d, "rmsnorm", True, False),
-                ("o", d, n_q * hd, "none", False, False),
-                ("gate_up (norm+res)", 2 * inter, d, "rmsnorm", True, False),
-                ("down (swiglu)", d, inter, "swiglu", False, False),
-                ("lm_head (norm, logits)", vocab, d, "rmsnorm", False, True)):
+        qkv_bias = model in QKV_BIAS
+        for name, n, k, pre_mode, res, logits, bias in (
+                ("qkv (norm+res" + (", bias)" if qkv_bias else ")"), (n_q + 2 * n_kv) * hd, d,
+                 "rmsnorm", True, False, qkv_bias),
+                ("o", d, n_q * hd, "none", False, False, False),
+                ("gate_up (norm+res)", 2 * inter, d, "rmsnorm", True, False, False),
+                ("down (swiglu)", d, inter, "swiglu", False, False, False),
+                ("lm_head (norm, logits)", vocab, d, "rmsnorm", False, True, False)):
             cfg = gemv_mod.default_config(n, k)
-            consts = dict(PRE=gemv_mod.PRE_MODES[pre_mode], HAS_RES=res, HAS_BIAS=False,
+            consts = dict(PRE=gemv_mod.PRE_MODES[pre_mode], HAS_RES=res, HAS_BIAS=bias,
                           LOGITS=logits, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                           STAGES=cfg["num_stages"], LINE_ELEMS=line_elems)
             l2_lines = cfg["l2_tiles"] * max(1, cfg["BLOCK_K"] // line_elems)
