@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 # the layout `pip install -e .` gives: kernels/ importable as wsd_engine.kernels
 [ -e wsd_engine/kernels ] || ln -s ../kernels wsd_engine/kernels
-STEPS=${STEPS:-"pytest_new e2e gemv attention wsd_fast pytest switch backend layers"}
+STEPS=${STEPS:-"pytest_new e2e gemv attention wsd_fast pytest switch backend layers hf_compile"}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 step() {   # step NAME TIMEOUT CMD...
@@ -38,4 +38,7 @@ step pytest ${T_PYTEST:-150} python -m pytest -q -m gpu -p no:cacheprovider
 step switch ${T_SWITCH:-75} python benchmarks/bench_switch_score.py --out "$OUT/switch_score.json"
 step backend ${T_BACKEND:-90} python benchmarks/bench_backend.py --out "$OUT/backend.json"
 step layers ${T_LAYERS:-40} python benchmarks/bench_layers.py --no-compile --out "$OUT/layers.json"
+# the HF static cache + torch.compile baseline (issue 5 asks for its number or its error):
+# the 1B, where compiling takes least; with this engine's decode and HF eager beside it
+step hf_compile ${T_HF_COMPILE:-150} python -m benchmarks.run --suite decode --preset llama3.2-1b --no-torch-eager --no-plots --worker-timeout 120 --out "$OUT/hf_compile"
 } 2>&1 | tee "$OUT/gpu_check.log"

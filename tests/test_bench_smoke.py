@@ -136,3 +136,23 @@ def test_bench_checkpoints_against_reference(tmp_path):
     for key, e in R["wsd"].items():
         if key != "checkpoints":
             assert e["reference"] == {"skipped": "--no-reference"}
+
+
+def test_hf_compile_baseline_runs_on_cpu(tmp_path):
+    # The HF static cache + torch.compile(mode="reduce-overhead") baseline, in its child
+    # process as the suite runs it on a GPU (the CPU smoke skips it), at the smoke's tiny
+    # 1B-like shape: it compiles, generates exactly n tokens and reports a time; a failing
+    # child comes back as an error with its message, not a crash of the suite.
+    from benchmarks.baselines import run_worker
+    logs = []
+    spec = {"kind": "hf_compile", "preset": "llama3.2-1b", "smoke": True, "device": "cpu",
+            "dtype": "float32", "ids": [5, 6, 7, 8, 9, 10, 11, 12], "n": 6, "floor_ms": 1.0,
+            "reps": 1}
+    res = run_worker(spec, 600, str(tmp_path / "hf_compile.log"), logs.append)
+    assert "error" not in res, res
+    assert res["cache"] == "static" and "reduce-overhead" in res["compile"]
+    assert _num(res["decode_ms_per_token"]) and _num(res["tok_s"]) and _num(res["e2e_s"])
+    assert res["init_std_down_proj"] > 0 and len(res["warmup_s"]) == 2
+    bad = run_worker(dict(spec, preset="no-such-preset"), 120, str(tmp_path / "bad.log"),
+                     logs.append)
+    assert "no-such-preset" in bad["error"], bad
