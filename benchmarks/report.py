@@ -106,6 +106,27 @@ def _decode_section(R: dict) -> list[str]:
     return L
 
 
+def _kernels_line(e: dict) -> list[str]:
+    """The one-token kernels each model ran, and the tuning's step times when it ran."""
+    dk = e.get("decode_kernels")
+    if not dk:
+        return []
+
+    def name(k):
+        return ("fused gemv" if k["fused_gemv"] else "matmul + norm/SwiGLU apart") + \
+            (" + PDL" if k["pdl"] else "")
+    parts = []
+    for m in ("pilot", "base"):
+        s = f"{m}: {name(dk[m])}"
+        tu = (e.get("kernel_tuning") or {}).get(m)
+        if tu:
+            s += " (tuned; step ms at " + str(tu["context"]) + " tokens: " + ", ".join(
+                f"{name(r)} {r['ms']:.3f}" if "ms" in r else f"{name(r)} failed"
+                for r in tu["rows"]) + ")"
+        parts.append(s)
+    return ["One-token kernels \u2014 " + "; ".join(parts) + ".", ""]
+
+
 def _wsd_pair_table(key: str, e: dict) -> list[str]:
     """One pilot + base pair: a row per forced switch point k, then base-only decoding."""
     L = [f"### {key}", "",
@@ -116,6 +137,7 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
          "+ k pilot steps + ceil(k/chunk) scoring chunks + (response - k) base steps, "
          "each one weight read at its floor. Expected: WSD faster than base-only "
          "for k >= 64 (the pilot's steps are cheaper than the base's).", "",
+         *_kernels_line(e),
          "| run | k kept | total s | pilot prefill | base prefill | drafting | "
          "scoring | continuation | ideal s | measured / ideal | vs base-only |",
          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

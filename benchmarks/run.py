@@ -126,6 +126,10 @@ def parse_args(argv):
                          "the gemv kernel (the decode suite times both ways regardless)")
     ap.add_argument("--pdl", action="store_true",
                     help="WSD runs: programmatic dependent launch for the one-token kernels")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="WSD runs: keep the default one-token kernels (without this and "
+                         "without --fused-gemv / --pdl, each model's are timed on the GPU "
+                         "and the fastest kept, as the engine does by default)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

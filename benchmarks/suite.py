@@ -112,6 +112,9 @@ class Bench:
         # (None = the engine's default; the flags turn them on)
         self.decode_kernels = {k: True if getattr(a, k, False) and on else None
                                for k in ("fused_gemv", "pdl")}
+        # neither flag: the engine times the choices on the GPU and keeps the fastest per
+        # model (WSD tune_kernels=None), unless --no-tune
+        self.decode_kernels["tune_kernels"] = False if getattr(a, "no_tune", False) else None
         os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
         self.R = {
             "meta": {"device": device_name(self.dev), "versions": versions(),
@@ -125,7 +128,8 @@ class Bench:
                                   "reps": a.reps, "presets": a.presets, "suites": a.suites,
                                   "time_budget_s": a.time_budget,
                                   "wsd_fused_gemv": bool(self.decode_kernels["fused_gemv"]),
-                                  "wsd_pdl": bool(self.decode_kernels["pdl"])}},
+                                  "wsd_pdl": bool(self.decode_kernels["pdl"]),
+                                  "wsd_tune_kernels": not getattr(a, "no_tune", False)}},
             "copy_gbps": None, "models": {}, "decode": {}, "wsd": {}, "kernels": {},
             "tasks": [], "skipped": [], "errors": [],
         }
@@ -363,6 +367,10 @@ class Bench:
         self.log(f"    {key}: engine set-up" + (" (capturing CUDA graphs)" if self.graphs else ""))
         wsd = WSD(pilot, base, cuda_graphs=self.graphs, graph_chunks=(c,),
                   **self.decode_kernels)
+        e["kernel_tuning"] = wsd.kernel_tuning    # per model: each setting's step ms, chosen
+        e["decode_kernels"] = {n: dict(fused_gemv=bool(getattr(m.ops, "fused_gemv", False)),
+                                       pdl=bool(getattr(m.ops, "pdl", False)))
+                               for n, m in (("pilot", pilot), ("base", base))}
         wsd.generate_ids(ids, ids, WSDParams(draft_max_tokens=min(R_, 4 * c),   # warm-up
                                              max_new_tokens=min(R_, 6 * c), chunk=c,
                                              force_switch=min(c, R_), ignore_eos=True))

@@ -156,3 +156,17 @@ def test_hf_compile_baseline_runs_on_cpu(tmp_path):
     bad = run_worker(dict(spec, preset="no-such-preset"), 120, str(tmp_path / "bad.log"),
                      logs.append)
     assert "no-such-preset" in bad["error"], bad
+
+
+def test_report_names_the_kernels_and_the_tuning():
+    from benchmarks.report import _kernels_line
+    plain, fused_pdl = dict(fused_gemv=False, pdl=False), dict(fused_gemv=True, pdl=True)
+    e = {"decode_kernels": {"pilot": fused_pdl, "base": plain},
+         "kernel_tuning": {"pilot": {"context": 512, "rows": [dict(plain, ms=1.25),
+                                                               dict(fused_pdl, ms=0.9),
+                                                               dict(plain, error="x")]}}}
+    line = _kernels_line(e)[0]
+    assert "pilot: fused gemv + PDL (tuned; step ms at 512 tokens: matmul + norm/SwiGLU " \
+           "apart 1.250, fused gemv + PDL 0.900, matmul + norm/SwiGLU apart failed)" in line
+    assert "base: matmul + norm/SwiGLU apart." in line
+    assert _kernels_line({}) == []

@@ -37,6 +37,9 @@ def test_cuda_graphs_flag_needs_cuda_and_triton(tmp_path, capsys):
     assert "CUDA graphs need device='cuda' and backend='triton'" in capsys.readouterr().err
     assert main(["demo", "--dir", str(tmp_path), "--cuda-graphs"]) == 1
     assert "ConfigError" in capsys.readouterr().err
+    assert main(["generate", "--model", base, "--prompt", "Hi", "--cuda-graphs",
+                 "--no-tune"]) == 1
+    assert "CUDA graphs need device='cuda' and backend='triton'" in capsys.readouterr().err
 
 
 def test_decode_kernel_flags(tmp_path, capsys):

@@ -113,10 +113,12 @@ def test_graph_decode_matches_eager(tmp_path, family):
 def test_wsd_with_graph_decode_matches_eager(tmp_path):
     pair = make_wsd_pair(str(tmp_path), damp=0.02, perturb=0.05, sharpen=100.0)
     eager = WSD.from_pretrained(*pair, device="cuda", backend="triton")
+    # the same kernels as the eager engine (no tuning: graphs vs eager is the question)
     graphed = WSD.from_pretrained(*pair, device="cuda", backend="triton", cuda_graphs=True,
-                                  graph_chunks=(8, 3))
+                                  graph_chunks=(8, 3), tune_kernels=False)
     one_step = WSD.from_pretrained(*pair, device="cuda", backend="triton", cuda_graphs=True,
-                                   graph_chunks=(8,), step_graphs=False)
+                                   graph_chunks=(8,), step_graphs=False, tune_kernels=False)
+    assert graphed.kernel_tuning == {} and not graphed.base.ops.fused_gemv
     assert ("score", 8) in graphed.base._graphs and "decode" in graphed.pilot._graphs
     assert ("steps", 8) in graphed.pilot._graphs and ("steps", 3) in graphed.pilot._graphs
     assert not any(k[0] == "steps" for k in one_step.pilot._graphs if isinstance(k, tuple))
@@ -147,3 +149,124 @@ def test_decode_steps_and_stream_refuse_to_overflow(tmp_path):
     assert m.cache.length == 8                                         # nothing written
     assert len(m.decode_steps(first, 4)) == 5 and m.cache.length == 12  # exactly fits
     assert list(m.stream_greedy(first, 0)) == []
+
+
+# ---- tuning the one-token kernels (Model.tune_decode_kernels) ---------------------------
+
+def _fake_cuda(m, monkeypatch, times):
+    """m as if on a GPU for the tuning loop: the timing of each (fused_gemv, pdl) from
+    `times` (a number, or an exception to raise), no capture."""
+    monkeypatch.setattr(m, "device", torch.device("cuda"))
+    calls = []
+
+    def timing(context, replays):
+        key = (m.ops.fused_gemv, m.ops.pdl)
+        calls.append((key, context, replays))
+        t = times[key]
+        if isinstance(t, Exception):
+            raise t
+        return t
+    monkeypatch.setattr(m, "_time_decode_step", timing)
+    return calls
+
+
+@pytest.fixture
+def tiny_triton(tmp_path):
+    return load_model(make_model(str(tmp_path / "m"), "llama"), backend="triton")
+
+
+@pytest.mark.parametrize("fused_ms,chosen", [(9.0, True),     # 10% faster: taken
+                                            (9.8, False),    # within 3%: the plain path
+                                            (10.5, False)])
+def test_tuning_keeps_the_fastest_beyond_the_margin(tiny_triton, monkeypatch, fused_ms, chosen):
+    m = tiny_triton
+    calls = _fake_cuda(m, monkeypatch, {(False, False): 10.0, (True, False): fused_ms})
+    assert not m.decode_kernels_chosen
+    rec = m.tune_decode_kernels(context=40, replays=7)
+    assert [c[0] for c in calls] == [(False, False), (True, False)]   # no PDL off sm_90
+    assert all(c[1:] == (40, 7) for c in calls)
+    assert rec["chosen"] == {"fused_gemv": chosen, "pdl": False} and m.ops.fused_gemv is chosen
+    assert rec["ms"] == (fused_ms if chosen else 10.0) and len(rec["rows"]) == 2
+    assert m.decode_tuning is rec and m.decode_kernels_chosen and m._graphs == {}
+
+
+def test_tuning_skips_a_failing_candidate_and_fails_cleanly(tiny_triton, monkeypatch):
+    m = tiny_triton
+    _fake_cuda(m, monkeypatch, {(False, False): RuntimeError("capture failed"),
+                                (True, False): 8.0, (True, True): 7.0})
+    rec = m.tune_decode_kernels(candidates=[dict(fused_gemv=False, pdl=False),
+                                            dict(fused_gemv=True, pdl=False),
+                                            dict(fused_gemv=True, pdl=True)])
+    assert "capture failed" in rec["rows"][0]["error"]
+    assert rec["chosen"] == {"fused_gemv": True, "pdl": True}   # the first that ran is the base
+    m2 = load_model(m.path, backend="triton")
+    _fake_cuda(m2, monkeypatch, {(False, False): RuntimeError("a"), (True, False): ValueError("b")})
+    with pytest.raises(RuntimeError, match="every decode kernel candidate failed"):
+        m2.tune_decode_kernels()
+    assert (m2.ops.fused_gemv, m2.ops.pdl) == (False, False) and not m2.decode_kernels_chosen
+
+
+def test_tuning_refuses_bad_input(tiny_triton, tmp_path, monkeypatch):
+    cpu = load_model(make_model(str(tmp_path / "c"), "llama"))
+    with pytest.raises(ConfigError, match="needs device='cuda' and backend='triton'"):
+        cpu.tune_decode_kernels()
+    m = tiny_triton
+    _fake_cuda(m, monkeypatch, {(False, False): 1.0, (True, False): 1.0})
+    for kw, msg in ((dict(context=0), "context must be"), (dict(context=10**6), "context must be"),
+                    (dict(replays=0), "replays must be"), (dict(candidates=[]), "candidates"),
+                    (dict(candidates=[dict(fused_gemv=1, pdl=False)]), "candidates"),
+                    (dict(candidates=[dict(fused=True)]), "candidates")):
+        with pytest.raises(ConfigError, match=msg):
+            m.tune_decode_kernels(**kw)
+    m._graphs["decode"] = {}                       # as if captured
+    with pytest.raises(ConfigError, match="tune before capturing"):
+        m.tune_decode_kernels()
+    m._graphs.clear()
+    assert not m.decode_kernels_chosen
+    m.tune_decode_kernels()                        # still usable
+
+
+def test_wsd_tunes_only_models_nobody_set(tmp_path, monkeypatch):
+    from wsd_engine.runner import Model
+    path = make_model(str(tmp_path / "m"), "llama")
+    tuned = []
+    monkeypatch.setattr(Model, "tune_decode_kernels",
+                        lambda self: tuned.append(self) or {"chosen": "x"})
+    for name in ("capture_decode", "capture_score", "capture_steps"):
+        monkeypatch.setattr(Model, name, lambda self, *a: None)
+    monkeypatch.setattr(Model, "can_capture", property(lambda self: True))   # as on a GPU
+    pilot, base = load_model(path, backend="triton"), load_model(path, backend="triton")
+    pilot.set_decode_kernels(fused_gemv=False)       # chosen by hand: kept
+    w = WSD(pilot, base, cuda_graphs=True)
+    assert tuned == [base] and w.kernel_tuning == {"base": {"chosen": "x"}}
+    tuned.clear()
+    assert WSD(load_model(path), load_model(path)).kernel_tuning == {}   # no graphs: no tuning
+    WSD(load_model(path, backend="triton"), base, cuda_graphs=True, fused_gemv=True)
+    assert tuned == []                                # settings given: no tuning
+    WSD(pilot, base, tune_kernels=True)               # forced, graphs or not
+    assert tuned == [pilot, base]
+    with pytest.raises(ConfigError, match="not both"):
+        WSD(pilot, base, tune_kernels=True, pdl=True)
+    with pytest.raises(ConfigError, match="tune_kernels must be"):
+        WSD(pilot, base, tune_kernels="yes")
+    with pytest.raises(ConfigError, match="needs device='cuda'"):   # the real method, on CPU
+        monkeypatch.undo()
+        WSD(load_model(path, backend="triton"), load_model(path, backend="triton"),
+            tune_kernels=True)
+
+
+@pytest.mark.gpu
+def test_tuning_on_the_gpu_picks_a_working_path(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", tokenizer=make_tokenizer(320),
+                      init_scale=5.0)
+    eager = load_model(path, device="cuda", backend="triton")
+    m = load_model(path, device="cuda", backend="triton")
+    rec = m.tune_decode_kernels(context=64, replays=5)
+    assert all("ms" in r and r["ms"] > 0 for r in rec["rows"]), rec
+    assert len(rec["rows"]) == len(m.tuning_candidates()) >= 2
+    assert (m.ops.fused_gemv, m.ops.pdl) == tuple(rec["chosen"].values())
+    assert m._graphs == {} and m.cache.length == 0
+    m.capture_decode()
+    eager.set_decode_kernels(**rec["chosen"])          # tuned graph vs eager, same kernels
+    ids = list(range(5, 30))
+    assert m.generate(ids, 24, stop_at_eos=False) == eager.generate(ids, 24, stop_at_eos=False)

@@ -46,6 +46,10 @@ def _add_common(p):
     p.add_argument("--pdl", action="store_true",
                    help="triton backend: launch the one-token kernels with programmatic "
                         "dependent launch (sm_90+ GPUs)")
+    p.add_argument("--no-tune", action="store_true",
+                   help="with --cuda-graphs and neither --fused-gemv nor --pdl, the one-token "
+                        "kernels are timed on the GPU and the fastest kept (a few seconds "
+                        "per model); this keeps the default kernels instead")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -87,6 +91,8 @@ def cmd_generate(a):
                        backend=a.backend)
         m.set_decode_kernels(fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
         if a.cuda_graphs:
+            if m.can_capture and not (a.fused_gemv or a.pdl or a.no_tune):
+                m.tune_decode_kernels()
             m.capture_decode()
         ids = m.tokenizer.encode(a.prompt)
         new = m.generate(ids, max_new_tokens=a.max_new_tokens)
@@ -100,7 +106,8 @@ def cmd_generate(a):
     wsd = WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, backend=a.backend,
                               cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
-                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
+                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
+                              tune_kernels=False if a.no_tune else None)
     _show(wsd.generate(a.prompt, _params(a)), a.json)
     return 0
 
@@ -124,7 +131,8 @@ def cmd_demo(a):
           f"prompt: {a.prompt!r}\n", file=sys.stderr if a.json else sys.stdout)
     wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype, backend=a.backend,
                               cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
-                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
+                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
+                              tune_kernels=False if a.no_tune else None)
     a.draft_max_tokens, a.max_new_tokens = min(a.draft_max_tokens, 128), min(a.max_new_tokens, 160)
     _show(wsd.generate(a.prompt, _params(a)), a.json)
     return 0

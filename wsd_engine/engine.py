@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .errors import ContextOverflowError, RequestError, TokenizerError, WSDError
+from .errors import ConfigError, ContextOverflowError, RequestError, TokenizerError, WSDError
 from .handoff import DraftHandoff, tokenizers_identical
 from .runner import Model, load_model
 from .sampling import Sampler, SamplingParams
@@ -125,7 +125,7 @@ class WSD:
 
     def __init__(self, pilot: Model, base: Model, base_template=None, cuda_graphs: bool = False,
                  graph_chunks=(8,), step_graphs: bool = True, fused_gemv: bool | None = None,
-                 pdl: bool | None = None):
+                 pdl: bool | None = None, tune_kernels: bool | None = None):
         """cuda_graphs: capture, once per engine, each model's decode step and the base's
         chunk-scoring forward for each size in `graph_chunks` (CUDA + triton backend);
         other chunk sizes run eagerly. With `step_graphs` also the pilot's greedy n-step
@@ -134,6 +134,10 @@ class WSD:
         one-step graph with the next step in flight).
         fused_gemv / pdl (triton backend; None keeps each model's setting): the one-token
         kernels of both models (`Model.set_decode_kernels`), set before any capture.
+        tune_kernels: time the one-token kernel choices on this GPU and keep the fastest
+        per model (`Model.tune_decode_kernels`, a few seconds per model, before capture).
+        None (default): with cuda_graphs, for each model whose kernels nobody chose (no
+        fused_gemv / pdl given here, no `set_decode_kernels` on it); False: never.
         Models without tokenizers make a token-level engine: `generate_ids` only (no
         templates, stop strings or text)."""
         if pilot.device != base.device:
@@ -155,8 +159,18 @@ class WSD:
         self.pilot_eos = set(pilot.eos_token_ids)
         self.base_eos = set(base.eos_token_ids)
         self.last_result: Optional[WSDResult] = None
+        if tune_kernels not in (None, True, False):
+            raise ConfigError(f"tune_kernels must be True, False or None, got {tune_kernels!r}")
+        if tune_kernels and (fused_gemv is not None or pdl is not None):
+            raise ConfigError("tune_kernels=True chooses fused_gemv and pdl itself; give "
+                              "either those settings or tune_kernels=True, not both")
         for m in (pilot, base):
             m.set_decode_kernels(fused_gemv=fused_gemv, pdl=pdl)
+        self.kernel_tuning = {}
+        for name, m in (("pilot", pilot), ("base", base)):
+            if tune_kernels or (tune_kernels is None and cuda_graphs and m.can_capture
+                                and not m.decode_kernels_chosen):
+                self.kernel_tuning[name] = m.tune_decode_kernels()
         if cuda_graphs:
             pilot.capture_decode()
             base.capture_decode()
@@ -169,11 +183,11 @@ class WSD:
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
                         backend="torch", base_template=None, cuda_graphs=False,
                         graph_chunks=(8,), step_graphs=True, fused_gemv=None,
-                        pdl=None) -> "WSD":
+                        pdl=None, tune_kernels=None) -> "WSD":
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend)
         return cls(load_model(pilot, **kw), load_model(base, **kw), base_template,
                    cuda_graphs=cuda_graphs, graph_chunks=graph_chunks, step_graphs=step_graphs,
-                   fused_gemv=fused_gemv, pdl=pdl)
+                   fused_gemv=fused_gemv, pdl=pdl, tune_kernels=tune_kernels)
 
     # ---- public API ----------------------------------------------------------------
     def generate(self, prompt, params: Optional[WSDParams] = None):

@@ -46,6 +46,10 @@ class Model:
     # captured CUDA graphs and their static buffers, in one place: "decode",
     # ("score", n_tokens) and ("steps", n_steps) -> {"graph", "token", "pos", "out"}
     _graphs: dict = field(default_factory=dict)
+    # the one-token kernel choice: set by set_decode_kernels (a non-None value) or by
+    # tune_decode_kernels, whose measurements stay in decode_tuning
+    _kernels_chosen: bool = False
+    decode_tuning: dict | None = None
 
     # ---- metadata ----------------------------------------------------------------
     @property
@@ -169,6 +173,116 @@ class Model:
                               "capture again")
         for k, v in want.items():
             setattr(self.ops, k, v)
+        self._kernels_chosen = True
+
+    @property
+    def can_capture(self) -> bool:
+        """CUDA graphs (and kernel tuning) need a CUDA device and the triton backend."""
+        return self.device.type == "cuda" and self.backend == "triton"
+
+    @property
+    def decode_kernels_chosen(self) -> bool:
+        """Whether the one-token kernels were set (`set_decode_kernels` with a value, or
+        `tune_decode_kernels`): an engine with `tune_kernels=None` leaves such a model as it is."""
+        return self._kernels_chosen
+
+    def tuning_candidates(self) -> list[dict]:
+        """The one-token kernel settings `tune_decode_kernels` times on this device, the
+        plain path first: cuBLAS matmuls with the norm / SwiGLU kernels apart, then the
+        fused gemv, and with programmatic dependent launch where the GPU has it (sm_90+)."""
+        cands = [dict(fused_gemv=False, pdl=False), dict(fused_gemv=True, pdl=False)]
+        if self.backend == "triton" and self.device.type == "cuda":
+            from .kernels.pdl import pdl_supported
+            if pdl_supported(self.device):
+                cands += [dict(fused_gemv=True, pdl=True), dict(fused_gemv=False, pdl=True)]
+        return cands
+
+    def tune_decode_kernels(self, context: int | None = None, replays: int = 20,
+                            candidates: list[dict] | None = None,
+                            min_gain: float = 0.03) -> dict:
+        """Time the graph-captured decode step with each one-token kernel setting
+        (`tuning_candidates()` by default) on this GPU and keep the fastest: the step at
+        `context` tokens (default min(512, max_seq_len)) after a prefill of random tokens,
+        `replays` back-to-back replays, median of 3. The plain path (the first candidate)
+        is kept unless another is faster by more than `min_gain` (3%): a near tie always
+        resolves the same way. All candidates compute the same math (the fused gemv rounds
+        in another order, as any kernel choice may). A candidate that fails is recorded
+        with its error and skipped. Run before capturing graphs (it captures and drops its
+        own); resets the cache. Returns the record, also kept in `decode_tuning`:
+        {"context", "replays", "rows": [{fused_gemv, pdl, ms | error}], "chosen", "ms"}."""
+        if not self.can_capture:
+            raise ConfigError("tuning the decode kernels needs device='cuda' and "
+                              f"backend='triton' (this model: {self.device}, {self.backend})")
+        if self._graphs:
+            raise ConfigError("this model has captured CUDA graphs, which keep the kernels they "
+                              "were captured with; tune before capturing (or clear_graphs() "
+                              "first)")
+        cands = self.tuning_candidates() if candidates is None else list(candidates)
+        if not cands or any(not isinstance(c, dict) or set(c) != {"fused_gemv", "pdl"}
+                            or not all(isinstance(v, bool) for v in c.values())
+                            for c in cands):
+            raise ConfigError("candidates must be a non-empty list of "
+                              "{'fused_gemv': bool, 'pdl': bool} dicts, got "
+                              f"{candidates!r}")
+        context = min(512, self.max_seq_len) if context is None else context
+        if not isinstance(context, int) or not 1 <= context <= self.max_seq_len:
+            raise ConfigError(f"context must be an int in [1, max_seq_len={self.max_seq_len}], "
+                              f"got {context!r}")
+        if not isinstance(replays, int) or replays < 1:
+            raise ConfigError(f"replays must be an int >= 1, got {replays!r}")
+        before = dict(fused_gemv=self.ops.fused_gemv, pdl=self.ops.pdl)
+        chosen_before = self._kernels_chosen
+        rows = []
+        for c in cands:
+            row = dict(c)
+            try:
+                self.set_decode_kernels(**c)
+                row["ms"] = self._time_decode_step(context, replays)
+            except Exception as e:  # noqa: BLE001 - recorded; the other candidates go on
+                row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+            finally:
+                self.clear_graphs()
+                self.cache.reset()
+            rows.append(row)
+        ok = [r for r in rows if "ms" in r]
+        if not ok:
+            self.set_decode_kernels(**before)
+            self._kernels_chosen = chosen_before
+            raise RuntimeError("every decode kernel candidate failed: "
+                               + "; ".join(f"{r['fused_gemv'], r['pdl']}: {r['error']}"
+                                           for r in rows))
+        best = min(ok, key=lambda r: r["ms"])
+        chosen = best if best["ms"] < ok[0]["ms"] * (1.0 - min_gain) else ok[0]
+        self.set_decode_kernels(fused_gemv=chosen["fused_gemv"], pdl=chosen["pdl"])
+        self.decode_tuning = {"context": context, "replays": replays, "min_gain": min_gain,
+                              "rows": rows, "ms": chosen["ms"],
+                              "chosen": dict(fused_gemv=chosen["fused_gemv"],
+                                             pdl=chosen["pdl"])}
+        return self.decode_tuning
+
+    def _time_decode_step(self, context: int, replays: int) -> float:
+        """ms per replay of the captured decode step at position context - 1, after an
+        eager prefill of context - 1 random tokens (real cache contents, never zeros)."""
+        self.capture_decode()
+        g = self._graphs["decode"]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, self.config.vocab_size, (context,), generator=gen)
+        ids = ids.to(self.device)
+        if context > 1:
+            self.forward(ids[:-1], 0)
+        self._replay(g, ids[-1:], context - 1)
+        torch.cuda.synchronize(self.device)
+        times = []
+        for _ in range(3):
+            t0 = torch.cuda.Event(enable_timing=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(replays):
+                g["graph"].replay()
+            t1.record()
+            t1.synchronize()
+            times.append(t0.elapsed_time(t1) / replays)
+        return sorted(times)[1]
 
     def clear_graphs(self) -> None:
         """Drop every captured CUDA graph (and its memory pool); calls run eagerly until
@@ -218,7 +332,7 @@ class Model:
     def _capture(self, n_tokens: int, body, n_cache: int | None = None) -> dict:
         """Capture body(token_buffer [n_tokens], pos [1]) -> output as a CUDA graph over
         static input buffers; it may write cache positions [0, n_cache)."""
-        if self.device.type != "cuda" or self.backend != "triton":
+        if not self.can_capture:
             raise ConfigError("CUDA graphs need device='cuda' and backend='triton' "
                               f"(this model: {self.device}, {self.backend})")
         self.cache.check_fits(0, n_tokens if n_cache is None else n_cache)
