@@ -8,16 +8,18 @@ from __future__ import annotations
 import math
 import os
 
-SYSTEM_ORDER = ("engine_graph_steps_fused_pdl", "engine_graph_steps_fused", "engine_graph_steps",
-                "engine_graph", "engine_torch_eager", "hf_eager", "hf_compile")
-LABELS = {"engine_graph_steps_fused_pdl": "wsd_engine, 16-step graphs + fused gemv + PDL",
+SYSTEM_ORDER = ("engine_graph_tuned", "engine_graph_steps_fused_pdl", "engine_graph_steps_fused",
+                "engine_graph_steps", "engine_graph", "engine_torch_eager", "hf_eager",
+                "hf_compile")
+LABELS = {"engine_graph_tuned": "wsd_engine generate, tuned kernels (default)",
+          "engine_graph_steps_fused_pdl": "wsd_engine, 16-step graphs + fused gemv + PDL",
           "engine_graph_steps_fused": "wsd_engine, 16-step graphs + fused gemv",
           "engine_graph_steps": "wsd_engine, 16-step graphs",
           "engine_graph": "wsd_engine generate, graph per step",
           "engine_torch_eager": "wsd_engine torch eager",
           "hf_eager": "HF eager generate",
           "hf_compile": "HF static + torch.compile"}
-COLORS = {"engine_graph_steps_fused_pdl": "#54278f", "engine_graph_steps_fused": "#000000",
+COLORS = {"engine_graph_tuned": "#d62728", "engine_graph_steps_fused_pdl": "#54278f", "engine_graph_steps_fused": "#000000",
           "engine_graph_steps": "#08306b", "engine_graph": "#1f77b4",
           "engine_torch_eager": "#9ecae1", "hf_eager": "#ff7f0e", "hf_compile": "#fdae6b"}
 PHASES = ("pilot_prefill", "base_prefill", "drafting", "scoring", "continuation")

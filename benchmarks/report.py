@@ -8,6 +8,8 @@ import math
 from benchmarks.common import short_err
 
 SYSTEMS = {   # decode systems: key -> label (table / plot order)
+    "engine_graph_tuned": "wsd_engine generate, kernels tuned on this card (the default "
+                          "with CUDA graphs)",
     "engine_graph": "wsd_engine generate (triton, graph per step, one step in flight)",
     "engine_graph_steps": "wsd_engine 16-step graph blocks (triton; the drafting path)",
     "engine_graph_steps_fused": "as above, fused_gemv (norm/SwiGLU in the matmul)",
@@ -86,6 +88,10 @@ def _decode_section(R: dict) -> list[str]:
                     else "skipped: " + short_err(r["skipped"])
                 L.append(f"| {preset} | {label} | {what} | | | | |")
                 continue
+            ch = (r.get("tuning") or {}).get("chosen")
+            if ch:
+                label += (": fused gemv" if ch["fused_gemv"] else ": matmul + norm apart") + \
+                    (" + PDL" if ch["pdl"] else "")
             L.append(f"| {preset} | {label} | {_f(r['decode_ms_per_token'], '{:.3f}')} | "
                      f"{_f(r['tok_s'], '{:.1f}')} | {_f(r['frac_of_floor'])} | "
                      f"{_f(r.get('e2e_tok_s'), '{:.1f}')} | "

@@ -298,12 +298,27 @@ class Bench:
             self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused_pdl']}")
             self.attempt(sysd, "engine_graph_steps_fused_pdl", lambda: fused(pdl=True),
                          f"decode {preset} engine_graph_steps_fused_pdl")
+            self.log(f"    {preset}: {SYSTEMS['engine_graph_tuned']}")
+
+            def tuned():
+                # what an engine with CUDA graphs does by default: time the one-token
+                # kernel settings on this card, keep the fastest, decode through it
+                m.clear_graphs()
+                try:
+                    rec = m.tune_decode_kernels()
+                    m.capture_decode()
+                    return dict(measure_engine(m, ids, a.steps, floor_ms, a.reps, dev),
+                                tuning=rec)
+                finally:
+                    m.clear_graphs()
+                    m.set_decode_kernels(fused_gemv=False, pdl=False)
+            self.attempt(sysd, "engine_graph_tuned", tuned, f"decode {preset} engine_graph_tuned")
             m.clear_graphs()
             tm = build_model(cfg, m.weights, dev, self.dtype, msl, backend="torch")
         else:
             tm = m
             for key in ("engine_graph", "engine_graph_steps", "engine_graph_steps_fused",
-                        "engine_graph_steps_fused_pdl"):
+                        "engine_graph_steps_fused_pdl", "engine_graph_tuned"):
                 sysd[key] = {"skipped": "CPU smoke: no CUDA graphs (torch backend only)"}
         if a.no_torch_eager and not self.smoke:
             sysd["engine_torch_eager"] = {"skipped": "--no-torch-eager"}

@@ -41,6 +41,7 @@ def test_bench_cpu_smoke(tmp_path):
         assert "skipped" in e["systems"]["engine_graph_steps"]  # no CUDA graphs on CPU
         assert "skipped" in e["systems"]["engine_graph_steps_fused"]
         assert "skipped" in e["systems"]["engine_graph_steps_fused_pdl"]
+        assert "skipped" in e["systems"]["engine_graph_tuned"]
         pre = e["prefill"]                                      # the prompt prefill vs floor
         assert pre["prompt_len"] == R["meta"]["settings"]["prompt_len"]
         assert _num(pre["ms"]) and _num(pre["over_floor"]) and _num(pre["prompt_tok_s"])
