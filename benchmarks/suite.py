@@ -345,7 +345,8 @@ class Bench:
         a, dev = self.a, self.dev
         e = self._decode_entry(preset)
         if self.smoke or a.no_hf_compile:
-            e["systems"]["hf_compile"] = {"skipped": "CPU smoke: no torch.compile baseline"
+            e["systems"]["hf_compile"] = {"skipped": "CPU smoke: left out for time (it "
+                                          "compiles for 20-30 s per model; a CPU test runs it)"
                                           if self.smoke else "--no-hf-compile"}
             return
         cfg = model_cfg(preset, self.smoke)

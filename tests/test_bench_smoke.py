@@ -37,7 +37,7 @@ def test_bench_cpu_smoke(tmp_path):
             r = e["systems"][key]
             assert _num(r["decode_ms_per_token"]) and _num(r["tok_s"]), (preset, key, r)
             assert _num(r["frac_of_floor"]) and _num(r["e2e_tok_s"])
-        assert "skipped" in e["systems"]["hf_compile"]          # no torch.compile on CPU
+        assert "skipped" in e["systems"]["hf_compile"]   # for time; run on its own below
         assert "skipped" in e["systems"]["engine_graph_steps"]  # no CUDA graphs on CPU
         assert "skipped" in e["systems"]["engine_graph_steps_fused"]
         assert "skipped" in e["systems"]["engine_graph_steps_fused_pdl"]
