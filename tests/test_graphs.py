@@ -240,6 +240,9 @@ def test_wsd_tunes_only_models_nobody_set(tmp_path, monkeypatch):
     w = WSD(pilot, base, cuda_graphs=True)
     assert tuned == [base] and w.kernel_tuning == {"base": {"chosen": "x"}}
     tuned.clear()
+    captured = load_model(path, backend="triton")
+    captured._graphs["decode"] = {}                   # graphs of its own: left as it is
+    assert WSD(pilot, captured, cuda_graphs=True).kernel_tuning == {} and tuned == []
     assert WSD(load_model(path), load_model(path)).kernel_tuning == {}   # no graphs: no tuning
     WSD(load_model(path, backend="triton"), base, cuda_graphs=True, fused_gemv=True)
     assert tuned == []                                # settings given: no tuning

@@ -137,7 +137,8 @@ class WSD:
         tune_kernels: time the one-token kernel choices on this GPU and keep the fastest
         per model (`Model.tune_decode_kernels`, a few seconds per model, before capture).
         None (default): with cuda_graphs, for each model whose kernels nobody chose (no
-        fused_gemv / pdl given here, no `set_decode_kernels` on it); False: never.
+        fused_gemv / pdl given here, no `set_decode_kernels` on it, no graphs captured on
+        it yet); False: never.
         Models without tokenizers make a token-level engine: `generate_ids` only (no
         templates, stop strings or text)."""
         if pilot.device != base.device:
@@ -169,7 +170,7 @@ class WSD:
         self.kernel_tuning = {}
         for name, m in (("pilot", pilot), ("base", base)):
             if tune_kernels or (tune_kernels is None and cuda_graphs and m.can_capture
-                                and not m.decode_kernels_chosen):
+                                and not m.decode_kernels_chosen and not m._graphs):
                 self.kernel_tuning[name] = m.tune_decode_kernels()
         if cuda_graphs:
             pilot.capture_decode()
