@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_switch_score import copy_bandwidth_gbps  # noqa: E402  (shared by the benchmarks)
+
 N_Q, N_KV, HD = 32, 8, 128          # Llama-3.1-8B attention
 DECODE_CTX = (256, 1024, 4096, 8192, 32768)   # 256: the engine's short-answer decode
 PREFILL_L = (8, 64, 512)
@@ -79,13 +82,6 @@ def time_per_call(calls, reps=30, graph=True):
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
     return statistics.median(times), method
-
-
-def copy_bandwidth_gbps(device, nbytes=1 << 30):
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    us, _ = time_per_call([lambda: dst.copy_(src)], reps=20, graph=False)
-    return 2 * nbytes / (us * 1e-6) / 1e9
 
 
 def n_layers_for(bytes_per_layer, device):
@@ -324,7 +320,7 @@ def main(argv=None):
             os.environ.setdefault("TRITON_INTERPRET", "1")
         su = Setup(n_q=8, n_kv=2, hd=64, dtype=torch.float32,
                    device="cuda" if torch.cuda.is_available() else "cpu")
-        ctxs, Ls, prefix, copy_bytes = args.ctx or [77], args.L or [7], 77, 64 << 20
+        ctxs, Ls, prefix = args.ctx or [77], args.L or [7], 77
         title = f"smoke ({su.device}, Triton interpreter): n_q=8, n_kv=2, hd=64, fp32"
     else:
         if not torch.cuda.is_available():
@@ -333,11 +329,11 @@ def main(argv=None):
             return 2
         su = Setup()
         ctxs, Ls = args.ctx or DECODE_CTX, args.L or PREFILL_L
-        prefix, copy_bytes = PREFILL_PREFIX, 1 << 30
+        prefix = PREFILL_PREFIX
         title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
                  f"n_q={su.n_q}, n_kv={su.n_kv}, hd={su.hd} (Llama-3.1-8B)")
     dec, pre = _kernels()
-    copy_gbps = copy_bandwidth_gbps(su.device, copy_bytes)
+    copy_gbps = copy_bandwidth_gbps(torch.device(su.device))
     rows = bench_decode(dec, su, copy_gbps, ctxs, args.sweep)
     rows += bench_prefill(pre, su, Ls, prefix, args.sweep)
     print_table(title, rows, copy_gbps)

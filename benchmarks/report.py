@@ -90,8 +90,7 @@ def _decode_section(R: dict) -> list[str]:
                 continue
             ch = (r.get("tuning") or {}).get("chosen")
             if ch:
-                label += (": fused gemv" if ch["fused_gemv"] else ": matmul + norm apart") + \
-                    (" + PDL" if ch["pdl"] else "")
+                label += ": " + _kernels_name(ch)
             L.append(f"| {preset} | {label} | {_f(r['decode_ms_per_token'], '{:.3f}')} | "
                      f"{_f(r['tok_s'], '{:.1f}')} | {_f(r['frac_of_floor'])} | "
                      f"{_f(r.get('e2e_tok_s'), '{:.1f}')} | "
@@ -112,22 +111,24 @@ def _decode_section(R: dict) -> list[str]:
     return L
 
 
+def _kernels_name(k: dict) -> str:
+    """A one-token kernel setting {fused_gemv, pdl} in words."""
+    return ("fused gemv" if k["fused_gemv"] else "matmul + norm/SwiGLU apart") + \
+        (" + PDL" if k["pdl"] else "")
+
+
 def _kernels_line(e: dict) -> list[str]:
     """The one-token kernels each model ran, and the tuning's step times when it ran."""
     dk = e.get("decode_kernels")
     if not dk:
         return []
-
-    def name(k):
-        return ("fused gemv" if k["fused_gemv"] else "matmul + norm/SwiGLU apart") + \
-            (" + PDL" if k["pdl"] else "")
     parts = []
     for m in ("pilot", "base"):
-        s = f"{m}: {name(dk[m])}"
+        s = f"{m}: {_kernels_name(dk[m])}"
         tu = (e.get("kernel_tuning") or {}).get(m)
         if tu:
             s += " (tuned; step ms at " + str(tu["context"]) + " tokens: " + ", ".join(
-                f"{name(r)} {r['ms']:.3f}" if "ms" in r else f"{name(r)} failed"
+                f"{_kernels_name(r)} {r['ms']:.3f}" if "ms" in r else f"{_kernels_name(r)} failed"
                 for r in tu["rows"]) + ")"
         parts.append(s)
     return ["One-token kernels \u2014 " + "; ".join(parts) + ".", ""]

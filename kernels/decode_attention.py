@@ -45,13 +45,13 @@ written by earlier steps, complete by then (pdl.py, rule 2).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import num_sms
 from .pdl import pdl_wait_then_release, prefetch_l2, use_pdl
 from .rms_norm import _round_to
 
@@ -344,11 +344,6 @@ def combine_splits(o_part, lse_part, out, n_heads: int) -> None:
     )
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.device) -> int:
     """About 2 programs per SM, >= 1 key block each.
 
@@ -357,7 +352,7 @@ def default_num_splits(n_kv: int, max_len: int, block_n: int, device: torch.devi
     fewer, longer programs amortise the per-program q load and partial-result write."""
     if device.type != "cuda":
         return min(4, triton.cdiv(max_len, block_n))
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(device)
     n = max(1, min(triton.cdiv(2 * sms, n_kv), triton.cdiv(max_len, block_n), 128))
     return 1 << (n.bit_length() - 1)    # a power of two: no padding in the combine tile
 

@@ -21,20 +21,16 @@ Off by default (`PDL_DEFAULT`) until a GPU run shows it pays:
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import capability
+
 # TritonOps.pdl's default. UNMEASURED (written without a GPU): see benchmarks/NOTES.md.
 PDL_DEFAULT = False
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def pdl_supported(device) -> bool:
@@ -42,8 +38,7 @@ def pdl_supported(device) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index)[0] >= 9
+    return capability(device)[0] >= 9
 
 
 def use_pdl(pdl: bool | None, device) -> bool:

@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import num_sms
 from .decode_attention import (_check_cache_heads, _check_device_scalar, _check_dtype_device,
                                _check_ranks, _dot,
-                               _num_sms, _softmax_update, combine_splits)
+                               _softmax_update, combine_splits)
 
 _LOG2E = 1.4426950408889634
 
@@ -187,7 +188,7 @@ def _choose_splits(n_programs: int, key_bound: int, block_n: int, device: torch.
     """
     if device.type != "cuda":
         return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(device)
     if n_programs >= sms // 2:
         return 1
     max_useful = triton.cdiv(key_bound, 2 * block_n)

@@ -30,12 +30,13 @@ interpreter, which computes bf16 dots wrongly) every operand is upcast to fp32 a
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import num_sms
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_CHUNK = 64
@@ -188,11 +189,6 @@ def _switch_score_combine_kernel(
     tl.store(first_ptr, first.to(tl.int32))
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _fp32(x: float) -> float:
     """Round a python float to the nearest fp32 (the kernel compares in fp32)."""
     return torch.tensor(float(x), dtype=torch.float32).item()
@@ -308,7 +304,7 @@ def switch_score(hidden, weight, draft_ids, carry, n_prev, window, log_gamma, ou
     n_tiles = triton.cdiv(V, block_v)
     if tiles_per_prog is None:
         # GPU: ~4 programs per SM so the memory system stays busy; CPU: one program.
-        target = 4 * _sm_count(device.index if device.index is not None else 0) if on_gpu else 1
+        target = 4 * num_sms(device) if on_gpu else 1
         tiles_per_prog = triton.cdiv(n_tiles, target)
     P = triton.cdiv(n_tiles, tiles_per_prog)
     # merge tile: five [BLOCK_P, BLOCK_C] arrays in one program's registers; <= 4K elements

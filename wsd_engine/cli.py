@@ -48,8 +48,8 @@ def _add_common(p):
                         "dependent launch (sm_90+ GPUs)")
     p.add_argument("--no-tune", action="store_true",
                    help="with --cuda-graphs and neither --fused-gemv nor --pdl, the one-token "
-                        "kernels are timed on the GPU and the fastest kept (a few seconds "
-                        "per model); this keeps the default kernels instead")
+                        "kernels are timed on the GPU and the fastest kept (expected: a few "
+                        "seconds per model); this keeps the default kernels instead")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

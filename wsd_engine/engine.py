@@ -135,7 +135,8 @@ class WSD:
         fused_gemv / pdl (triton backend; None keeps each model's setting): the one-token
         kernels of both models (`Model.set_decode_kernels`), set before any capture.
         tune_kernels: time the one-token kernel choices on this GPU and keep the fastest
-        per model (`Model.tune_decode_kernels`, a few seconds per model, before capture).
+        per model (`Model.tune_decode_kernels`, before capture; predicted a few seconds
+        per model, not yet measured on a GPU).
         None (default): with cuda_graphs, for each model whose kernels nobody chose (no
         fused_gemv / pdl given here, no `set_decode_kernels` on it, no graphs captured on
         it yet); False: never.

@@ -191,7 +191,7 @@ class Model:
         plain path first: cuBLAS matmuls with the norm / SwiGLU kernels apart, then the
         fused gemv, and with programmatic dependent launch where the GPU has it (sm_90+)."""
         cands = [dict(fused_gemv=False, pdl=False), dict(fused_gemv=True, pdl=False)]
-        if self.backend == "triton" and self.device.type == "cuda":
+        if self.can_capture:
             from .kernels.pdl import pdl_supported
             if pdl_supported(self.device):
                 cands += [dict(fused_gemv=True, pdl=True), dict(fused_gemv=False, pdl=True)]

@@ -1,9 +1,8 @@
 """The "triton" backend: the layer operations of `model.forward` through the kernels in
 `wsd_engine.kernels`. Same data flow and cache layout as `model.TorchOps`. Matmuls are
 cuBLAS (`F.linear`), or, for one token with `fused_gemv` on, the `gemv` kernel with the
-RMSNorm / SwiGLU before it fused in (three fewer launches per layer; off by default until
-a GPU run shows it beats cuBLAS: benchmarks/bench_gemv.py and the decode suite measure
-both). Imported lazily (it imports Triton): `load_model(backend="triton")`.
+RMSNorm / SwiGLU before it fused in (three fewer launches per layer; off by default; with
+CUDA graphs an engine times both on the card, `Model.tune_decode_kernels`). Imported lazily (it imports Triton): `load_model(backend="triton")`.
 On a machine without CUDA the kernels run only under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -15,12 +14,16 @@ import torch
 from .cache import StaticKVCache
 from .config import ModelConfig
 from .errors import ConfigError
+from .model import TorchOps
 
 # TritonOps.fused_gemv's default; `Model.set_decode_kernels` changes it per model
 FUSED_GEMV_DEFAULT = False
 
 
-class TritonOps:
+class TritonOps(TorchOps):
+    """The torch reference's data flow (its matmul chains are the fallback here) with the
+    layer operations swapped for the kernels."""
+
     name = "triton"
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
@@ -38,7 +41,7 @@ class TritonOps:
         except ImportError as e:
             raise ConfigError(f"backend='triton' needs Triton: {e}; `pip install triton` or use "
                               "backend='torch'") from e
-        self.cfg = cfg
+        super().__init__(cfg)
         self._decode_attention, self._prefill_attention = decode_attention, prefill_attention
         self._rms_norm, self._rope, self._swiglu, self._gemv = rms_norm, rope, swiglu, gemv
         self.fused_gemv = FUSED_GEMV_DEFAULT
@@ -81,7 +84,7 @@ class TritonOps:
     def linear(self, x, weight, bias=None):
         if self._one_token(x):
             return self._gemv(x, weight, bias, pdl=self.pdl)
-        return torch.nn.functional.linear(x, weight, bias)
+        return super().linear(x, weight, bias)
 
     def norm_linear(self, x, residual, norm_weight, weight, bias=None, logits=False):
         """linear(rms_norm(x + residual)) and the new residual stream (one launch for one
@@ -93,11 +96,9 @@ class TritonOps:
                                   eps=eps, logits=logits, pdl=self.pdl), x
             return self._gemv(x, weight, bias, pre="rmsnorm", residual=residual,
                               norm_weight=norm_weight, eps=eps, logits=logits, pdl=self.pdl)
-        h, residual = self.rms_norm(x, norm_weight, residual)
-        y = torch.nn.functional.linear(h, weight, bias)
-        return (y.float() if logits else y), residual
+        return super().norm_linear(x, residual, norm_weight, weight, bias, logits)
 
     def swiglu_linear(self, gate_up, weight, bias=None):
         if self._one_token(gate_up):
             return self._gemv(gate_up, weight, bias, pre="swiglu", pdl=self.pdl)
-        return torch.nn.functional.linear(self.swiglu(gate_up), weight, bias)
+        return super().swiglu_linear(gate_up, weight, bias)
