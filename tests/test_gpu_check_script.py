@@ -1,0 +1,143 @@
+"""`benchmarks/gpu_check.sh` is what a GPU session runs, once, with minutes of device time:
+a flag typo or a renamed test there would cost the whole session. This checks on CPU that
+the script is valid bash, that its default step list and its step lines agree, that every
+Python command's arguments parse with the benchmark's own parser (as on a CUDA machine),
+and that every test file / test it names exists and carries the gpu mark."""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def _text():
+    with open(SCRIPT) as f:
+        return f.read()
+
+
+def _expand(s: str) -> str:
+    """${VAR:-default} -> default; $OUT / ${OUT} -> a placeholder folder."""
+    s = re.sub(r"\$\{[A-Z_0-9]+:-([^}]*)\}", r"\1", s)
+    return s.replace("${OUT}", "/tmp/gpu_out").replace("$OUT", "/tmp/gpu_out")
+
+
+def _steps():
+    """[(name, timeout, argv)] of the script's `step NAME TIMEOUT CMD...` lines."""
+    out = []
+    for line in _text().splitlines():
+        line = line.strip()
+        if line.startswith("step ") and not line.startswith("step()"):
+            words = shlex.split(_expand(line))
+            out.append((words[1], int(words[2]), words[3:]))
+    return out
+
+
+def _default_steps():
+    m = re.search(r'STEPS=\$\{STEPS:-"([^"]*)"\}', _text())
+    assert m, "gpu_check.sh no longer sets its default STEPS list"
+    return m.group(1).split()
+
+
+def test_script_is_valid_bash():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed here")
+    r = subprocess.run([bash, "-n", SCRIPT], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_default_steps_and_step_lines_agree():
+    names = [n for n, _, _ in _steps()]
+    assert len(names) == len(set(names)), f"a step name is used twice: {names}"
+    assert sorted(names) == sorted(_default_steps()), (
+        "the default STEPS list and the step lines differ: a step would never run "
+        f"(or the default names one that does not exist): {names} vs {_default_steps()}")
+    budget = int(re.search(r"BUDGET=\$\{BUDGET:-(\d+)\}", _text()).group(1))
+    assert all(0 < t <= budget for _, t, _ in _steps())
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parse_only(monkeypatch, main, argv):
+    """Run a benchmark's main(argv) up to its argument parsing, and no further."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(_Parsed):
+        main(argv)
+
+
+@pytest.mark.parametrize("name", [n for n, _, a in _steps() if a[:2] != ["python", "-m"]
+                                  or a[2] != "pytest"])
+def test_benchmark_commands_parse(name, monkeypatch):
+    argv = next(a for n, _, a in _steps() if n == name)
+    assert argv[0] == "python", f"step {name}: expected a python command, got {argv}"
+    if argv[1] == "-m":
+        module, args = argv[2], argv[3:]
+    else:
+        assert argv[1].startswith("benchmarks/") and argv[1].endswith(".py"), argv
+        assert os.path.exists(os.path.join(ROOT, argv[1])), f"step {name}: no {argv[1]}"
+        module, args = argv[1][:-3].replace("/", "."), argv[2:]
+    if module == "benchmarks.run":
+        # its own validation too (presets, pairs, ks against the response length), as on
+        # a CUDA machine: without one it would switch to the smoke's tiny defaults
+        import torch
+
+        from benchmarks import run
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        a = run.parse_args(args)
+        assert not a.cpu_smoke
+    else:
+        mod = importlib.import_module(module)
+        _parse_only(monkeypatch, mod.main, args)
+
+
+def _gpu_tests(path):
+    """Names of the test functions in `path` that carry @pytest.mark.gpu (directly, or all
+    of them through a module-level pytestmark)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    src = ast.get_source_segment
+    text = open(path).read()
+    module_gpu = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
+                                                         for t in n.targets)
+                     and "gpu" in src(text, n.value) for n in tree.body)
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+            found[node.name] = module_gpu or any("mark.gpu" in src(text, d)
+                                                 for d in node.decorator_list)
+    return found
+
+
+def test_pytest_steps_name_existing_gpu_tests():
+    pytest_steps = [(n, a) for n, _, a in _steps() if a[:3] == ["python", "-m", "pytest"]]
+    assert pytest_steps, "gpu_check.sh runs no GPU tests"
+    for name, argv in pytest_steps:
+        assert "-m" in argv[3:] and argv[argv.index("-m", 3) + 1] == "gpu", (
+            f"step {name} must select the gpu-marked tests: {argv}")
+        targets = [a for a in argv[3:] if a.startswith("tests/")]
+        for target in targets:
+            path, _, test = target.partition("::")
+            full = os.path.join(ROOT, path)
+            assert os.path.exists(full), f"step {name}: no {path}"
+            tests = _gpu_tests(full)
+            assert any(tests.values()), f"step {name}: {path} has no gpu-marked test"
+            if test:
+                assert tests.get(test), f"step {name}: {target} is not a gpu-marked test"
