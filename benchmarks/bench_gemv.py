@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -59,6 +60,12 @@ def main(argv=None):
              ("gate_up", 2 * inter, d, "rmsnorm"), ("down", d, inter, "swiglu"),
              ("lm_head", vocab, d, "rmsnorm")]
     rows, sweep_rows = [], []
+    dev_name = device_name(device)
+
+    def payload(done: bool) -> dict:
+        return dict(benchmark="gemv", device=dev_name, copy_gbps=copy_gbps, dtype=str(dt),
+                    results=rows, sweep=sweep_rows, complete=done,
+                    date=time.strftime("%Y-%m-%d"))
     for name, N, K, pre in cases:
         n_copies = 1 if smoke else max(1, -(-L2_BYTES // (N * K * e)))
         ws = [(torch.randn(N, K, device=device) / K ** 0.5).to(dt) for _ in range(n_copies)]
@@ -114,10 +121,11 @@ def main(argv=None):
                 print(f"{name}: best {best['config']} {best['ms'] * 1e3:.1f} us "
                       f"({100 * best['frac_copy']:.1f}% of copy BW); default "
                       f"{default_config(N, K)}")
-    name = device_name(device)
-    print_table(rows, "gemv (batch 1, bf16)", copy_gbps, name)
-    write_json(args.out, dict(benchmark="gemv", device=name, copy_gbps=copy_gbps, dtype=str(dt),
-                              results=rows, sweep=sweep_rows, date=time.strftime("%Y-%m-%d")))
+        if args.out:   # after every shape: a run cut short by a time limit keeps what it has
+            with open(args.out, "w") as f:
+                json.dump(payload(False), f, indent=2)
+    print_table(rows, "gemv (batch 1, bf16)", copy_gbps, dev_name)
+    write_json(args.out, payload(True))
     return rows
 
 

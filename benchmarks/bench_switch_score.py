@@ -72,17 +72,20 @@ def maybe_compile(fn, enabled: bool):
 
 
 def run_case(rows, case: str, impls: dict, nbytes: int, copy_gbps: float, device, ref_name="torch_ref"):
-    """Time each impl (None = skipped), append result dicts to rows."""
+    """Time each impl (None = skipped), append result dicts to rows. A row without a time
+    says why: `skipped` (not asked for here) or `error` (it raised; the text is kept)."""
     base = None
     for name, fn in impls.items():
+        empty = dict(case=case, impl=name, ms=None, gbps=None, frac_copy=None, speedup=None)
         if fn is None:
-            rows.append(dict(case=case, impl=name, ms=None, gbps=None, frac_copy=None, speedup=None))
+            rows.append(dict(empty, skipped=True))
             continue
         try:
             ms = time_ms(fn, device)
         except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing at first call
-            print(f"{case} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            rows.append(dict(case=case, impl=name, ms=None, gbps=None, frac_copy=None, speedup=None))
+            err = f"{type(e).__name__}: {str(e).strip()[:500]}"
+            print(f"{case} {name} failed: {err}", file=sys.stderr)
+            rows.append(dict(empty, error=err))
             continue
         gbps = nbytes / (ms * 1e-3) / 1e9
         if name == ref_name:
@@ -100,7 +103,8 @@ def print_table(rows, title: str, copy_gbps: float, device_name: str):
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         if r["ms"] is None:
-            print(f"| {r['case']} | {r['impl']} | skipped | | | |")
+            what = f"failed: {r['error'].splitlines()[0][:80]}" if "error" in r else "skipped"
+            print(f"| {r['case']} | {r['impl']} | {what} | | | |")
             continue
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else ""
         print(f"| {r['case']} | {r['impl']} | {r['ms'] * 1e3:.1f} | {r['gbps']:.3g} | "

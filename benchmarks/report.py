@@ -225,6 +225,10 @@ def _kernels_section(kernels: dict) -> list[str]:
                                              if x in r)
             us = r.get("us") if r.get("us") is not None else (
                 r["ms"] * 1e3 if r.get("ms") is not None else None)
+            if us is None and ("error" in r or r.get("skipped")):
+                why = ("failed: " + short_err(r["error"], 120)) if "error" in r else "skipped"
+                L.append(f"| {case} | {r.get('impl')} | {why} | |")
+                continue
             fc = r.get("frac_copy")
             if fc is None and r.get("gbps") is not None and cb:
                 fc = r["gbps"] / cb

@@ -171,3 +171,68 @@ def test_report_names_the_kernels_and_the_tuning():
            "apart 1.250, fused gemv + PDL 0.900, matmul + norm/SwiGLU apart failed)" in line
     assert "base: matmul + norm/SwiGLU apart." in line
     assert _kernels_line({}) == []
+
+
+def test_kernel_microbenchmarks_cpu_smoke(tmp_path):
+    """Every kernel microbenchmark runs in its smoke form (interpreter, tiny shapes) through
+    the suite's `kernels` step, checks its kernel against the reference and writes its JSON;
+    a benchmark broken here would otherwise first fail in a GPU session."""
+    from benchmarks.run import main
+    assert main(["--cpu-smoke", "--suite", "kernels", "--no-plots", "--out", str(tmp_path)]) == 0
+    R = json.loads((tmp_path / "results.json").read_text())
+    assert not R["errors"], R["errors"]
+    assert sorted(R["kernels"]) == ["attention", "gemv", "layers", "switch_score"]
+    for name, res in R["kernels"].items():
+        assert "returncode" not in res, (name, res)
+        out = res["result"]
+        rows = out.get("results", out.get("rows"))
+        assert rows and not [r for r in rows if "error" in r], (name, rows)
+        timed = [r for r in rows if not r.get("skipped")]
+        assert timed and all(_num(r.get("ms", r.get("us"))) for r in timed), (name, rows[:2])
+    att = R["kernels"]["attention"]["result"]
+    assert att["ok"] and all(r["max_abs_err"] < 1e-4 for r in att["rows"] if "max_abs_err" in r)
+    ss = R["kernels"]["switch_score"]["result"]
+    assert ss["max_abs_logp_err"] < 1e-4
+    gemv = R["kernels"]["gemv"]["result"]
+    assert gemv["complete"] and {r["impl"] for r in gemv["results"]} == {
+        "gemv fused", "norm/swiglu kernel + F.linear", "F.linear alone"}
+
+
+def test_backend_benchmark_cpu_smoke(tmp_path):
+    """bench_backend: the triton and torch forwards of the 8B preset's tiny smoke shape
+    agree (logits, argmax, greedy tokens) and both are timed."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from benchmarks.bench_backend import main
+    out = tmp_path / "backend.json"
+    main(["--cpu-smoke", "--out", str(out)])
+    R = json.loads(out.read_text())
+    assert R["logits_max_rel_diff"] < 1e-4 and R["argmax_agree"] == 1.0
+    assert R["greedy_identical_prefix"] == R["greedy_len"] > 0
+    for key in ("torch", "triton"):
+        assert _num(R[key]["decode_ms"]) and _num(R[key]["score8_ms"]), (key, R[key])
+
+
+def test_kernel_rows_keep_why_they_have_no_time(capsys):
+    """A benchmark row that failed keeps its error (e.g. torch.compile of the reference
+    crashing), one left out says so; both reach the table and results.md."""
+    import torch
+
+    from benchmarks.bench_switch_score import print_table, run_case
+    from benchmarks.report import _kernels_section
+
+    def boom():
+        raise RuntimeError("compiler crashed\\nwith a long trace")
+    rows = []
+    run_case(rows, "c=8", {"torch_ref": lambda: torch.ones(8).sum(), "compiled": boom,
+                           "left out": None}, nbytes=32, copy_gbps=1.0,
+             device=torch.device("cpu"))
+    by = {r["impl"]: r for r in rows}
+    assert _num(by["torch_ref"]["ms"]) and by["torch_ref"]["speedup"] == 1.0
+    assert by["compiled"]["ms"] is None and "RuntimeError: compiler crashed" in by["compiled"]["error"]
+    assert by["left out"]["skipped"] and "error" not in by["left out"]
+    print_table(rows, "t", 1.0, "CPU")
+    out = capsys.readouterr().out
+    assert "failed: RuntimeError: compiler crashed" in out and "| skipped |" in out
+    md = "\\n".join(_kernels_section({"switch_score": {"result": {"results": rows}}}))
+    assert "| c=8 | compiled | failed: RuntimeError: compiler crashed" in md
+    assert "| c=8 | left out | skipped |" in md
