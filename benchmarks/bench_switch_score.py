@@ -56,7 +56,7 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     src = torch.empty(n, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
-    del src, dst
+    src = dst = None
     return 2 * n / (ms * 1e-3) / 1e9
 
 
