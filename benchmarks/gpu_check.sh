@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order of importance, each under its own time limit so a
 # failure or a slow step never eats the rest; a step that would start after BUDGET seconds
-# is skipped. Writes logs and JSON under ${OUT:-gpu_out}. Run from the repository root on a
+# is skipped. Writes logs and JSON under ${OUT:-gpu_out}, and ends with one table of every
+# speed target (benchmarks/targets.py). Run from the repository root on a
 # CUDA machine (no install needed). Pick steps with STEPS="pytest gemv ..." (default: all,
 # in the order below).
 set -u
@@ -41,4 +42,7 @@ step layers ${T_LAYERS:-40} python benchmarks/bench_layers.py --no-compile --out
 # the HF static cache + torch.compile baseline (issue 5 asks for its number or its error):
 # the 1B, where compiling takes least; with this engine's decode and HF eager beside it
 step hf_compile ${T_HF_COMPILE:-150} python -m benchmarks.run --suite decode --preset llama3.2-1b --no-torch-eager --no-plots --worker-timeout 120 --out "$OUT/hf_compile"
+# every target of the kernel and end-to-end issues, from whatever the steps above wrote
+echo "== targets"
+python -m benchmarks.targets "$OUT" --json "$OUT/targets.json"
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -141,3 +141,11 @@ def test_pytest_steps_name_existing_gpu_tests():
             assert any(tests.values()), f"step {name}: {path} has no gpu-marked test"
             if test:
                 assert tests.get(test), f"step {name}: {target} is not a gpu-marked test"
+
+
+def test_script_ends_with_the_targets_table():
+    """The last thing the session prints: one table of every speed target, read from $OUT."""
+    lines = [ln.strip() for ln in _text().splitlines() if ln.strip()]
+    call = [ln for ln in lines if "benchmarks.targets" in ln]
+    assert call == ['python -m benchmarks.targets "$OUT" --json "$OUT/targets.json"'], call
+    assert lines.index(call[0]) > max(i for i, ln in enumerate(lines) if ln.startswith("step "))
