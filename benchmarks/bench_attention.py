@@ -11,6 +11,9 @@ captured in one CUDA graph (the engine replays graphs; this removes Python launc
 replays / n_layers. Implementations that cannot be captured are timed eagerly ("eager").
 Decode bandwidth counts the K/V bytes read (n_kv * ctx * hd * 2 B * 2) and is reported as a
 fraction of a device-to-device copy measured in the same run (1 GiB, bytes read + written).
+Baselines: PyTorch SDPA (bf16, GQA-native; for prefill with RoPE and the cache write as torch
+ops), the fp32 torch reference, and torch.compile of the reference (recompiled per shape, so
+at 8k context and prefill L = 64 only; every length with --sweep).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ N_Q, N_KV, HD = 32, 8, 128          # Llama-3.1-8B attention
 # short by a time limit keeps the rows that matter most (the JSON is written as rows come)
 DECODE_CTX = (8192, 256, 32768, 1024, 4096)
 COMPILE_CTX = (8192,)   # torch.compile(ref) recompiles per length (~10 s each): 8k only
+COMPILE_L = (64,)       # ... and per prefill length: one middle length (all with --sweep)
 PREFILL_L = (8, 64, 512)
 PREFILL_PREFIX = 1024
 L2_DEFEAT_BYTES = 256 << 20
@@ -259,6 +263,10 @@ def bench_prefill(pre, su: Setup, Ls, prefix, sweep=False, rows=None, checkpoint
             "ref_fp32": lambda i: pre.prefill_attention_ref(q, k, v, cache[i, 0], cache[i, 1],
                                                             cos, sin, prefix),
         }
+        if dev == "cuda" and (sweep or L in COMPILE_L):   # inductor on CPU: minutes
+            compiled = torch.compile(pre.prefill_attention_ref, dynamic=False)
+            impls["compile(ref)"] = lambda i: compiled(q, k, v, cache[i, 0], cache[i, 1],
+                                                       cos, sin, prefix)
         if sweep and dev == "cuda":
             for bn in (64, 128):
                 for nw in (4, 8):
