@@ -142,6 +142,9 @@ def parse_args(argv):
         a.cpu_smoke = True
         a.notes.append("no CUDA device: ran the CPU smoke (tiny shapes; timings are not "
                        "meaningful)")
+    if os.environ.get("WSD_ENGINE_NO_PDL") == "1":
+        a.notes.append("WSD_ENGINE_NO_PDL=1: programmatic dependent launch is off; rows "
+                       "named pdl ran with ordinary launches")
     smoke = a.cpu_smoke
     a.suites = [s.strip() for s in a.suite.split(",") if s.strip()]
     bad = [s for s in a.suites if s not in SUITES]

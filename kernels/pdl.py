@@ -34,9 +34,14 @@ PDL_DEFAULT = False
 
 
 def pdl_supported(device) -> bool:
-    """PDL needs a compiled kernel (not the interpreter) on an sm_90+ CUDA device."""
+    """PDL needs a compiled kernel (not the interpreter) on an sm_90+ CUDA device.
+    `WSD_ENGINE_NO_PDL=1` in the environment turns it off everywhere (pdl=True then launches
+    ordinarily and start-up tuning leaves the PDL settings out), for a driver or tool that
+    mishandles PDL launches."""
     device = torch.device(device)
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("WSD_ENGINE_NO_PDL") == "1":
         return False
     return capability(device)[0] >= 9
 

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -26,8 +27,11 @@ def _text():
 
 
 def _expand(s: str) -> str:
-    """${VAR:-default} -> default; $OUT / ${OUT} -> a placeholder folder."""
+    """${VAR:-default} -> default; NAME="..." variables of the script -> their value;
+    $OUT / ${OUT} -> a placeholder folder."""
     s = re.sub(r"\$\{[A-Z_0-9]+:-([^}]*)\}", r"\1", s)
+    for name, value in re.findall(r'^([A-Z_][A-Z_0-9]*)="([^"$]*)"$', _text(), re.M):
+        s = re.sub(r"\$\{?" + name + r"\b\}?", value, s)
     return s.replace("${OUT}", "/tmp/gpu_out").replace("$OUT", "/tmp/gpu_out")
 
 
@@ -149,3 +153,20 @@ def test_script_ends_with_the_targets_table():
     call = [ln for ln in lines if "benchmarks.targets" in ln]
     assert call == ['python -m benchmarks.targets "$OUT" --json "$OUT/targets.json"'], call
     assert lines.index(call[0]) > max(i for i, ln in enumerate(lines) if ln.startswith("step "))
+
+
+def test_pytest_steps_collect_tests():
+    """Each pytest step's selection (files, node ids, -m gpu, -k) collects at least one test,
+    and the pdl / not-pdl split of the new tests covers them all."""
+    counts = {}
+    for name, _, argv in _steps():
+        if argv[:3] != ["python", "-m", "pytest"]:
+            continue
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                            *[a for a in argv[3:] if a != "-q"]],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        ids = [ln for ln in r.stdout.splitlines() if "::" in ln]
+        assert r.returncode == 0 and ids, (name, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        counts[name] = set(ids)
+    assert counts["pdl"] and all("pdl" in i for i in counts["pdl"])
+    assert not counts["pdl"] & counts["pytest_new"]

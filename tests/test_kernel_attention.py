@@ -515,7 +515,7 @@ def test_cuda_graph_replay_at_new_positions():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 def test_decode_append_gpu_llama8b_and_graph_replay(pdl):
     """Append mode compiled at 8B shapes: eager at several lengths, then one captured launch
     replayed at new positions (the decode step's use), each against RoPE + write + ref.

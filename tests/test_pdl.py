@@ -10,6 +10,17 @@ from wsd_engine.kernels import pdl as pdl_mod
 from wsd_engine.kernels.pdl import pdl_release, pdl_supported, pdl_wait, use_pdl
 
 
+def test_pdl_can_be_turned_off_from_the_environment(monkeypatch):
+    """WSD_ENGINE_NO_PDL=1 wins over a capable GPU (checked without one: the capability is
+    stubbed as sm_90 and the interpreter switched off for the check)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(pdl_mod, "capability", lambda device: (9, 0))
+    monkeypatch.delenv("WSD_ENGINE_NO_PDL", raising=False)
+    assert pdl_supported("cuda") and use_pdl(True, "cuda")
+    monkeypatch.setenv("WSD_ENGINE_NO_PDL", "1")
+    assert not pdl_supported("cuda") and not use_pdl(True, "cuda")
+
+
 def test_pdl_switch_on_cpu(monkeypatch):
     assert not pdl_supported("cpu") and not use_pdl(True, "cpu")      # a no-op here
     monkeypatch.setattr(pdl_mod, "PDL_DEFAULT", True)

@@ -77,7 +77,7 @@ def test_fused_gemv_decode_matches_torch_backend(tmp_path, family, pdl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 def test_fused_gemv_on_gpu_eager_and_graphs(tmp_path, pdl):
     """Compiled gemv path: fp32 logits as the torch backend; bf16 greedy tokens of the
     graph-captured n-step decode equal its eager run. pdl: the graphed model launches its
