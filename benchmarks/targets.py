@@ -174,7 +174,8 @@ def wsd(t: Table, *results) -> None:
                 if isinstance(rec, dict) and "chosen" in rec:
                     rows = "; ".join(f"{'fused' if r['fused_gemv'] else 'cuBLAS'}"
                                      f"{'+pdl' if r['pdl'] else ''} "
-                                     + (f"{r['ms']:.3f} ms" if "ms" in r else "failed")
+                                     + (f"{r['ms']:.3f} ms" if "ms" in r
+                                        else str(r.get("error", "failed"))[:60])
                                      for r in rec.get("rows", []))
                     c = rec["chosen"]
                     t.add(5, f"start-up kernel choice, {pair} {model}",

@@ -153,9 +153,13 @@ def test_decode_steps_and_stream_refuse_to_overflow(tmp_path):
 
 # ---- tuning the one-token kernels (Model.tune_decode_kernels) ---------------------------
 
-def _fake_cuda(m, monkeypatch, times):
+_LOGITS = torch.randn(1, 50, generator=torch.Generator().manual_seed(3))
+
+
+def _fake_cuda(m, monkeypatch, times, logits=None):
     """m as if on a GPU for the tuning loop: the timing of each (fused_gemv, pdl) from
-    `times` (a number, or an exception to raise), no capture."""
+    `times` (a number, or an exception to raise) and its logits from `logits` (default:
+    the same for all), no capture."""
     monkeypatch.setattr(m, "device", torch.device("cuda"))
     calls = []
 
@@ -165,7 +169,7 @@ def _fake_cuda(m, monkeypatch, times):
         t = times[key]
         if isinstance(t, Exception):
             raise t
-        return t
+        return t, (logits or {}).get(key, _LOGITS)
     monkeypatch.setattr(m, "_time_decode_step", timing)
     return calls
 
@@ -204,6 +208,36 @@ def test_tuning_skips_a_failing_candidate_and_fails_cleanly(tiny_triton, monkeyp
     with pytest.raises(RuntimeError, match="every decode kernel candidate failed"):
         m2.tune_decode_kernels()
     assert (m2.ops.fused_gemv, m2.ops.pdl) == (False, False) and not m2.decode_kernels_chosen
+
+
+def test_tuning_rejects_a_candidate_whose_logits_disagree(tiny_triton, monkeypatch):
+    """A faster candidate with wrong logits (a kernel broken on this card) is never chosen:
+    bf16-rounding-sized differences pass, NaN or large differences are rejected."""
+    m = tiny_triton
+    cands = [dict(fused_gemv=False, pdl=False), dict(fused_gemv=True, pdl=False),
+             dict(fused_gemv=True, pdl=True), dict(fused_gemv=False, pdl=True)]
+    noise = torch.randn(_LOGITS.shape, generator=torch.Generator().manual_seed(4))
+    rounding = _LOGITS + 0.01 * _LOGITS.norm() / _LOGITS.numel() ** 0.5 * noise  # 1% RMS
+    wrong = _LOGITS + 0.2 * _LOGITS.norm() / _LOGITS.numel() ** 0.5 * noise      # 20% RMS
+    nan = _LOGITS.clone()
+    nan[0, 7] = float("nan")
+    _fake_cuda(m, monkeypatch, {(False, False): 10.0, (True, False): 5.0, (True, True): 4.0,
+                                (False, True): 8.0},
+               logits={(True, False): wrong, (True, True): nan, (False, True): rounding})
+    rec = m.tune_decode_kernels(candidates=cands)
+    rows = {(r["fused_gemv"], r["pdl"]): r for r in rec["rows"]}
+    assert "logits disagree" in rows[(True, False)]["error"]
+    assert rows[(True, False)]["ms_rejected"] == 5.0 and "ms" not in rows[(True, False)]
+    assert rows[(True, True)]["error"] == "rejected: non-finite logits"
+    assert rows[(False, True)]["ms"] == 8.0 and "error" not in rows[(False, True)]
+    assert rec["chosen"] == {"fused_gemv": False, "pdl": True}     # the fastest that agrees
+    # a first candidate with NaN logits is not the reference: the next one is
+    m2 = load_model(m.path, backend="triton")
+    _fake_cuda(m2, monkeypatch, {(False, False): 10.0, (True, False): 9.0},
+               logits={(False, False): nan})
+    rec = m2.tune_decode_kernels()
+    assert rec["rows"][0]["error"] == "rejected: non-finite logits"
+    assert rec["chosen"] == {"fused_gemv": True, "pdl": False}
 
 
 def test_tuning_refuses_bad_input(tiny_triton, tmp_path, monkeypatch):

@@ -207,9 +207,12 @@ class Model:
         is kept unless another is faster by more than `min_gain` (3%): a near tie always
         resolves the same way. All candidates compute the same math (the fused gemv rounds
         in another order, as any kernel choice may). A candidate that fails is recorded
-        with its error and skipped. Run before capturing graphs (it captures and drops its
-        own); resets the cache. Returns the record, also kept in `decode_tuning`:
-        {"context", "replays", "rows": [{fused_gemv, pdl, ms | error}], "chosen", "ms"}."""
+        with its error and skipped; so is one whose logits are not finite or differ from
+        the first working candidate's by more than bf16 rounding can explain
+        (`_logits_disagree`): tuning never trades correctness for speed. Run before
+        capturing graphs (it captures and drops its own); resets the cache. Returns the
+        record, also kept in `decode_tuning`: {"context", "replays", "rows": [{fused_gemv,
+        pdl, ms | error (+ ms_rejected)}], "chosen", "ms"}."""
         if not self.can_capture:
             raise ConfigError("tuning the decode kernels needs device='cuda' and "
                               f"backend='triton' (this model: {self.device}, {self.backend})")
@@ -233,11 +236,19 @@ class Model:
         before = dict(fused_gemv=self.ops.fused_gemv, pdl=self.ops.pdl)
         chosen_before = self._kernels_chosen
         rows = []
+        ref = None          # logits of the first candidate that ran: the others must agree
         for c in cands:
             row = dict(c)
             try:
                 self.set_decode_kernels(**c)
-                row["ms"] = self._time_decode_step(context, replays)
+                ms, logits = self._time_decode_step(context, replays)
+                bad = _logits_disagree(ref, logits)
+                if bad:
+                    row["error"] = f"rejected: {bad}"
+                    row["ms_rejected"] = ms
+                else:
+                    row["ms"] = ms
+                    ref = logits if ref is None else ref
             except Exception as e:  # noqa: BLE001 - recorded; the other candidates go on
                 row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
             finally:
@@ -260,9 +271,10 @@ class Model:
                                              pdl=chosen["pdl"])}
         return self.decode_tuning
 
-    def _time_decode_step(self, context: int, replays: int) -> float:
+    def _time_decode_step(self, context: int, replays: int) -> tuple[float, torch.Tensor]:
         """ms per replay of the captured decode step at position context - 1, after an
-        eager prefill of context - 1 random tokens (real cache contents, never zeros)."""
+        eager prefill of context - 1 random tokens (real cache contents, never zeros), and
+        the step's fp32 logits (the same tokens for every candidate: comparable)."""
         self.capture_decode()
         g = self._graphs["decode"]
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -270,7 +282,7 @@ class Model:
         ids = ids.to(self.device)
         if context > 1:
             self.forward(ids[:-1], 0)
-        self._replay(g, ids[-1:], context - 1)
+        logits = self._replay(g, ids[-1:], context - 1).float().clone()
         torch.cuda.synchronize(self.device)
         times = []
         for _ in range(3):
@@ -282,7 +294,7 @@ class Model:
             t1.record()
             t1.synchronize()
             times.append(t0.elapsed_time(t1) / replays)
-        return sorted(times)[1]
+        return sorted(times)[1], logits
 
     def clear_graphs(self) -> None:
         """Drop every captured CUDA graph (and its memory pool); calls run eagerly until
@@ -444,6 +456,30 @@ class Model:
             ev = nxt
         ev.synchronize()
         yield int(host[n - 1])
+
+
+TUNING_MAX_REL_RMS = 0.10
+
+
+def _logits_disagree(ref: torch.Tensor | None, out: torch.Tensor) -> str | None:
+    """Why a tuning candidate's decode-step logits cannot be the same math as the first
+    candidate's, or None. The candidates round differently in bf16: the plain and fused
+    paths of an 8-layer random-weight bf16 model differ by 1.3% relative RMS (CPU
+    interpreter, whose bf16 stores truncate; each is ~1.5% from fp32), more layers add
+    some. A broken kernel on this card or driver (a race, a stale read) gives NaN / inf or
+    errors far beyond that: a relative RMS difference above TUNING_MAX_REL_RMS (10%) is
+    rejected, so tuning never picks it."""
+    if not bool(torch.isfinite(out).all()):
+        return "non-finite logits"
+    if ref is None:
+        return None
+    if out.shape != ref.shape:
+        return f"logits of shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    if rel > TUNING_MAX_REL_RMS:
+        return (f"logits disagree with the first candidate's (relative RMS difference "
+                f"{rel:.3g} > {TUNING_MAX_REL_RMS})")
+    return None
 
 
 def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
