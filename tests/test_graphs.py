@@ -122,6 +122,8 @@ def test_wsd_with_graph_decode_matches_eager(tmp_path):
     assert ("score", 8) in graphed.base._graphs and "decode" in graphed.pilot._graphs
     assert ("steps", 8) in graphed.pilot._graphs and ("steps", 3) in graphed.pilot._graphs
     assert not any(k[0] == "steps" for k in one_step.pilot._graphs if isinstance(k, tuple))
+    before_base = {k: g["graph"] for k, g in graphed.base._graphs.items()}
+    before_pilot = {k: g["graph"] for k, g in graphed.pilot._graphs.items()}
     for prompt in ("Tell me about the quick brown fox.", "Hello!", "Numbers like 42?"):
         for chunk in (8, 3, 5):      # 5: no graph of that size, eager scoring
             p = WSDParams(draft_max_tokens=48, max_new_tokens=64, chunk=chunk)
@@ -135,6 +137,29 @@ def test_wsd_with_graph_decode_matches_eager(tmp_path):
                       top_p=0.9, seed=3)
         a, b = eager.generate(prompt, p), graphed.generate(prompt, p)
         assert (a.switch_index, a.token_ids) == (b.switch_index, b.token_ids)
+    # every request replayed the graphs captured when the engine was built: none re-captured
+    assert {k: g["graph"] for k, g in graphed.base._graphs.items()} == before_base
+    assert {k: g["graph"] for k, g in graphed.pilot._graphs.items()} == before_pilot
+
+
+def test_graphs_are_captured_once_per_engine_not_per_request(tmp_path, monkeypatch):
+    """On CPU with the captures counted (no-ops here): building the engine captures each
+    graph once; requests of any chunk size, greedy or sampled, capture nothing more."""
+    from wsd_engine.runner import Model
+    counts = {}
+    for name in ("capture_decode", "capture_score", "capture_steps"):
+        monkeypatch.setattr(Model, name, lambda self, *a, _n=name:
+                            counts.__setitem__(_n, counts.get(_n, 0) + 1))
+    pair = make_wsd_pair(str(tmp_path), damp=0.02, perturb=0.05, sharpen=100.0)
+    w = WSD.from_pretrained(*pair, cuda_graphs=True, graph_chunks=(8, 3))
+    assert counts == {"capture_decode": 2, "capture_score": 2, "capture_steps": 2}
+    for chunk in (8, 3, 5):
+        w.generate("Hello!", WSDParams(draft_max_tokens=24, max_new_tokens=32, chunk=chunk))
+    w.generate("Hello!", WSDParams(draft_max_tokens=24, max_new_tokens=32, temperature=0.7,
+                                   seed=1))
+    w.generate_ids([5, 6, 7], [5, 6, 7], WSDParams(draft_max_tokens=16, max_new_tokens=16))
+    list(w.stream("Hi", WSDParams(draft_max_tokens=16, max_new_tokens=16)))
+    assert counts == {"capture_decode": 2, "capture_score": 2, "capture_steps": 2}
 
 
 def test_decode_steps_and_stream_refuse_to_overflow(tmp_path):
