@@ -127,8 +127,10 @@ def configs():
             dict(NUM_SPLITS=32, BLOCK_S=32, HEAD_DIM=hd, BLOCK_ROWS=max(1, 8192 // (32 * hd))),
             {"o_part_ptr": "fp32", "lse_part_ptr": "fp32"}, set(), 4, 1, dt,
             {"n_rows": n_q, "n_heads": n_q})
-        # prefill attention: one decode-size token, a scored chunk of 8, a 128-token prompt
-        for L, splits in ((1, 8), (8, 1), (8, 8), (128, 1), (512, 1)):
+        # prefill attention: one decode-size token, a scored chunk of 8, the prefill buckets
+        # (16 and 32: the 64- and 128-row tiles; 128, 512)
+        for L, splits in ((1, 8), (8, 1), (8, 8), (16, 1), (16, 8), (32, 8), (128, 1),
+                          (512, 1)):
             cfg = pre.prefill_config(L, group, hd, tdt, cuda)
             consts = dict(GROUP=group, G_PAD=g_pad, HEAD_DIM=hd, BLOCK_T=cfg["block_r"] // g_pad,
                           BLOCK_R=cfg["block_r"], BLOCK_N=cfg["block_n"], NUM_SPLITS=splits,

@@ -96,17 +96,20 @@ def _decode_section(R: dict) -> list[str]:
                      f"{_f(r.get('e2e_tok_s'), '{:.1f}')} | "
                      f"{_f(r['tok_s'] / hf if hf else None, X2)} |")
     L.append("")
-    pre = [(p, e["prefill"]) for p, e in R["decode"].items() if e.get("prefill")]
+    pre = [(p, how, e[key]) for p, e in R["decode"].items()
+           for key, how in (("prefill", "eager"), ("prefill_graph", "CUDA graph (bucket)"))
+           if e.get(key)]
     if pre:
-        L += ["Prefill (eager, empty cache; floor = one weight read; target for the 8B at "
+        L += ["Prefill (empty cache; floor = one weight read; target for the 8B at "
               "128 tokens: <= 1.5\u00d7 the floor):", "",
-              "| model | prompt | ms | \u00d7 floor | prompt tok/s |", "|---|---:|---:|---:|---:|"]
-        for p, r in pre:
+              "| model | how | prompt | ms | \u00d7 floor | prompt tok/s |",
+              "|---|---|---:|---:|---:|---:|"]
+        for p, how, r in pre:
             if "error" in r:
-                L.append(f"| {p} | error: {short_err(r['error'])} | | | |")
+                L.append(f"| {p} | {how} | error: {short_err(r['error'])} | | | |")
             else:
-                L.append(f"| {p} | {r['prompt_len']} | {r['ms']:.3f} | {r['over_floor']:.2f} | "
-                         f"{r['prompt_tok_s']:.0f} |")
+                L.append(f"| {p} | {how} | {r['prompt_len']} | {r['ms']:.3f} | "
+                         f"{r['over_floor']:.2f} | {r['prompt_tok_s']:.0f} |")
         L.append("")
     return L
 

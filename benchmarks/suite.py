@@ -275,6 +275,17 @@ class Bench:
                 m.capture_decode()
                 return measure_engine(m, ids, a.steps, floor_ms, a.reps, dev)
             self.attempt(sysd, "engine_graph", graph, f"decode {preset} engine_graph")
+            self.log(f"    {preset}: prefill of {a.prompt_len} tokens through a captured "
+                     "bucket graph")
+
+            def prefill_graph():
+                from wsd_engine.runner import PREFILL_BUCKETS
+                m.capture_prefill(PREFILL_BUCKETS)
+                return dict(measure_prefill(m, ids, floor_ms, a.reps, dev),
+                            buckets=list(PREFILL_BUCKETS),
+                            method="Model.prefill through the smallest captured bucket "
+                                   "graph that holds the prompt (padded), median")
+            self.attempt(e, "prefill_graph", prefill_graph, f"prefill {preset} graph")
             self.log(f"    {preset}: {SYSTEMS['engine_graph_steps']}")
 
             def steps():

@@ -133,11 +133,16 @@ def decode(t: Table, E) -> None:
             continue
         x = hf["decode_ms_per_token"] / r["decode_ms_per_token"]
         t.add(5, f"decode {preset} >= 10x HF transformers eager", f"{x:.1f}x", x >= 10, src)
-    pre = dec.get("llama3.1-8b", {}).get("prefill", {})
+    e8 = dec.get("llama3.1-8b", {})
     name = "prefill of a 128-token prompt, 8B, <= 1.5x its weight-read floor"
-    if _num(pre.get("over_floor")) and pre.get("prompt_len") == 128:
+    found = [(how, e8[key]) for key, how in (("prefill_graph", "bucket graph"),
+                                            ("prefill", "eager"))
+             if _num(e8.get(key, {}).get("over_floor")) and e8[key].get("prompt_len") == 128]
+    if found:   # the graph when measured: what the engine runs with CUDA graphs
+        how, pre = found[0]
+        other = "; ".join(f"{h} {r['over_floor']:.2f}x" for h, r in found[1:])
         t.add(5, name, f"{pre['over_floor']:.2f}x", pre["over_floor"] <= 1.5, src,
-              f"{pre['ms']:.2f} ms")
+              f"{how}, {pre['ms']:.2f} ms" + (f"; {other}" if other else ""))
     else:
         t.add(5, name, "no 128-token 8B prefill row", None, src)
 

@@ -47,7 +47,7 @@ def test_bench_cpu_smoke(tmp_path):
         assert _num(pre["ms"]) and _num(pre["over_floor"]) and _num(pre["prompt_tok_s"])
         assert e["systems"]["hf_eager"]["init_std_down_proj"] > 0   # never zeros
     assert "## Decode" in md and "HF transformers eager generate" in md
-    assert "Prefill (eager, empty cache" in md
+    assert "Prefill (empty cache" in md and "| eager |" in md
 
     # wsd: forced switch points 4, 8 and never, next to base-only decoding
     assert len(R["wsd"]) == 2

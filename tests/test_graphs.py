@@ -79,8 +79,37 @@ def test_capture_needs_cuda_and_triton(tmp_path):
         m.capture_steps(8)
     with pytest.raises(ConfigError, match="n_steps must be an int >= 1"):
         m.capture_steps(0)
+    with pytest.raises(ConfigError, match="device='cuda' and backend='triton'"):
+        m.capture_prefill((16,))
     assert m._graphs == {}
     assert len(m.generate([3, 4, 5], max_new_tokens=4, stop_at_eos=False)) == 4
+
+
+@pytest.mark.gpu
+def test_prefill_graphs_on_the_gpu(tmp_path):
+    """Captured bucket prefills (logits and hidden kinds) against eager prefills: same
+    last-token outputs, same cache (the next decode step agrees), prompts from 1 token to
+    past the largest bucket."""
+    path = make_model(str(tmp_path / "m"), "qwen2", tokenizer=make_tokenizer(320),
+                      init_scale=5.0)
+    eager = load_model(path, device="cuda", backend="triton", max_seq_len=128)
+    m = load_model(path, device="cuda", backend="triton", max_seq_len=128)
+    m.capture_prefill((16, 64))
+    m.capture_prefill((16, 64), hidden=True)
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 9, 16, 40, 64, 90):
+        ids = torch.randint(3, 320, (n,), generator=g).cuda()
+        assert (m._prefill_graph(n, 0, False) is None) == (n > 64)
+        for hidden in (False, True):
+            eager.cache.reset()
+            m.cache.reset()
+            f = "prefill_hidden" if hidden else "prefill"
+            want, got = getattr(eager, f)(ids), getattr(m, f)(ids)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert m.cache.length == n
+        nxt = torch.tensor([5], device="cuda")
+        torch.testing.assert_close(m.decode_one_token(nxt), eager.decode_one_token(nxt),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -147,19 +176,21 @@ def test_graphs_are_captured_once_per_engine_not_per_request(tmp_path, monkeypat
     graph once; requests of any chunk size, greedy or sampled, capture nothing more."""
     from wsd_engine.runner import Model
     counts = {}
-    for name in ("capture_decode", "capture_score", "capture_steps"):
-        monkeypatch.setattr(Model, name, lambda self, *a, _n=name:
+    for name in ("capture_decode", "capture_score", "capture_steps", "capture_prefill"):
+        monkeypatch.setattr(Model, name, lambda self, *a, _n=name, **kw:
                             counts.__setitem__(_n, counts.get(_n, 0) + 1))
     pair = make_wsd_pair(str(tmp_path), damp=0.02, perturb=0.05, sharpen=100.0)
     w = WSD.from_pretrained(*pair, cuda_graphs=True, graph_chunks=(8, 3))
-    assert counts == {"capture_decode": 2, "capture_score": 2, "capture_steps": 2}
+    assert counts == {"capture_decode": 2, "capture_score": 2, "capture_steps": 2,
+                      "capture_prefill": 2}
     for chunk in (8, 3, 5):
         w.generate("Hello!", WSDParams(draft_max_tokens=24, max_new_tokens=32, chunk=chunk))
     w.generate("Hello!", WSDParams(draft_max_tokens=24, max_new_tokens=32, temperature=0.7,
                                    seed=1))
     w.generate_ids([5, 6, 7], [5, 6, 7], WSDParams(draft_max_tokens=16, max_new_tokens=16))
     list(w.stream("Hi", WSDParams(draft_max_tokens=16, max_new_tokens=16)))
-    assert counts == {"capture_decode": 2, "capture_score": 2, "capture_steps": 2}
+    assert counts == {"capture_decode": 2, "capture_score": 2, "capture_steps": 2,
+                      "capture_prefill": 2}
 
 
 def test_decode_steps_and_stream_refuse_to_overflow(tmp_path):
@@ -291,8 +322,8 @@ def test_wsd_tunes_only_models_nobody_set(tmp_path, monkeypatch):
     tuned = []
     monkeypatch.setattr(Model, "tune_decode_kernels",
                         lambda self: tuned.append(self) or {"chosen": "x"})
-    for name in ("capture_decode", "capture_score", "capture_steps"):
-        monkeypatch.setattr(Model, name, lambda self, *a: None)
+    for name in ("capture_decode", "capture_score", "capture_steps", "capture_prefill"):
+        monkeypatch.setattr(Model, name, lambda self, *a, **kw: None)
     monkeypatch.setattr(Model, "can_capture", property(lambda self: True))   # as on a GPU
     pilot, base = load_model(path, backend="triton"), load_model(path, backend="triton")
     pilot.set_decode_kernels(fused_gemv=False)       # chosen by hand: kept
@@ -332,3 +363,122 @@ def test_tuning_on_the_gpu_picks_a_working_path(tmp_path):
     eager.set_decode_kernels(**rec["chosen"])          # tuned graph vs eager, same kernels
     ids = list(range(5, 30))
     assert m.generate(ids, 24, stop_at_eos=False) == eager.generate(ids, 24, stop_at_eos=False)
+
+
+# ---- graph-mode logic on CPU: CUDA graphs stood in for by eager replays ----------------
+
+def _eager_graphs(monkeypatch):
+    """Every Model._capture returns a stand-in whose replay() runs the captured body again
+    on the same static buffers and copies the result into the same output buffer: the
+    graph paths' logic (static buffers, device positions, padding, row picks, cache
+    lengths) runs on CPU; only the CUDA capture itself is left to the GPU tests."""
+    from wsd_engine.runner import Model
+    replays = []
+
+    def capture(self, n_tokens, body, n_cache=None):
+        self.cache.check_fits(0, n_tokens if n_cache is None else n_cache)
+        tok = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
+        pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        g = {"token": tok, "pos": pos, "out": body(tok, pos).clone()}
+
+        class Replay:
+            def replay(self_):
+                replays.append(n_tokens)
+                g["out"].copy_(body(tok, pos))
+        g["graph"] = Replay()
+        self.cache.reset()
+        return g
+    monkeypatch.setattr(Model, "_capture", capture)
+    monkeypatch.setattr(Model, "can_capture", property(lambda self: self.backend == "triton"))
+    return replays
+
+
+def test_prefill_graphs_pad_the_prompt_and_pick_its_last_row(tmp_path, monkeypatch):
+    """A prompt of n tokens runs in the smallest bucket b >= n (padded with its last token):
+    the logits / hidden state of its last token and the cache after it equal an eager
+    prefill's; the padding's K/V past the prompt are never read; too long, or a bucket
+    that would overrun the cache, prefills eagerly."""
+    replays = _eager_graphs(monkeypatch)
+    path = make_model(str(tmp_path / "m"), "llama", init_scale=5.0)
+    eager = load_model(path, backend="triton", max_seq_len=80)
+    m = load_model(path, backend="triton", max_seq_len=80)
+    m.capture_prefill((32, 16, 64))
+    m.capture_prefill((16, 32), hidden=True)
+    assert sorted(k for k in m._graphs) == [("prefill", 16, False), ("prefill", 16, True),
+                                            ("prefill", 32, False), ("prefill", 32, True),
+                                            ("prefill", 64, False)]
+    gen = torch.Generator().manual_seed(0)
+    for n, bucket in ((1, 16), (5, 16), (16, 16), (17, 32), (40, 64), (70, None)):
+        ids = torch.randint(0, m.config.vocab_size, (n,), generator=gen)
+        replays.clear()
+        eager.cache.reset()
+        m.cache.reset()
+        want = eager.prefill(ids)
+        got = m.prefill(ids)
+        assert replays == ([bucket] if bucket else []), (n, replays)
+        assert m.cache.length == eager.cache.length == n
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the cache holds what an eager prefill wrote; the padding past n is never read
+        nxt = torch.tensor([int(torch.argmax(want))])
+        torch.testing.assert_close(m.decode_one_token(nxt), eager.decode_one_token(nxt),
+                                   rtol=1e-5, atol=1e-5)
+    # the hidden kind (the WSD base), and a prompt continued from start > 0
+    ids = torch.randint(0, m.config.vocab_size, (12,), generator=gen)
+    eager.cache.reset()
+    m.cache.reset()
+    want = eager.forward(ids, 0, return_hidden=True)[-1]
+    torch.testing.assert_close(m.prefill_hidden(ids[:7]), eager.forward(ids[:7], 0, return_hidden=True)[-1],
+                               rtol=1e-5, atol=1e-5)
+    replays.clear()
+    torch.testing.assert_close(m.prefill_hidden(ids[7:], start=7), want, rtol=1e-5, atol=1e-5)
+    assert replays == [16] and m.cache.length == 12
+    # a bucket that would write past the cache is passed over: 20 tokens at 50 need 32
+    # positions (82 > 80), so the 64-token logits bucket is no better: eager
+    base = torch.randint(0, m.config.vocab_size, (50,), generator=gen)
+    m.cache.reset()
+    eager.cache.reset()
+    eager.prefill(base)
+    m.prefill(base)
+    replays.clear()
+    ids = torch.randint(0, m.config.vocab_size, (20,), generator=gen)
+    torch.testing.assert_close(m.prefill(ids, start=50), eager.prefill(ids, start=50),
+                               rtol=1e-5, atol=1e-5)
+    assert replays == [] and m.cache.length == 70
+
+
+def test_capture_prefill_checks_its_input(tmp_path):
+    m = load_model(make_model(str(tmp_path / "m"), "llama"), backend="triton")
+    with pytest.raises(ConfigError, match="CUDA graphs need device='cuda'"):
+        m.capture_prefill((16,))
+    for bad in ((), [0], (16, "32"), 16, (True,)):
+        with pytest.raises(ConfigError, match="buckets"):
+            m.capture_prefill(bad)
+    pair = make_wsd_pair(str(tmp_path / "p"), damp=0.02, perturb=0.05, sharpen=100.0)
+    with pytest.raises(ConfigError, match="prefill buckets must be"):
+        WSD.from_pretrained(*pair, prefill_buckets=(16, -1))
+
+
+def test_wsd_in_graph_mode_matches_eager_on_cpu(tmp_path, monkeypatch):
+    """The whole graph-mode engine (decode, n-step drafting, chunk scoring and prefill
+    graphs, replayed eagerly here) gives the eager engine's tokens: several prompts, chunk
+    sizes with and without a graph, greedy and sampled."""
+    pair = make_wsd_pair(str(tmp_path), damp=0.02, perturb=0.05, sharpen=100.0)
+    eager = WSD.from_pretrained(*pair, backend="triton")
+    replays = _eager_graphs(monkeypatch)
+    graphed = WSD.from_pretrained(*pair, backend="triton", cuda_graphs=True,
+                                  graph_chunks=(3,), tune_kernels=False,
+                                  prefill_buckets=(16, 64))
+    keys = set(graphed.pilot._graphs) | set(graphed.base._graphs)
+    assert {("prefill", 64, False), ("prefill", 64, True), ("score", 3), ("steps", 3),
+            "decode"} <= keys
+    prompt = "Tell me about the quick brown fox."
+    for chunk in (3, 5):                 # 5: no graph of that size, eager drafting / scoring
+        p = WSDParams(draft_max_tokens=15, max_new_tokens=24, chunk=chunk)
+        replays.clear()
+        a, b = eager.generate(prompt, p), graphed.generate(prompt, p)
+        assert (a.switch_index, a.token_ids, a.text) == (b.switch_index, b.token_ids, b.text)
+        assert a.switched and 64 in replays and (3 in replays) == (chunk == 3)
+    p = WSDParams(draft_max_tokens=15, max_new_tokens=24, chunk=3, temperature=0.8,
+                  top_p=0.9, seed=3)
+    a, b = eager.generate(prompt, p), graphed.generate(prompt, p)
+    assert (a.switch_index, a.token_ids) == (b.switch_index, b.token_ids)

@@ -20,7 +20,7 @@ import torch
 
 from .errors import ConfigError, ContextOverflowError, RequestError, TokenizerError, WSDError
 from .handoff import DraftHandoff, tokenizers_identical
-from .runner import Model, load_model
+from .runner import PREFILL_BUCKETS, Model, check_buckets, load_model
 from .sampling import Sampler, SamplingParams
 from .switch import SwitchState, check_threshold, check_window
 from .tokenization import (DEFAULT_STOP, IncrementalDetokenizer, apply_chat_template, decode,
@@ -125,13 +125,16 @@ class WSD:
 
     def __init__(self, pilot: Model, base: Model, base_template=None, cuda_graphs: bool = False,
                  graph_chunks=(8,), step_graphs: bool = True, fused_gemv: bool | None = None,
-                 pdl: bool | None = None, tune_kernels: bool | None = None):
+                 pdl: bool | None = None, tune_kernels: bool | None = None,
+                 prefill_buckets=PREFILL_BUCKETS):
         """cuda_graphs: capture, once per engine, each model's decode step and the base's
         chunk-scoring forward for each size in `graph_chunks` (CUDA + triton backend);
         other chunk sizes run eagerly. With `step_graphs` also the pilot's greedy n-step
         decode for those sizes: a greedy drafting chunk is then one replay (sampled
         requests replay the one-step graph; the base's continuation streams through its
-        one-step graph with the next step in flight).
+        one-step graph with the next step in flight). And both prompt prefills for each
+        length in `prefill_buckets` (a prompt runs in the smallest bucket that holds it,
+        padded; longer prompts, or `prefill_buckets=()`, prefill eagerly).
         fused_gemv / pdl (triton backend; None keeps each model's setting): the one-token
         kernels of both models (`Model.set_decode_kernels`), set before any capture.
         tune_kernels: time the one-token kernel choices on this GPU and keep the fastest
@@ -163,6 +166,7 @@ class WSD:
         self.last_result: Optional[WSDResult] = None
         if tune_kernels not in (None, True, False):
             raise ConfigError(f"tune_kernels must be True, False or None, got {tune_kernels!r}")
+        check_buckets(prefill_buckets)
         if tune_kernels and (fused_gemv is not None or pdl is not None):
             raise ConfigError("tune_kernels=True chooses fused_gemv and pdl itself; give "
                               "either those settings or tune_kernels=True, not both")
@@ -176,6 +180,9 @@ class WSD:
         if cuda_graphs:
             pilot.capture_decode()
             base.capture_decode()
+            if prefill_buckets:
+                pilot.capture_prefill(prefill_buckets, hidden=False)   # logits: 1st draft token
+                base.capture_prefill(prefill_buckets, hidden=True)     # H[0] of the rule
             for c in graph_chunks:
                 base.capture_score(c)
                 if step_graphs:              # the pilot's greedy drafting chunks
@@ -185,11 +192,12 @@ class WSD:
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
                         backend="torch", base_template=None, cuda_graphs=False,
                         graph_chunks=(8,), step_graphs=True, fused_gemv=None,
-                        pdl=None, tune_kernels=None) -> "WSD":
+                        pdl=None, tune_kernels=None, prefill_buckets=PREFILL_BUCKETS) -> "WSD":
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend)
         return cls(load_model(pilot, **kw), load_model(base, **kw), base_template,
                    cuda_graphs=cuda_graphs, graph_chunks=graph_chunks, step_graphs=step_graphs,
-                   fused_gemv=fused_gemv, pdl=pdl, tune_kernels=tune_kernels)
+                   fused_gemv=fused_gemv, pdl=pdl, tune_kernels=tune_kernels,
+                   prefill_buckets=prefill_buckets)
 
     # ---- public API ----------------------------------------------------------------
     def generate(self, prompt, params: Optional[WSDParams] = None):
@@ -275,14 +283,14 @@ class WSD:
         base.cache.reset()
         p_cur = _Cursor(logits=pilot.prefill(torch.tensor(p_ids, device=pilot.device)))
         t0 = timer.add("pilot_prefill", t0)
-        b_h = base.forward(torch.tensor(b_ids, device=dev), 0, return_hidden=True)[-1:]  # [1, d]
+        b_h = base.prefill_hidden(torch.tensor(b_ids, device=dev))                # [d]
         t0 = timer.add("base_prefill", t0)
 
         # H[i]: the base's final hidden state after draft token i (H[0]: the prompt's last),
         # i.e. the row that predicts draft token i + 1. Kept for every scored token (at most
         # max_new_tokens rows) so a rollback or the switch needs no recomputation.
         H = torch.empty(cap + 1, b_h.shape[-1], dtype=b_h.dtype, device=dev)   # [cap+1, d]
-        H[0] = b_h[0]
+        H[0] = b_h
         scored: list[int] = []               # base draft ids scored so far (= handoff.emitted)
         drafted: list[int] = []              # pilot ids
         k: Optional[int] = None

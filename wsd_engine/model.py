@@ -96,14 +96,16 @@ class TorchOps:
 
 def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Tensor,
             start: int, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
-            return_hidden: bool = False, logits_rows: slice | None = None) -> torch.Tensor:
+            return_hidden: bool = False, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
     """Run tokens [T] at positions start..start+T-1 against cache positions [0, start).
 
     `start` is an int, or (triton backend, for CUDA-graph capture) a [1] int64 device
     tensor, in which case nothing here reads it on the host and the caller keeps
-    cache.length. Writes the new K/V and sets cache.length = start + T (int start). Returns fp32 logits [T', V] for
-    the rows `logits_rows` (all by default), or the final-normed hidden states [T, d] when
-    `return_hidden` (the WSD scoring kernel applies the lm_head itself).
+    cache.length. Writes the new K/V and sets cache.length = start + T (int start). Returns fp32
+    logits [T', V], or the final-normed hidden states [T', d] when `return_hidden` (the WSD
+    scoring kernel applies the lm_head itself), for the rows `rows`: all by default, a
+    slice, or an int64 index tensor on the device (a graph-captured prefill picks the last
+    prompt token's row through a static index buffer).
     """
     T = tokens.shape[0]
     host_start = not isinstance(start, torch.Tensor)
@@ -130,11 +132,15 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
         x = ops.swiglu_linear(gu, w[p + "down"], w.get(p + "down_bias"))  # [T, d]
     if host_start:
         cache.length = start + T
+    if rows is not None:             # the norm is per row: select first
+        if isinstance(rows, torch.Tensor):
+            x = x.index_select(0, rows)
+            residual = residual.index_select(0, rows) if residual is not None else None
+        else:
+            x = x[rows]
+            residual = residual[rows] if residual is not None else None
     if return_hidden:
-        h, _ = ops.rms_norm(x, w["norm"], residual)                     # [T, d]
+        h, _ = ops.rms_norm(x, w["norm"], residual)                     # [T', d]
         return h
-    if logits_rows is not None:      # the norm is per row: slice first
-        x = x[logits_rows]
-        residual = residual[logits_rows] if residual is not None else None
     logits, _ = ops.norm_linear(x, residual, w["norm"], w["lm_head"], logits=True)
     return logits                                                       # [T', V] fp32

@@ -18,6 +18,9 @@ from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
 
 BACKENDS = ("torch", "triton")
 DEFAULT_MAX_SEQ_LEN = 4096
+# prompt lengths with a captured prefill graph (`capture_prefill`): a prompt runs in the
+# smallest that holds it, so the padding is under 2x (weight reads dominate at these sizes)
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
 def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
@@ -103,17 +106,52 @@ class Model:
     # ---- phases --------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, return_hidden: bool = False,
-                last_only: bool = False) -> torch.Tensor:
-        """Tokens [T] at positions start.. against cache [0, start); sets cache length."""
+                last_only: bool = False, rows=None) -> torch.Tensor:
+        """Tokens [T] at positions start.. against cache [0, start); sets cache length.
+        Logits (or final hidden states) of every row, the last (`last_only`) or `rows`."""
         if start > self.cache.length:
             raise ValueError(f"start {start} is past the cache length {self.cache.length}")
-        rows = slice(-1, None) if last_only else None
+        rows = slice(-1, None) if last_only else rows
         return forward(self.config, self.weights, self.ops, tokens, start, self.cache,
-                       self.cos, self.sin, return_hidden=return_hidden, logits_rows=rows)
+                       self.cos, self.sin, return_hidden=return_hidden, rows=rows)
 
     def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Fill the cache with a prompt (from position `start`); logits of the last token [V]."""
-        return self.forward(tokens, start, last_only=True)[0]
+        """Fill the cache with a prompt (from position `start`); logits of the last token [V].
+        Through a captured prefill graph when one fits (`capture_prefill`), else eagerly."""
+        return self._prefill_last(tokens, start, hidden=False)
+
+    def prefill_hidden(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """As `prefill`, returning the last token's final-normed hidden state [d] instead
+        (the WSD base: its scoring kernel applies the lm_head itself)."""
+        return self._prefill_last(tokens, start, hidden=True)
+
+    def _prefill_last(self, tokens: torch.Tensor, start: int, hidden: bool) -> torch.Tensor:
+        n = tokens.shape[0]
+        g = self._prefill_graph(n, start, hidden)
+        if g is None:
+            return self.forward(tokens, start, return_hidden=hidden, last_only=True)[0]
+        # the graph runs b >= n tokens: the prompt, then copies of its last token. Their
+        # K/V land in cache positions [start + n, start + b), past the length set below:
+        # never attended to (a position is always written again before it is read).
+        b = g["token"].shape[0]
+        if start > self.cache.length:
+            raise ValueError(f"start {start} is past the cache length {self.cache.length}")
+        self.cache.check_fits(start, n)
+        g["token"][:n].copy_(tokens)
+        g["token"][n:].copy_(tokens[-1:].expand(b - n))
+        g["row"].fill_(n - 1)
+        g["pos"].fill_(start)
+        g["graph"].replay()
+        self.cache.length = start + n
+        return g["out"][0].clone()          # the static buffer is the next replay's output
+
+    def _prefill_graph(self, n: int, start: int, hidden: bool):
+        """The smallest captured prefill graph of this kind for n tokens at `start` (its
+        b tokens must fit the cache), or None."""
+        fits = [(key[1], g) for key, g in self._graphs.items()
+                if isinstance(key, tuple) and key[0] == "prefill" and key[2] == hidden
+                and n <= key[1] and start + key[1] <= self.max_seq_len]
+        return min(fits, key=lambda bg: bg[0])[1] if fits else None
 
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         """One token [1] at the current cache length; its logits [V] (a view of a static
@@ -315,6 +353,26 @@ class Model:
         self._graphs[("score", n_tokens)] = self._capture(
             n_tokens, lambda tok, pos: self._forward_at(tok, pos, return_hidden=True))
 
+    def capture_prefill(self, buckets=PREFILL_BUCKETS, hidden: bool = False) -> None:
+        """Capture the prompt prefill for each bucket size b (those that fit the cache):
+        b tokens at a device start position, the logits (or, `hidden`, the final-normed
+        hidden state) of one row chosen through a static index. `prefill` (`prefill_hidden`)
+        of n tokens then replays the smallest bucket b >= n, the prompt padded with copies
+        of its last token (whose K/V, past the prompt, are never read): one launch instead
+        of ~10 per layer from Python. Longer prompts run eagerly. Resets the cache."""
+        check_buckets(buckets)
+        if not buckets:
+            raise ConfigError("buckets is empty: give at least one prompt length")
+        for b in sorted(set(buckets)):
+            if b > self.max_seq_len:
+                continue
+            row = torch.zeros(1, dtype=torch.int64, device=self.device)
+            g = self._capture(b, lambda tok, pos, row=row: forward(
+                self.config, self.weights, self.ops, tok, pos, self.cache, self.cos, self.sin,
+                return_hidden=hidden, rows=row))
+            g["row"] = row
+            self._graphs[("prefill", b, hidden)] = g
+
     def capture_steps(self, n_steps: int) -> None:
         """Capture n greedy decode steps (forward, argmax, feed back) as ONE CUDA graph;
         `decode_steps(token, n_steps)` replays it: one launch and no host work per token.
@@ -456,6 +514,14 @@ class Model:
             ev = nxt
         ev.synchronize()
         yield int(host[n - 1])
+
+
+def check_buckets(buckets) -> None:
+    """Prefill bucket sizes: a list / tuple of positive ints (empty: none)."""
+    if (not isinstance(buckets, (list, tuple))
+            or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in buckets)):
+        raise ConfigError("prefill buckets must be a list or tuple of positive ints (prompt "
+                          f"lengths), got {buckets!r}")
 
 
 TUNING_MAX_REL_RMS = 0.10
