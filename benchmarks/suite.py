@@ -437,6 +437,10 @@ class Bench:
                  f"({'graph' if self.graphs else 'eager'} decode)")
 
         def base_only() -> dict:
+            if self.graphs:   # as a user with CUDA graphs runs it: the prompt through a graph
+                from wsd_engine.runner import PREFILL_BUCKETS
+                base.capture_prefill(PREFILL_BUCKETS)
+            base.generate(ids, 2, stop_at_eos=False)                    # warm-up
             runs = [timed(lambda: base.generate(ids, R_, stop_at_eos=False), dev)
                     for _ in range(a.reps)]
             s = statistics.median(r[0] for r in runs)
