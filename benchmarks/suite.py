@@ -49,10 +49,12 @@ STEP_BLOCK = 16                 # tokens per n-step graph in the decode suite
 
 
 def measure_blocks(model, ids: list[int], n: int, floor_ms: float, reps: int, dev,
-                   block: int = STEP_BLOCK) -> dict:
+                   block: int | None = None) -> dict:
     """Greedy decoding in blocks of `block` steps (`Model.decode_steps`: one replay each when
     the n-step graph is captured), one read-back at the end: the pilot's drafting path.
-    Per-token time = (t(K blocks) - t(1 block)) / ((K - 1) * block), prefill cancelling."""
+    Per-token time = (t(K blocks) - t(1 block)) / ((K - 1) * block), prefill cancelling.
+    `block` defaults to STEP_BLOCK (read at call time)."""
+    block = block or STEP_BLOCK
     t = torch.tensor(ids, device=dev)
     K = max(2, n // block)
 
@@ -259,7 +261,9 @@ class Bench:
         a, dev = self.a, self.dev
         cfg = model_cfg(preset, self.smoke)
         e = self._decode_entry(preset)
-        msl = a.prompt_len + a.steps + STEP_BLOCK + 8
+        # room for generate (steps) and for measure_blocks (at least 2 blocks, one more
+        # block of slack for its last read-back)
+        msl = a.prompt_len + max(a.steps, 2 * STEP_BLOCK) + STEP_BLOCK + 8
         m = random_model(cfg, dev, self.dtype, max_seq_len=msl, backend=self.backend, seed=0)
         floor_ms = self._floor(preset, m)
         e.update(floor_ms_per_token=floor_ms, floor_tok_s=1e3 / floor_ms)

@@ -129,12 +129,16 @@ def _gemv_kernel(
         tl.store(y_ptr + rows, y, mask=r_mask)
 
 
-def default_config(N: int, K: int) -> dict:
+def default_config(N: int, K: int, interpreter: bool = False) -> dict:
     """Launch shape (not tuned on a GPU yet: `benchmarks/bench_gemv.py --sweep` measures
     the alternatives). Aims at >= 2 programs per SM on an H100 and 1 KB row segments;
     num_stages pipelines the weight loop (sm_90 compile, 8B shapes: 34-38 KB of shared
-    memory at 3 stages; at 1 the loop has one 16 KB tile in flight per program)."""
+    memory at 3 stages; at 1 the loop has one 16 KB tile in flight per program).
+    `interpreter` (CPU, TRITON_INTERPRET=1): wide row blocks, since the interpreter pays
+    per program, not per byte (same results: each output row is computed the same way)."""
     block_n = 16 if N >= 4096 else 8
+    if interpreter:
+        block_n = max(block_n, min(128, triton.next_power_of_2(N)))
     block_k = min(512, triton.next_power_of_2(K))
     # l2_tiles (PDL only; 0 or a power of two): tiles after the first asked of L2 before
     # the wait; 2 = 32 KB per program, ~17 MB over a first wave of 4 programs per SM on 132
@@ -192,7 +196,7 @@ def gemv(x, weight, bias=None, pre="none", residual=None, norm_weight=None, eps=
         raise ValueError("norm_weight is only used with pre='rmsnorm'")
     y = torch.empty((1, N), device=x.device, dtype=torch.float32 if logits else x.dtype)
     h = torch.empty((1, K), device=x.device, dtype=x.dtype) if residual is not None else None
-    cfg = dict(default_config(N, K), **(config or {}))
+    cfg = dict(default_config(N, K, interpreter=weight.device.type != "cuda"), **(config or {}))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     # the PDL program layout (first tile prefetched) whenever asked for, so the interpreter
     # tests it; the wait/release instructions and the launch flag only where PDL exists

@@ -236,3 +236,44 @@ def test_kernel_rows_keep_why_they_have_no_time(capsys):
     md = "\\n".join(_kernels_section({"switch_score": {"result": {"results": rows}}}))
     assert "| c=8 | compiled | failed: RuntimeError: compiler crashed" in md
     assert "| c=8 | left out | skipped |" in md
+
+
+def test_bench_graph_mode_branches_on_cpu(tmp_path, monkeypatch):
+    """The suite's CUDA-graph branches (what a GPU session runs: per-step, n-step, fused and
+    PDL graph rows, the bucket-graph prefill, the start-up tuning, WSD with graphs and the
+    base-only baseline) on CPU through the triton interpreter, with eager stand-ins for the
+    graphs and for the tuning's CUDA-event timing: every row is produced, none errors."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from _graph_standins import eager_graphs, stub_decode_timing
+
+    from benchmarks import suite
+    from benchmarks.run import parse_args
+    eager_graphs(monkeypatch)
+    stub_decode_timing(monkeypatch)
+    monkeypatch.setattr(suite, "STEP_BLOCK", 2)          # the interpreter: short blocks
+    a = parse_args(["--cpu-smoke", "--suite", "decode,wsd", "--preset", "llama3.2-1b",
+                    "--pairs", "llama3.2-1b+llama3.1-8b", "--ks", "4", "--steps", "4",
+                    "--reps", "1", "--response", "8", "--prompt-len", "6", "--no-reference",
+                    "--out", str(tmp_path)])
+    b = suite.Bench(a)
+    b.backend, b.graphs = "triton", True                  # as on a GPU
+    b.decode_kernels = {"fused_gemv": None, "pdl": None, "tune_kernels": None}
+    b.R["copy_gbps"] = 10.0
+    b.decode_engine("llama3.2-1b")
+    b.wsd_pair("llama3.2-1b", "llama3.1-8b")
+    assert not b.R["errors"], [e["task"] + ": " + e["error"][:300] for e in b.R["errors"]]
+    d = b.R["decode"]["llama3.2-1b"]
+    for key in ("engine_graph", "engine_graph_steps", "engine_graph_steps_fused",
+                "engine_graph_steps_fused_pdl", "engine_graph_tuned"):
+        assert _num(d["systems"][key]["decode_ms_per_token"]), (key, d["systems"][key])
+    assert d["systems"]["engine_graph_tuned"]["tuning"]["chosen"] == {"fused_gemv": True,
+                                                                      "pdl": False}
+    assert _num(d["prefill"]["ms"]) and _num(d["prefill_graph"]["ms"])
+    w = b.R["wsd"]["llama3.2-1b + llama3.1-8b"]
+    assert set(w["kernel_tuning"]) == {"pilot", "base"} and w["cuda_graphs"]
+    assert [r["k"] for r in w["runs"]] == [4] and _num(w["runs"][0]["measured_over_ideal"])
+    assert w["runs"][0]["switch_index"] == 4 and _num(w["base_only"]["total_s"])
+    from benchmarks.report import render_md
+    md = render_md(b.R)
+    assert "| llama3.2-1b | CUDA graph (bucket) | 6 |" in md
+    assert "kernels tuned on this card" in md and "(tuned; step ms at" in md

@@ -8,6 +8,8 @@ from wsd_engine import ConfigError, load_model
 from wsd_engine.engine import WSD, WSDParams
 from wsd_engine.synthetic import make_model, make_tokenizer, make_wsd_pair
 
+from _graph_standins import eager_graphs
+
 
 def _one_by_one(m, ids, n, eos=()):
     """Greedy decoding one token and one host read-back at a time (the plain loop)."""
@@ -367,38 +369,12 @@ def test_tuning_on_the_gpu_picks_a_working_path(tmp_path):
 
 # ---- graph-mode logic on CPU: CUDA graphs stood in for by eager replays ----------------
 
-def _eager_graphs(monkeypatch):
-    """Every Model._capture returns a stand-in whose replay() runs the captured body again
-    on the same static buffers and copies the result into the same output buffer: the
-    graph paths' logic (static buffers, device positions, padding, row picks, cache
-    lengths) runs on CPU; only the CUDA capture itself is left to the GPU tests."""
-    from wsd_engine.runner import Model
-    replays = []
-
-    def capture(self, n_tokens, body, n_cache=None):
-        self.cache.check_fits(0, n_tokens if n_cache is None else n_cache)
-        tok = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
-        pos = torch.zeros(1, dtype=torch.int64, device=self.device)
-        g = {"token": tok, "pos": pos, "out": body(tok, pos).clone()}
-
-        class Replay:
-            def replay(self_):
-                replays.append(n_tokens)
-                g["out"].copy_(body(tok, pos))
-        g["graph"] = Replay()
-        self.cache.reset()
-        return g
-    monkeypatch.setattr(Model, "_capture", capture)
-    monkeypatch.setattr(Model, "can_capture", property(lambda self: self.backend == "triton"))
-    return replays
-
-
 def test_prefill_graphs_pad_the_prompt_and_pick_its_last_row(tmp_path, monkeypatch):
     """A prompt of n tokens runs in the smallest bucket b >= n (padded with its last token):
     the logits / hidden state of its last token and the cache after it equal an eager
     prefill's; the padding's K/V past the prompt are never read; too long, or a bucket
     that would overrun the cache, prefills eagerly."""
-    replays = _eager_graphs(monkeypatch)
+    replays = eager_graphs(monkeypatch)
     path = make_model(str(tmp_path / "m"), "llama", init_scale=5.0)
     eager = load_model(path, backend="triton", max_seq_len=80)
     m = load_model(path, backend="triton", max_seq_len=80)
@@ -464,7 +440,7 @@ def test_wsd_in_graph_mode_matches_eager_on_cpu(tmp_path, monkeypatch):
     sizes with and without a graph, greedy and sampled."""
     pair = make_wsd_pair(str(tmp_path), damp=0.02, perturb=0.05, sharpen=100.0)
     eager = WSD.from_pretrained(*pair, backend="triton")
-    replays = _eager_graphs(monkeypatch)
+    replays = eager_graphs(monkeypatch)
     graphed = WSD.from_pretrained(*pair, backend="triton", cuda_graphs=True,
                                   graph_chunks=(3,), tune_kernels=False,
                                   prefill_buckets=(16, 64))
