@@ -65,6 +65,48 @@ def test_generate_stops_at_eos(tiny):
         assert _one_by_one(tiny, ids, 40, eos=(eos,)) == want
 
 
+def test_stream_with_one_step_in_flight_on_cpu(tmp_path, monkeypatch):
+    """The CUDA ordering of `stream_greedy` (step i + 1 launched before token i is read
+    through its own event) driven on CPU: same tokens as one-at-a-time decoding for every
+    length, a consumer that stops at an EOS leaves exactly one step launched past it, and
+    each read waits only for its own token's event."""
+    from wsd_engine.runner import Model
+    path = make_model(str(tmp_path / "m"), "llama", init_scale=5.0)
+    ref, m = load_model(path), load_model(path)
+    log = []
+
+    class Event:
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("sync")
+    monkeypatch.setattr(Model, "_steps_overlap", property(lambda self: True))
+    monkeypatch.setattr(Model, "_host_tokens", lambda self, n: torch.empty(n, dtype=torch.int64))
+    monkeypatch.setattr(Model, "_new_event", lambda self: Event())
+    steps = []
+    real_step = Model.decode_one_token
+    monkeypatch.setattr(Model, "decode_one_token",
+                        lambda self, tok: steps.append(1) or log.append("step")
+                        or real_step(self, tok))
+    ids = [5, 9, 13, 2, 7]
+    for n in (1, 2, 7, 20):
+        want = _one_by_one(ref, ids, n)
+        steps.clear()
+        log.clear()
+        assert m.generate(ids, n, stop_at_eos=False) == want
+        assert len(steps) == n - 1 and log.count("record") == n and log.count("sync") == n
+        if n == 3:   # step i + 1 is launched (and its token staged) before token i is awaited
+            assert log == ["record", "step", "record", "sync", "step", "record", "sync", "sync"]
+    free = _one_by_one(ref, ids, 20)
+    for e in (0, 3, 19):            # stop at the e-th token: e + 1 steps launched (<= 19)
+        eos = free[e]
+        cut = free.index(eos)
+        steps.clear()
+        assert m.generate(ids, 20, eos_token_ids=[eos]) == free[:cut]
+        assert len(steps) == min(cut + 1, 19), (e, cut, len(steps))
+
+
 def test_generate_fills_the_cache_exactly(tmp_path):
     m = load_model(make_model(str(tmp_path / "m"), "llama", init_scale=5.0), max_seq_len=24)
     ids = [7, 8, 9, 10]                            # 4 + 21 - 1 = 24 positions: fits

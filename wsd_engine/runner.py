@@ -479,6 +479,18 @@ class Model:
             out.append(t)
         return out
 
+    # the host side of `stream_greedy` on CUDA (hooks: the tests drive the same ordering
+    # on CPU with plain tensors and events that are always complete)
+    @property
+    def _steps_overlap(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _host_tokens(self, n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.int64, pin_memory=True)
+
+    def _new_event(self):
+        return torch.cuda.Event()
+
     def stream_greedy(self, first: torch.Tensor, n: int):
         """Yields n greedy tokens as host ints: `first` ([1] on the device, chosen but not
         fed) and its n - 1 successors; feeds all but the last (the cache grows by n - 1).
@@ -492,17 +504,17 @@ class Model:
             return
         self.cache.check_fits(self.cache.length, n - 1)
         cur = first.reshape(1)
-        if self.device.type != "cuda":
+        if not self._steps_overlap:
             for i in range(n):
                 yield int(cur)
                 if i < n - 1:
                     cur = torch.argmax(self.decode_one_token(cur), dim=-1).reshape(1)
             return
-        host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+        host = self._host_tokens(n)
 
-        def stage(i: int, tok: torch.Tensor) -> torch.cuda.Event:
+        def stage(i: int, tok: torch.Tensor):
             host[i:i + 1].copy_(tok, non_blocking=True)
-            ev = torch.cuda.Event()
+            ev = self._new_event()
             ev.record()
             return ev
         ev = stage(0, cur)
