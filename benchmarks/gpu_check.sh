@@ -10,7 +10,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 # the layout `pip install -e .` gives: kernels/ importable as wsd_engine.kernels
 [ -e wsd_engine/kernels ] || ln -s ../kernels wsd_engine/kernels
-STEPS=${STEPS:-"pdl pytest_new e2e gemv attention wsd_fast pytest switch backend layers hf_compile"}
+STEPS=${STEPS:-"pdl pytest_new e2e attention gemv wsd_fast pytest switch backend layers hf_compile"}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 step() {   # step NAME TIMEOUT CMD... ; sets RC (the command's exit status, or "skip")
@@ -28,10 +28,10 @@ NEW_TESTS="tests/test_pdl.py tests/test_graphs.py tests/test_triton_backend.py t
 {
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-# the GPU tests of what changed since the last GPU run first (n-step graphs, fused gemv,
-# PDL, decode append mode with adaptive pieces), then the end-to-end decode (per-step and
-# n-step graphs, fused gemv, + PDL) and WSD runs, the gemv sweep, the attention bench
-# (min_piece rows), the whole GPU suite last
+# the GPU tests of what changed since the last GPU run first (PDL; n-step and prefill
+# graphs, fused gemv, decode append mode with adaptive pieces, tuning), then the end-to-end
+# decode (per-step, n-step, fused, PDL, tuned; eager and bucket-graph prefill) and WSD runs,
+# the attention bench, the gemv sweep, the whole GPU suite and the other benchmarks last
 # PDL first: if its GPU tests fail (a driver that cannot capture PDL launches, a race), the
 # rest runs with PDL off, so one broken option cannot take the measurements down with it
 step pdl ${T_PDL:-90} python -m pytest -q -m gpu -p no:cacheprovider -k pdl $NEW_TESTS
@@ -41,8 +41,10 @@ if [ "$RC" != skip ] && [ "$RC" != 0 ]; then
 fi
 step pytest_new ${T_PYTEST_NEW:-150} python -m pytest -q -m gpu -p no:cacheprovider -k "not pdl" $NEW_TESTS
 step e2e ${T_E2E:-240} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --no-torch-eager --time-budget ${E2E_BUDGET:-200} --out "$OUT/e2e"
-step gemv ${T_GEMV:-90} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
+# attention before the gemv sweep: it holds a target (8k decode, prefill vs SDPA); the sweep
+# only informs the gemv launch shape (the start-up tuning already picks gemv vs cuBLAS)
 step attention ${T_ATTN:-80} python benchmarks/bench_attention.py --out "$OUT/attention.json"
+step gemv ${T_GEMV:-90} python benchmarks/bench_gemv.py --sweep --out "$OUT/gemv.json"
 # WSD with the one-token fast path (fused gemv + PDL) at one switch point, no baselines
 step wsd_fast ${T_WSD_FAST:-70} python -m benchmarks.run --suite wsd --pairs llama3.2-1b+llama3.1-8b --ks 64 --fused-gemv --pdl --no-reference --no-hf-compile --no-torch-eager --no-plots --out "$OUT/wsd_fast"
 step pytest ${T_PYTEST:-150} python -m pytest -q -m gpu -p no:cacheprovider
