@@ -91,7 +91,7 @@ def cmd_generate(a):
                        backend=a.backend)
         m.set_decode_kernels(fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
         if a.cuda_graphs:
-            if m.can_capture and not (a.fused_gemv or a.pdl or a.no_tune):
+            if m.can_capture and not (a.no_tune or m.decode_kernels_chosen):
                 m.tune_decode_kernels()
             m.capture_decode()
         ids = m.tokenizer.encode(a.prompt)

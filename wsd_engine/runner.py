@@ -131,19 +131,13 @@ class Model:
         if g is None:
             return self.forward(tokens, start, return_hidden=hidden, last_only=True)[0]
         # the graph runs b >= n tokens: the prompt, then copies of its last token. Their
-        # K/V land in cache positions [start + n, start + b), past the length set below:
-        # never attended to (a position is always written again before it is read).
+        # K/V land in cache positions [start + n, start + b), past the length the replay
+        # sets (start + n): never attended to (a position is written again before it is read)
         b = g["token"].shape[0]
-        if start > self.cache.length:
-            raise ValueError(f"start {start} is past the cache length {self.cache.length}")
-        self.cache.check_fits(start, n)
-        g["token"][:n].copy_(tokens)
-        g["token"][n:].copy_(tokens[-1:].expand(b - n))
         g["row"].fill_(n - 1)
-        g["pos"].fill_(start)
-        g["graph"].replay()
-        self.cache.length = start + n
-        return g["out"][0].clone()          # the static buffer is the next replay's output
+        padded = torch.cat([tokens, tokens[-1:].expand(b - n)])
+        out = self._replay(g, padded, start, advance=n)
+        return out[0].clone()               # the static buffer is the next replay's output
 
     def _prefill_graph(self, n: int, start: int, hidden: bool):
         """The smallest captured prefill graph of this kind for n tokens at `start` (its
