@@ -318,7 +318,8 @@ def test_tuning_rejects_a_candidate_whose_logits_disagree(tiny_triton, monkeypat
              dict(fused_gemv=True, pdl=True), dict(fused_gemv=False, pdl=True)]
     noise = torch.randn(_LOGITS.shape, generator=torch.Generator().manual_seed(4))
     rounding = _LOGITS + 0.01 * _LOGITS.norm() / _LOGITS.numel() ** 0.5 * noise  # 1% RMS
-    wrong = _LOGITS + 0.2 * _LOGITS.norm() / _LOGITS.numel() ** 0.5 * noise      # 20% RMS
+    # 6% RMS: over four times what bf16 rounding explains (1.3%), so rejected
+    wrong = _LOGITS + 0.06 * _LOGITS.norm() / _LOGITS.numel() ** 0.5 * noise
     nan = _LOGITS.clone()
     nan[0, 7] = float("nan")
     _fake_cuda(m, monkeypatch, {(False, False): 10.0, (True, False): 5.0, (True, True): 4.0,

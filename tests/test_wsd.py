@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from wsd_engine import ContextOverflowError, RequestError
+from wsd_engine import ConfigError, ContextOverflowError, RequestError
 from wsd_engine.engine import WSD, WSDParams
 from wsd_engine.reference import ReferenceWSD
 from wsd_engine.sampling import SamplingParams
@@ -224,7 +224,9 @@ def test_bad_requests_leave_engine_usable(mid):
         with pytest.raises(RequestError):
             wsd.generate(prompt, params)
     with pytest.raises(ContextOverflowError, match="pilot prompt .* exceeds"):
-        wsd.generate("word " * 600, params)
+        wsd.generate("word " * 500, params)          # fits by characters, not by tokens
+    with pytest.raises(ContextOverflowError, match="the prompt has 4000000 characters"):
+        wsd.generate("x" * 4_000_000, params)        # refused before it is tokenized
     with pytest.raises(ContextOverflowError, match="max_new_tokens"):
         wsd.generate(PROMPT, WSDParams(draft_max_tokens=DRAFT, max_new_tokens=100000))
     with pytest.raises(RequestError, match="WSDParams"):
@@ -238,7 +240,7 @@ def test_bad_requests_leave_engine_usable(mid):
 
 def test_models_on_different_devices_refused(mid):
     wsd = WSD.from_pretrained(*mid)
-    with pytest.raises(RequestError, match="same device"):
+    with pytest.raises(ConfigError, match="same device"):
         WSD(wsd.pilot, dataclasses.replace(wsd.base, device=torch.device("meta")))
 
 

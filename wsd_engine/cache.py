@@ -50,5 +50,17 @@ class StaticKVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def snapshot(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """A copy of the valid positions: (length, k [L, nkv, length, hd], v likewise)."""
+        n = self.length
+        return n, self.k[:, :, :n].clone(), self.v[:, :, :n].clone()
+
+    def restore(self, snap: tuple[int, torch.Tensor, torch.Tensor]) -> None:
+        """Put a `snapshot` back: the cache then holds exactly that sequence."""
+        n, k, v = snap
+        self.k[:, :, :n].copy_(k)
+        self.v[:, :, :n].copy_(v)
+        self.length = n
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

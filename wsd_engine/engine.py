@@ -1,4 +1,4 @@
-"""WSD orchestration (DESIGN §2): the online loop over a pilot and a base model.
+"""WSD: the online loop over a pilot and a base model.
 
     prefill pilot(P_pilot(x)); prefill base(P_base(x))
     loop: pilot drafts a chunk of c tokens -> map to base ids -> the base scores the chunk
@@ -8,24 +8,33 @@
     base decodes the rest until EOS / stop string / max_new_tokens
 
 The base never re-reads the prefix and the pilot never drafts past the chunk that fires;
-the chunk size changes speed only, never the output. Requests run one after another.
+the chunk size changes speed only, never the output.
+
+Requests run one at a time. An engine may be shared by threads, and streams may be
+suspended and interleaved: each step of a request holds both models (`Model.reserved`),
+which parks and restores another request's cached sequence when needed, so every request
+gives exactly what it gives alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 
-from .errors import ConfigError, ContextOverflowError, RequestError, TokenizerError, WSDError
+from .errors import ConfigError, ContextOverflowError, RequestError, TokenizerError
 from .handoff import DraftHandoff, tokenizers_identical
 from .runner import PREFILL_BUCKETS, Model, check_buckets, load_model
 from .sampling import Sampler, SamplingParams
+from .sharing import CacheOwner
+from .streaming import AnswerText
 from .switch import SwitchState, check_threshold, check_window
-from .tokenization import (DEFAULT_STOP, IncrementalDetokenizer, apply_chat_template, decode,
-                           find_stop, finish_text, has_tokenizer, normalize_messages,
-                           render_base_prompt)
+from .tokenization import (DEFAULT_STOP, apply_chat_template, check_ids_in_vocab, decode,
+                           finish_text, has_tokenizer, is_prompt_list, max_token_chars,
+                           normalize_messages, render_base_prompt)
 
 
 def _pos_int(name, v):
@@ -37,7 +46,8 @@ def _pos_int(name, v):
 @dataclass(slots=True)
 class WSDParams:
     """One request's settings. Sampling fields apply to both models unless `pilot_sampling`
-    / `base_sampling` are given. Defaults are the paper's (greedy, w=6, gamma=0.8)."""
+    / `base_sampling` are given. Defaults are the paper's (greedy, w=6, gamma=0.8).
+    Validated when made and again when a request starts (fields may be changed between)."""
 
     window: int = 6
     threshold: float = 0.8
@@ -49,7 +59,7 @@ class WSDParams:
     seed: int = 0
     chunk: int = 8                     # pilot tokens per scoring forward (speed only)
     stop: Optional[tuple] = DEFAULT_STOP   # stop strings of the base continuation
-    pilot_sampling: Optional[SamplingParams] = None
+    pilot_sampling: Optional[SamplingParams] = None   # None: the fields above
     base_sampling: Optional[SamplingParams] = None
     # For benchmarks only (they change the output on purpose): run both models to their
     # caps, and/or switch at exactly this k instead of applying the rule (0 = never).
@@ -66,22 +76,51 @@ class WSDParams:
                                               isinstance(self.force_switch, int)
                                               or self.force_switch < 0):
             raise RequestError(f"force_switch must be None or an int >= 0, got {self.force_switch!r}")
-        if self.stop is None:
-            self.stop = ()
-        elif isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        else:
-            self.stop = tuple(self.stop)
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise RequestError(f"stop strings must be non-empty strings, got {s!r}")
-        common = SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        self.stop = _check_stops(self.stop)
+        SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)   # validates
         for name in ("pilot_sampling", "base_sampling"):
             v = getattr(self, name)
-            if v is None:
-                setattr(self, name, common)
-            elif not isinstance(v, SamplingParams):
-                raise RequestError(f"{name} must be a SamplingParams, got {type(v).__name__}")
+            if v is not None and not isinstance(v, SamplingParams):
+                raise RequestError(f"{name} must be a SamplingParams or None, got "
+                                   f"{type(v).__name__}")
+            if v is not None:                 # validated again: it may have been changed
+                setattr(self, name, dataclasses.replace(v))
+
+    def checked(self) -> "WSDParams":
+        """A validated copy of the current values (RequestError if any is invalid)."""
+        return dataclasses.replace(self)
+
+    @property
+    def pilot_params(self) -> SamplingParams:
+        return self.pilot_sampling or SamplingParams(self.temperature, self.top_p,
+                                                     self.top_k, self.seed)
+
+    @property
+    def base_params(self) -> SamplingParams:
+        return self.base_sampling or SamplingParams(self.temperature, self.top_p,
+                                                    self.top_k, self.seed)
+
+
+def _check_stops(stop) -> tuple:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)):
+        raise RequestError(f"stop must be a string, a list of strings or None, got "
+                           f"{type(stop).__name__}")
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise RequestError(f"stop strings must be non-empty strings, got {type(s).__name__}"
+                               f"{' (empty)' if s == '' else ''}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"stop string {s[:40]!r} is not valid Unicode text (a lone "
+                               "surrogate)") from None
+    return tuple(stop)
 
 
 @dataclass
@@ -120,6 +159,24 @@ class _Timer:
         return t1
 
 
+@dataclass(eq=False)
+class _Run:
+    """One request's state while it runs."""
+    params: WSDParams
+    p_ids: list[int]                   # pilot prompt ids
+    b_ids: list[int]                   # base prompt ids
+    timer: _Timer
+    text: AnswerText
+    drafted: list[int] = field(default_factory=list)   # pilot ids (no EOS)
+    scored: list[int] = field(default_factory=list)    # base draft ids scored so far
+    H: Optional[torch.Tensor] = None   # [cap + 1, d] base hidden states: H[i] predicts t_{i+1}
+    k: Optional[int] = None            # the switch point, once known
+    switched: bool = False             # a window passed (or the forced switch)
+    rollbacks: int = 0
+    cont: list[int] = field(default_factory=list)      # continuation ids (no EOS)
+    finish: str = "length"
+
+
 class WSD:
     """A pilot (small aligned chat model) and a base (strong base model) on one device."""
 
@@ -145,11 +202,18 @@ class WSD:
         it yet); False: never.
         Models without tokenizers make a token-level engine: `generate_ids` only (no
         templates, stop strings or text)."""
+        for name, m in (("pilot", pilot), ("base", base)):
+            if not isinstance(m, Model):
+                raise ConfigError(f"{name} must be a Model (from load_model), got "
+                                  f"{type(m).__name__}")
+        if pilot is base:
+            raise ConfigError("the same Model object was given as pilot and as base; each "
+                              "needs its own KV cache: load the checkpoint twice")
         if pilot.device != base.device:
-            raise RequestError(f"pilot is on {pilot.device} and base on {base.device}; load both "
-                               "on the same device")
+            raise ConfigError(f"pilot is on {pilot.device} and base on {base.device}; load both "
+                              "on the same device")
         self.pilot, self.base, self.base_template = pilot, base, base_template
-        has_tok = [has_tokenizer(m.path) or m._tokenizer is not None for m in (pilot, base)]
+        has_tok = [has_tokenizer(m.path) or m.has_loaded_tokenizer for m in (pilot, base)]
         if has_tok[0] != has_tok[1]:
             raise TokenizerError("only one of pilot and base has tokenizer files; give both "
                                  "(text prompts) or neither (token-level generate_ids)")
@@ -158,12 +222,23 @@ class WSD:
                          or tokenizers_identical(pilot.tokenizer, base.tokenizer))
         if self.identity and pilot.config.vocab_size > base.config.vocab_size:
             # same tokenizer; ids the pilot can emit must exist in the base's embedding
-            raise RequestError("pilot and base share a tokenizer but the pilot's vocab_size "
-                               f"({pilot.config.vocab_size}) exceeds the base's "
-                               f"({base.config.vocab_size})")
+            raise ConfigError("pilot and base share a tokenizer but the pilot's vocab_size "
+                              f"({pilot.config.vocab_size}) exceeds the base's "
+                              f"({base.config.vocab_size})")
+        # the longest text a prompt can have and still fit both caches (checked before
+        # tokenizing, so a huge prompt is refused at once)
+        self._chars_per_token = (max(max_token_chars(pilot.tokenizer),
+                                     max_token_chars(base.tokenizer))
+                                 if self.text_mode else 0)
         self.pilot_eos = set(pilot.eos_token_ids)
         self.base_eos = set(base.eos_token_ids)
         self.last_result: Optional[WSDResult] = None
+        self._setup_kernels(cuda_graphs, graph_chunks, step_graphs, fused_gemv, pdl,
+                            tune_kernels, prefill_buckets)
+
+    def _setup_kernels(self, cuda_graphs, graph_chunks, step_graphs, fused_gemv, pdl,
+                       tune_kernels, prefill_buckets) -> None:
+        pilot, base = self.pilot, self.base
         if tune_kernels not in (None, True, False):
             raise ConfigError(f"tune_kernels must be True, False or None, got {tune_kernels!r}")
         check_buckets(prefill_buckets)
@@ -175,7 +250,7 @@ class WSD:
         self.kernel_tuning = {}
         for name, m in (("pilot", pilot), ("base", base)):
             if tune_kernels or (tune_kernels is None and cuda_graphs and m.can_capture
-                                and not m.decode_kernels_chosen and not m._graphs):
+                                and not m.decode_kernels_chosen and not m.has_graphs):
                 self.kernel_tuning[name] = m.tune_decode_kernels()
         if cuda_graphs:
             pilot.capture_decode()
@@ -200,210 +275,202 @@ class WSD:
                    prefill_buckets=prefill_buckets)
 
     # ---- public API ----------------------------------------------------------------
-    def generate(self, prompt, params: Optional[WSDParams] = None):
-        """One prompt (str or messages) -> WSDResult; a list of prompts -> list, in order."""
-        if isinstance(prompt, (list, tuple)) and prompt and all(
-                isinstance(p, str) or (isinstance(p, (list, tuple)) and p) for p in prompt):
-            return [self.generate(p, params) for p in prompt]
-        run = self._run(prompt, params)
-        while True:
-            try:
-                next(run)
-            except StopIteration as stop:
-                return stop.value
+    def generate(self, prompt, params=None):
+        """One prompt (str or messages) -> WSDResult; a list of prompts -> list, in order
+        (params: one WSDParams for all, or a list with one per prompt)."""
+        if is_prompt_list(prompt):
+            plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt)
+            if len(plist) != len(prompt):
+                raise RequestError(f"{len(prompt)} prompts but {len(plist)} params; give one "
+                                   "WSDParams for all or one per prompt")
+            return [self.generate(p, q) for p, q in zip(prompt, plist)]
+        if isinstance(params, (list, tuple)):
+            raise RequestError("a list of params needs a list of prompts")
+        return self._complete(self._request(prompt, params))
 
     def stream(self, prompt, params: Optional[WSDParams] = None) -> Iterator[str]:
-        """Yields text pieces as soon as they are final; `last_result` holds the result."""
-        return (yield from self._run(prompt, params))
+        """Yields text pieces as soon as they are final; returns the WSDResult (the
+        generator's return value; also `last_result`). While it is suspended other
+        requests may use the engine: its state is parked and restored, exactly."""
+        owner = CacheOwner()
+        run = self._request(prompt, params)
+        try:
+            while True:
+                with self._hold(owner):
+                    try:
+                        piece = next(run)
+                    except StopIteration as done:
+                        return done.value
+                yield piece
+        finally:
+            owner.release()
+            run.close()
 
     def generate_ids(self, pilot_prompt_ids, base_prompt_ids,
                      params: Optional[WSDParams] = None) -> WSDResult:
         """Token-level WSD for callers that render prompts themselves (serving stacks,
         benchmarks): the pilot's prompt ids (its chat template applied) and the base's.
         Text fields are empty and stop strings unused when the models have no tokenizer."""
-        run = self._run(None, params, ids=(pilot_prompt_ids, base_prompt_ids))
-        while True:
-            try:
-                next(run)
-            except StopIteration as stop:
-                return stop.value
+        return self._complete(self._request(None, params, ids=(pilot_prompt_ids,
+                                                               base_prompt_ids)))
 
-    # ---- the loop --------------------------------------------------------------------
-    def _run(self, prompt, params: Optional[WSDParams], ids=None):
+    # ---- one request ---------------------------------------------------------------
+    def _hold(self, owner: CacheOwner) -> ExitStack:
+        """Both models reserved for `owner` (always in the same order: no deadlock)."""
+        stack = ExitStack()
+        for m in sorted((self.pilot, self.base), key=id):
+            stack.enter_context(m.reserved(owner))
+        return stack
+
+    def _complete(self, run) -> WSDResult:
+        """Run a request to the end while holding both models."""
+        owner = CacheOwner(keep=False)
+        try:
+            with self._hold(owner):
+                while True:
+                    try:
+                        next(run)
+                    except StopIteration as done:
+                        return done.value
+        finally:
+            run.close()
+
+    def _request(self, prompt, params, ids=None):
+        """The request as a generator (nothing runs before its first step): checks and
+        tokenizes, then yields final text pieces and returns the WSDResult."""
         params = WSDParams() if params is None else params
         if not isinstance(params, WSDParams):
             raise RequestError(f"params must be a WSDParams, got {type(params).__name__}")
+        params = params.checked()
+        return self._steps(prompt, params, ids)
+
+    def _steps(self, prompt, params: WSDParams, ids):
+        p_ids, b_ids = self._prompt_ids(prompt, params, ids)
+        run = _Run(params=params, p_ids=p_ids, b_ids=b_ids, timer=_Timer(self.base.device),
+                   text=AnswerText(self.base.tokenizer if self.text_mode else None,
+                                   params.stop))
+        t_start = run.timer.now()
+        yield from self._draft(run)
+        yield from self._continue(run)
+        run.timer.t["total"] = run.timer.now() - t_start
+        res = self._result(run)
+        yield from run.text.finish(res.text)     # the rest; checks the streamed prefix
+        return res
+
+    def _prompt_ids(self, prompt, params: WSDParams, ids) -> tuple[list[int], list[int]]:
+        """Both prompts as token ids, checked against both caches."""
         pilot, base = self.pilot, self.base
+        room = (("pilot", pilot, params.draft_max_tokens, "draft_max_tokens"),
+                ("base", base, params.max_new_tokens, "max_new_tokens"))
         if ids is not None:
-            p_ids = pilot.as_tokens(ids[0]).tolist()
-            b_ids = base.as_tokens(ids[1]).tolist()
+            p_ids, b_ids = pilot.as_tokens(ids[0]).tolist(), base.as_tokens(ids[1]).tolist()
         else:
             if not self.text_mode:
                 raise TokenizerError("these models have no tokenizers: use generate_ids with "
                                      "prompt token ids")
             messages = normalize_messages(prompt)
+            chars = sum(len(m["content"]) for m in messages)
+            for name, m, extra, what in room:
+                most = max(m.max_seq_len - extra, 0) * self._chars_per_token
+                if chars > most:
+                    raise ContextOverflowError(
+                        f"the prompt has {chars} characters: more than the {name} model's KV "
+                        f"cache ({m.max_seq_len}) can hold with {what}={extra} (at most "
+                        f"{most} characters); shorten the prompt, lower {what}, or load with "
+                        "a larger max_seq_len")
             p_ids = apply_chat_template(pilot.tokenizer, messages)
             b_ids = render_base_prompt(base.tokenizer, messages, self.base_template)
-        for name, m, n, extra, what in (
-                ("pilot", pilot, len(p_ids), params.draft_max_tokens, "draft_max_tokens"),
-                ("base", base, len(b_ids), params.max_new_tokens, "max_new_tokens")):
+            if not b_ids:
+                raise RequestError("the base prompt rendered as empty text; check base_template")
+            check_ids_in_vocab(p_ids, pilot.config.vocab_size, "pilot")
+            check_ids_in_vocab(b_ids, base.config.vocab_size, "base")
+        for name, m, extra, what in room:
+            n = len(p_ids) if name == "pilot" else len(b_ids)
             if n + extra > m.max_seq_len:
                 raise ContextOverflowError(
                     f"{name} prompt ({n} tokens) + {what} ({extra}) exceeds the {name} model's "
                     f"KV cache ({m.max_seq_len}); shorten the prompt, lower {what}, or load with "
                     "a larger max_seq_len")
-        try:
-            return (yield from self._loop(params, p_ids, b_ids))
-        except BaseException:
-            pilot.cache.reset()
-            base.cache.reset()
-            raise
+        return p_ids, b_ids
 
-    def _loop(self, params: WSDParams, p_ids: list[int], b_ids: list[int]):
-        pilot, base = self.pilot, self.base
-        dev = base.device
-        timer = _Timer(dev)
-        t_start = t0 = timer.now()
-        P = len(b_ids)
-        p_sampler = Sampler(params.pilot_sampling, pilot.device)
-        b_sampler = Sampler(params.base_sampling, dev)
-        tok = base.tokenizer if self.text_mode else None
-        handoff = DraftHandoff(pilot.tokenizer if self.text_mode else None, tok,
+    # ---- drafting and scoring ------------------------------------------------------
+    def _draft(self, run: _Run):
+        """Until the rule fires or the draft ends: the pilot drafts a chunk, the base
+        scores it. Sets run.k / run.switched; yields the draft text that is certain."""
+        pilot, base, params = self.pilot, self.base, run.params
+        p_sampler = Sampler(params.pilot_params, pilot.device)
+        handoff = DraftHandoff(pilot.tokenizer if self.text_mode else None,
+                               base.tokenizer if self.text_mode else None,
                                mode="identity" if self.identity else "text")
         state = SwitchState.from_threshold(params.window, params.threshold)
-        force = params.force_switch
         cap = params.max_new_tokens          # the draft is scored up to this many base tokens
-        stops = params.stop if tok is not None else ()
-        hold = max((len(s) for s in stops), default=1) - 1
-        out = _Streamer(tok, hold)
         pilot_eos = set() if params.ignore_eos else self.pilot_eos
-        base_eos = set() if params.ignore_eos else self.base_eos
-
+        t0 = run.timer.now()
         pilot.cache.reset()
         base.cache.reset()
-        p_cur = _Cursor(logits=pilot.prefill(torch.tensor(p_ids, device=pilot.device)))
-        t0 = timer.add("pilot_prefill", t0)
-        b_h = base.prefill_hidden(torch.tensor(b_ids, device=dev))                # [d]
-        t0 = timer.add("base_prefill", t0)
-
+        p_cur = _Cursor(logits=pilot.prefill(torch.tensor(run.p_ids, device=pilot.device)))
+        t0 = run.timer.add("pilot_prefill", t0)
+        b_h = base.prefill_hidden(torch.tensor(run.b_ids, device=base.device))     # [d]
+        t0 = run.timer.add("base_prefill", t0)
         # H[i]: the base's final hidden state after draft token i (H[0]: the prompt's last),
-        # i.e. the row that predicts draft token i + 1. Kept for every scored token (at most
+        # the row that predicts draft token i + 1. Kept for every scored token (at most
         # max_new_tokens rows) so a rollback or the switch needs no recomputation.
-        H = torch.empty(cap + 1, b_h.shape[-1], dtype=b_h.dtype, device=dev)   # [cap+1, d]
-        H[0] = b_h
-        scored: list[int] = []               # base draft ids scored so far (= handoff.emitted)
-        drafted: list[int] = []              # pilot ids
-        k: Optional[int] = None
+        run.H = torch.empty(cap + 1, b_h.shape[-1], dtype=b_h.dtype, device=base.device)
+        run.H[0] = b_h
         pilot_done = False
-        while k is None and not pilot_done:
-            # -- the pilot drafts a chunk: tokens stay on the device, read back once per
-            #    chunk; steps past a pilot EOS are discarded (output unchanged)
-            n_p = min(params.chunk, params.draft_max_tokens - len(drafted))
-            chunk_t, p_cur = _decode_block(pilot, p_sampler, p_cur, n_p,
-                                           feed_last=len(drafted) + n_p < params.draft_max_tokens)
-            new_p: list[int] = []
+        while run.k is None and not pilot_done:
+            # the pilot drafts a chunk: tokens stay on the device, read back once per
+            # chunk; steps past a pilot EOS are discarded (output unchanged)
+            n_p = min(params.chunk, params.draft_max_tokens - len(run.drafted))
+            chunk_t, p_cur = _decode_block(pilot, p_sampler, p_cur, n_p, feed_last=len(
+                run.drafted) + n_p < params.draft_max_tokens)
+            new_p = []
             for t in chunk_t.tolist():                       # the chunk's one read-back
                 if t in pilot_eos:
                     pilot_done = True
                     break
                 new_p.append(t)
-            drafted.extend(new_p)
-            if len(drafted) == params.draft_max_tokens:
-                pilot_done = True
-            t0 = timer.add("drafting", t0)
-            # -- map to base ids (identity, or the stable re-encode with rollback)
+            run.drafted.extend(new_p)
+            pilot_done = pilot_done or len(run.drafted) == params.draft_max_tokens
+            t0 = run.timer.add("drafting", t0)
+            # map to base ids (identity, or the stable re-encode with rollback)
             start, new_b = handoff.push(new_p, final=pilot_done)
-            if start < len(scored):          # an already scored token changed: roll back
+            if start < len(run.scored):      # an already scored token changed: roll back
                 state.truncate(start)
-                del scored[start:]
+                del run.scored[start:]
             new_b = new_b[:cap - start]
             if new_b:
-                # -- ONE base forward over the chunk at its positions (writes the KV cache),
-                #    then the rule on log p of each chunk token
-                m = len(new_b)
-                ids_t = torch.tensor(new_b, device=dev)                          # [m]
-                H[start + 1:start + 1 + m] = base.score_chunk(ids_t, P + start,
-                                                              return_hidden=True)
-                logp = self._draft_logp(H[start:start + m], ids_t, state)        # [m] fp32
-                if force is None:
-                    k = state.update(logp)   # the rule: one small read-back per chunk
-                else:
-                    logp.tolist()            # same read-back, the rule replaced (benchmarks)
-                    k = force if 0 < force <= start + m and force > start else None
-                scored.extend(new_b)
-                if k is not None:
-                    base.truncate(P + k)     # drop the draft after t_k: O(1)
-                t0 = timer.add("scoring", t0)
-            if k is None and len(scored) >= cap:
-                k = len(scored)              # the draft alone fills max_new_tokens
-            if k is None:
-                yield from out.feed(scored)
-        switched = k is not None
-        if k is None:
-            k = len(scored)                  # no window passed: keep the whole draft
-        kept = scored[:k]
-        yield from out.feed(kept)
+                self._score(run, state, start, new_b)
+                t0 = run.timer.add("scoring", t0)
+            if run.k is None and len(run.scored) >= cap:
+                run.k = len(run.scored)      # the draft alone fills max_new_tokens
+            if run.k is None and self.identity:
+                # same tokenizer: every scored token will be kept (k >= len(scored)); with
+                # two tokenizers a rollback may still change them, so the text waits
+                yield from run.text.draft_so_far(run.scored)
+        run.rollbacks = handoff.n_rollbacks
+        if run.k is None:
+            run.k = len(run.scored)          # no window passed: keep the whole draft
 
-        # -- the base writes the rest, from the row of t_k
-        cont: list[int] = []
-        finish = "length"
-        draft_chars = len(decode(tok, kept)) if stops else 0
-        max_stop = max((len(s) for s in stops), default=0)
-        budget = params.max_new_tokens - k
-        logits = base.logits(H[k:k + 1])[0] if budget > 0 else None                # [V]
-
-        def accept(t: int) -> str:
-            """Book one continuation token; "eos" / "stop" / "length" (go on)."""
-            if t in base_eos:
-                return "eos"
-            cont.append(t)
-            if tok is not None:
-                seen = len(out.detok.text)
-                out.push_cont(t)
-                if stops and find_stop(out.detok.text, stops,
-                                       max(draft_chars, seen - max_stop)) != -1:
-                    return "stop"
-            return "length"
-
-        if budget > 0 and b_sampler.params.greedy:
-            # greedy: one token at a time with the next step already running on the device
-            # (`Model.stream_greedy`); the step in flight at an EOS / stop is not waited for
-            first = torch.argmax(logits, dim=-1).reshape(1)
-            for t in base.stream_greedy(first, budget):
-                finish = accept(t)
-                if finish != "length":
-                    break
-                if tok is not None:
-                    yield from out.flush_safe()     # text as soon as it is final
-            yield from out.flush_safe()
-        cur = _Cursor(logits=logits)
-        while len(cont) < budget and finish == "length":
-            # sampling: blocks of `chunk` tokens, read back once per block; tokens sampled
-            # past an EOS or a stop string are discarded (output unchanged)
-            n = min(params.chunk, budget - len(cont))
-            block, cur = _decode_block(base, b_sampler, cur, n, feed_last=len(cont) + n < budget)
-            for t in block.tolist():                         # the block's one read-back
-                finish = accept(t)
-                if finish != "length":
-                    break
-            yield from out.flush_safe()
-        t0 = timer.add("continuation", t0)
-        if tok is not None:
-            text, token_ids, stopped = finish_text(tok, kept, cont, stops)
-            if stopped:
-                finish = "stop"
-            yield from out.finish(text)
+    def _score(self, run: _Run, state: SwitchState, start: int, new_b: list[int]) -> None:
+        """ONE base forward over a chunk of draft tokens at their positions (it writes the
+        base's KV cache), then the rule on their log p; truncates the base at a switch."""
+        base, params = self.base, run.params
+        check_ids_in_vocab(new_b, base.config.vocab_size, "base")
+        m, P = len(new_b), len(run.b_ids)
+        ids_t = torch.tensor(new_b, device=base.device)                          # [m]
+        run.H[start + 1:start + 1 + m] = base.score_chunk(ids_t, P + start, return_hidden=True)
+        logp = self._draft_logp(run.H[start:start + m], ids_t, state)            # [m] fp32
+        force = params.force_switch
+        if force is None:
+            k = state.update(logp)           # the rule: one small read-back per chunk
         else:
-            text, token_ids = "", kept + cont
-        timer.t["total"] = t0 - t_start
-        res = WSDResult(
-            text=text, token_ids=token_ids, switch_index=k, switched=switched,
-            finish_reason=finish, draft_tokens=len(drafted),
-            draft_text=decode(tok, kept) if tok is not None else "", base_tokens=len(cont),
-            prompt_tokens={"pilot": len(p_ids), "base": P}, timings=timer.t,
-            rollbacks=handoff.n_rollbacks)
-        self.last_result = res
-        return res
+            logp.tolist()                    # same read-back, the rule replaced (benchmarks)
+            k = force if start < force <= start + m else None
+        run.scored.extend(new_b)
+        if k is not None:
+            run.k, run.switched = k, True
+            base.truncate(P + k)             # drop the draft after t_k: O(1)
 
     def _draft_logp(self, rows: torch.Tensor, ids: torch.Tensor, state: SwitchState) -> torch.Tensor:
         """log p of each draft token under the base: rows [m, d] predict ids [m] -> [m] fp32.
@@ -413,17 +480,86 @@ class WSD:
         `SwitchState.update` on the m log-probs, one small read-back per chunk."""
         if self.base.backend == "triton":
             from .kernels.switch_score import switch_score
-            return switch_score(rows, self.base.weights["lm_head"], ids,
+            return switch_score(rows, self.base.lm_head_weight, ids,
                                 state.carry_tensor(rows.device), state.n_scored, state.window,
                                 state.log_gamma).logp
         logits = self.base.logits(rows)                                   # [m, V] fp32
         return torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
 
+    # ---- the continuation ----------------------------------------------------------
+    def _continue(self, run: _Run):
+        """The base writes the rest from the row of t_k, to EOS / a stop / the budget.
+        Yields the text as it becomes final."""
+        base, params = self.base, run.params
+        t0 = run.timer.now()
+        kept = run.scored[:run.k]
+        yield from run.text.start_continuation(kept)
+        budget = params.max_new_tokens - run.k
+        if budget <= 0:
+            run.timer.add("continuation", t0)
+            return
+        eos = set() if params.ignore_eos else self.base_eos
+        logits = base.logits(run.H[run.k:run.k + 1])[0]                        # [V] fp32
+
+        def ended(t: int) -> bool:
+            """Book one continuation token; True when the answer is complete."""
+            if t in eos:
+                run.finish = "eos"
+                return True
+            run.cont.append(t)
+            run.text.push(t)
+            if run.text.done:
+                run.finish = "stop"
+                return True
+            return False
+
+        sampler = Sampler(params.base_params, base.device)
+        if sampler.params.greedy:
+            # one token at a time with the next step already running on the device
+            # (`Model.stream_greedy`); the step in flight at an EOS / stop is not waited for
+            first = torch.argmax(logits, dim=-1).reshape(1)
+            for t in base.stream_greedy(first, budget):
+                if ended(t):
+                    break
+                yield from run.text.pieces()
+        else:
+            cur = _Cursor(logits=logits)
+            done = False
+            while len(run.cont) < budget and not done:
+                # blocks of `chunk` tokens, read back once per block; tokens sampled past
+                # an EOS or a stop string are discarded (output unchanged)
+                n = min(params.chunk, budget - len(run.cont))
+                block, cur = _decode_block(base, sampler, cur, n,
+                                           feed_last=len(run.cont) + n < budget)
+                done = any(ended(t) for t in block.tolist())
+                yield from run.text.pieces()
+        run.timer.add("continuation", t0)
+
+    def _result(self, run: _Run) -> WSDResult:
+        kept, tok = run.scored[:run.k], (self.base.tokenizer if self.text_mode else None)
+        if tok is not None:
+            text, token_ids, stopped = finish_text(tok, kept, run.cont, run.params.stop)
+            if stopped:
+                run.finish = "stop"
+        else:
+            text, token_ids = "", kept + run.cont
+        res = WSDResult(
+            text=text, token_ids=token_ids, switch_index=run.k, switched=run.switched,
+            finish_reason=run.finish, draft_tokens=len(run.drafted),
+            draft_text=decode(tok, kept) if tok is not None else "",
+            base_tokens=len(run.cont),
+            prompt_tokens={"pilot": len(run.p_ids), "base": len(run.b_ids)},
+            timings=run.timer.t, rollbacks=run.rollbacks)
+        self.last_result = res
+        return res
+
 
 @dataclass
 class _Cursor:
     """Where a model's decoding stands: the logits [V] of the last fed token, or (greedy
-    blocks) the next token, already chosen from them and not yet fed, [1] on the device."""
+    blocks) the next token, already chosen from them and not yet fed, [1] on the device.
+    Always the request's own tensors (never a graph's static buffer), so it survives
+    another request running in between."""
     logits: Optional[torch.Tensor] = None
     token: Optional[torch.Tensor] = None
 
@@ -451,44 +587,5 @@ def _decode_block(model: Model, sampler: Sampler, cur: _Cursor, n: int,
         toks.append(t)
         if i < n - 1 or feed_last:
             logits = model.decode_one_token(t)
-    return torch.cat(toks), _Cursor(logits=logits)
-
-
-class _Streamer:
-    """Emits the answer's text as it becomes final: scored draft tokens (the rule cannot
-    drop them any more) and continuation tokens, holding back the last `hold` characters
-    and trailing whitespace, which a stop string could still cut."""
-
-    def __init__(self, tok, hold: int):
-        self.tok, self.hold = tok, hold
-        self.detok = IncrementalDetokenizer(tok)
-        self.emitted = ""
-
-    def feed(self, ids: list[int]):
-        if self.tok is None:                 # token-level engine: no text
-            return
-        if ids[:len(self.detok.ids)] != self.detok.ids:   # a cross-tokenizer rollback
-            self.detok = IncrementalDetokenizer(self.tok)
-        self.detok.push(ids[len(self.detok.ids):])
-        yield from self.flush_safe()
-
-    def push_cont(self, tok: int):
-        self.detok.push([tok])
-
-    def flush_safe(self):
-        text = self.detok.text
-        end = len(text) - self.hold
-        while end > len(self.emitted) and text[end - 1].isspace():
-            end -= 1
-        if end > len(self.emitted) and text.startswith(self.emitted):
-            piece = text[len(self.emitted):end]
-            self.emitted += piece
-            yield piece
-
-    def finish(self, final_text: str):
-        if final_text.startswith(self.emitted) and len(final_text) > len(self.emitted):
-            piece = final_text[len(self.emitted):]
-            self.emitted += piece
-            yield piece
-        elif not final_text.startswith(self.emitted):
-            raise WSDError("internal error: streamed text is not a prefix of the final text")
+    # a decode step's logits may be a graph's static buffer: keep a copy of our own
+    return torch.cat(toks), _Cursor(logits=logits.clone() if logits is not None else None)

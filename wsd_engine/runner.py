@@ -4,7 +4,9 @@ it — `prefill`, `decode_one_token`, `decode_steps`, `score_chunk` — plus the
 """
 from __future__ import annotations
 
+import numbers
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,7 @@ from .config import ModelConfig, parse_dtype
 from .errors import ConfigError, ContextOverflowError, RequestError
 from .loader import load_weights
 from .model import TorchOps, forward, rope_tables
+from .sharing import CacheOwner, CacheResidency
 from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
 
 BACKENDS = ("torch", "triton")
@@ -53,6 +56,15 @@ class Model:
     # tune_decode_kernels, whose measurements stay in decode_tuning
     _kernels_chosen: bool = False
     decode_tuning: dict | None = None
+    # who may use the cache now: the lock, the resident sequence, parked ones
+    _residency: CacheResidency = field(default_factory=CacheResidency, repr=False)
+
+    # ---- sharing ---------------------------------------------------------------------
+    def reserved(self, owner: CacheOwner | None = None):
+        """Context manager: hold this model (its cache) for `owner`'s sequence. Waits for
+        other threads; parks another owner's unfinished sequence and puts `owner`'s back
+        (see `sharing`). No owner: a one-shot use whose sequence is not kept."""
+        return self._residency.reserved(self.cache, owner)
 
     # ---- metadata ----------------------------------------------------------------
     @property
@@ -62,6 +74,22 @@ class Model:
     @property
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
+
+    @property
+    def has_loaded_tokenizer(self) -> bool:
+        """A tokenizer was given or loaded already (a folder without one may still have
+        one set by the caller)."""
+        return self._tokenizer is not None
+
+    @property
+    def has_graphs(self) -> bool:
+        """Whether any CUDA graph is captured on this model."""
+        return bool(self._graphs)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, d] the output projection (the WSD scoring kernel applies it itself)."""
+        return self.weights["lm_head"]
 
     @property
     def tokenizer(self):
@@ -82,26 +110,35 @@ class Model:
 
     # ---- input checks --------------------------------------------------------------
     def as_tokens(self, token_ids) -> torch.Tensor:
-        """list[int] / 1-D tensor -> int64 device tensor [T], validated."""
+        """list[int] / 1-D tensor -> int64 device tensor [T], validated (range checked on
+        the host before anything reaches the device)."""
         if isinstance(token_ids, torch.Tensor):
             t = token_ids.reshape(-1) if token_ids.dim() == 2 and token_ids.shape[0] == 1 else token_ids
             if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise RequestError("token_ids must be a 1-D integer tensor or a list of ints "
                                    f"(got {tuple(token_ids.shape)} {token_ids.dtype})")
-            t = t.to(device=self.device, dtype=torch.int64)
-            lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+            ids = t.detach().to("cpu", torch.int64)
+            lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
         else:
+            if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+                raise RequestError("token_ids must be a list of ints or a 1-D integer tensor, "
+                                   f"got {type(token_ids).__name__}")
             ids = list(token_ids)
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise RequestError("token_ids must be ints")
+            bad = next((i for i in ids if isinstance(i, bool)
+                        or not isinstance(i, numbers.Integral)), None)
+            if bad is not None:
+                raise RequestError("token_ids must be ints, got an element of type "
+                                   f"{type(bad).__name__}")
+            ids = [int(i) for i in ids]
             lo, hi = (min(ids), max(ids)) if ids else (0, 0)
-            t = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        if t.numel() == 0:
+        if len(ids) == 0:
             raise RequestError("token_ids is empty; give at least one token")
         if lo < 0 or hi >= self.config.vocab_size:
             raise RequestError(f"token id out of range [0, {self.config.vocab_size}): "
                                f"min {lo}, max {hi}")
-        return t
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.tensor(ids, dtype=torch.int64)
+        return ids.to(self.device)
 
     # ---- phases --------------------------------------------------------------------
     @torch.inference_mode()
@@ -245,6 +282,10 @@ class Model:
         capturing graphs (it captures and drops its own); resets the cache. Returns the
         record, also kept in `decode_tuning`: {"context", "replays", "rows": [{fused_gemv,
         pdl, ms | error (+ ms_rejected)}], "chosen", "ms"}."""
+        with self.reserved():
+            return self._tune_decode_kernels(context, replays, candidates, min_gain)
+
+    def _tune_decode_kernels(self, context, replays, candidates, min_gain) -> dict:
         if not self.can_capture:
             raise ConfigError("tuning the decode kernels needs device='cuda' and "
                               f"backend='triton' (this model: {self.device}, {self.backend})")
@@ -399,6 +440,10 @@ class Model:
         if not self.can_capture:
             raise ConfigError("CUDA graphs need device='cuda' and backend='triton' "
                               f"(this model: {self.device}, {self.backend})")
+        with self.reserved():
+            return self._capture_reserved(n_tokens, body, n_cache)
+
+    def _capture_reserved(self, n_tokens: int, body, n_cache: int | None) -> dict:
         self.cache.check_fits(0, n_tokens if n_cache is None else n_cache)
         tok = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
         pos = torch.zeros(1, dtype=torch.int64, device=self.device)   # start, a device scalar
@@ -445,8 +490,9 @@ class Model:
         """fp32 logits [T, V] of a fresh sequence (the cache is reset first)."""
         tokens = self.as_tokens(token_ids)
         self.cache.check_fits(0, tokens.numel())
-        self.cache.reset()
-        return self.forward(tokens, 0)
+        with self.reserved():
+            self.cache.reset()
+            return self.forward(tokens, 0)
 
     def generate(self, token_ids, max_new_tokens: int = 32, eos_token_ids=None,
                  stop_at_eos: bool = True) -> list[int]:
@@ -464,14 +510,15 @@ class Model:
                 "shorten the prompt, lower max_new_tokens or load with a larger max_seq_len")
         eos = set(self.eos_token_ids if eos_token_ids is None else eos_token_ids) \
             if stop_at_eos else set()
-        self.cache.reset()
-        first = torch.argmax(self.prefill(tokens), dim=-1).reshape(1)   # [1], not yet fed
-        out: list[int] = []
-        for t in self.stream_greedy(first, max_new_tokens):
-            if t in eos:
-                break
-            out.append(t)
-        return out
+        with self.reserved():
+            self.cache.reset()
+            first = torch.argmax(self.prefill(tokens), dim=-1).reshape(1)   # [1], not fed
+            out: list[int] = []
+            for t in self.stream_greedy(first, max_new_tokens):
+                if t in eos:
+                    break
+                out.append(t)
+            return out
 
     # the host side of `stream_greedy` on CUDA (hooks: the tests drive the same ordering
     # on CPU with plain tensors and events that are always complete)
@@ -530,7 +577,8 @@ def check_buckets(buckets) -> None:
                           f"lengths), got {buckets!r}")
 
 
-TUNING_MAX_REL_RMS = 0.10
+# 4%: about three times the measured bf16 difference of two correct paths (1.3%, below)
+TUNING_MAX_REL_RMS = 0.04
 
 
 def _logits_disagree(ref: torch.Tensor | None, out: torch.Tensor) -> str | None:
@@ -539,7 +587,7 @@ def _logits_disagree(ref: torch.Tensor | None, out: torch.Tensor) -> str | None:
     paths of an 8-layer random-weight bf16 model differ by 1.3% relative RMS (CPU
     interpreter, whose bf16 stores truncate; each is ~1.5% from fp32), more layers add
     some. A broken kernel on this card or driver (a race, a stale read) gives NaN / inf or
-    errors far beyond that: a relative RMS difference above TUNING_MAX_REL_RMS (10%) is
+    errors far beyond that: a relative RMS difference above TUNING_MAX_REL_RMS (4%) is
     rejected, so tuning never picks it."""
     if not bool(torch.isfinite(out).all()):
         return "non-finite logits"

@@ -54,7 +54,11 @@ def make_generator(seed: int, device) -> torch.Generator:
 
 def _kept_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[..., V] logits -> [..., V] fp32 probabilities, 0 outside the top-k / top-p set."""
-    z = logits.float() / params.temperature                            # (..., V)
+    # subtract the max first: with a tiny temperature (1e-38 is valid) the plain quotient
+    # overflows to inf and softmax gives NaN; shifted, the best logit is 0 and the others
+    # go to -inf, i.e. the argmax (ties split evenly)
+    z = logits.float()
+    z = (z - z.amax(dim=-1, keepdim=True)) / params.temperature         # (..., V)
     V = z.shape[-1]
     if 0 < params.top_k < V:
         kth = torch.topk(z, params.top_k, dim=-1).values[..., -1:]      # (..., 1)
