@@ -38,38 +38,109 @@ def tokenizer_eos_ids(tok) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
+def _describe(obj) -> str:
+    """A short description of an arbitrary object for an error message (never a full
+    repr: a hostile input may be huge or nested thousands deep)."""
+    if isinstance(obj, (str, bytes)):
+        r = repr(obj[:40])
+        return f"{type(obj).__name__} {r}{'…' if len(obj) > 40 else ''}"
+    if isinstance(obj, (int, float, bool)) or obj is None:
+        return repr(obj) if len(repr(obj)) <= 40 else f"{type(obj).__name__} (huge)"
+    if isinstance(obj, (list, tuple, dict)):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"an object of type {type(obj).__name__}"
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode (a lone surrogate cannot be encoded as UTF-8, and the
+    tokenizers would fail on it deep inside)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"{what} is not valid Unicode text: a lone surrogate {text[e.start]!r} at "
+            f"character {e.start} (typically bytes decoded with errors='surrogateescape'); "
+            "decode the input with errors='replace' or fix its encoding") from None
+
+
 def normalize_messages(prompt) -> list[dict]:
     """A prompt string or a list of {"role", "content"} dicts -> validated messages."""
     if isinstance(prompt, str):
+        _check_text(prompt, "the prompt")
         if not prompt.strip():
             raise RequestError("the prompt is empty; pass a non-empty string or messages")
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise RequestError("a prompt must be a non-empty string or a non-empty list of "
-                           "{'role': ..., 'content': ...} messages")
+                           "{'role': ..., 'content': ...} messages, got " + _describe(prompt))
     out = []
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RequestError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-        if m["role"] not in ROLES:
-            raise RequestError(f"message {i} has unknown role {m['role']!r}; use one of "
-                               f"{', '.join(ROLES)}")
+            raise RequestError(f"message {i} must be a dict with 'role' and 'content', got "
+                               + _describe(m))
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise RequestError(f"message {i} has unknown role {_describe(m['role'])}; use one "
+                               f"of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise RequestError(f"message {i}: content must be a string")
+            raise RequestError(f"message {i}: content must be a string, got "
+                               + _describe(m["content"]))
+        _check_text(m["content"], f"message {i}'s content")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["content"].strip() for m in out):
         raise RequestError("all messages are empty; give at least one non-empty message")
     return out
 
 
+def is_prompt_list(obj) -> bool:
+    """True for a list of prompts (each a string or a list of message dicts), False for
+    one prompt (a string, or a list of message dicts)."""
+    if not isinstance(obj, (list, tuple)) or not obj:
+        return False
+    if all(isinstance(m, dict) for m in obj):
+        return False                                   # one conversation
+    return all(isinstance(p, str) or (isinstance(p, (list, tuple)) and p
+                                       and all(isinstance(m, dict) for m in p))
+               for p in obj)
+
+
 def apply_chat_template(tok, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """The tokenizer's own chat template -> token ids (special tokens as the template has them)."""
+    """The tokenizer's own chat template -> token ids (special tokens as the template has
+    them). The template comes from the checkpoint: it is rendered sandboxed, bounded in
+    time and size, and any failure is a TokenizerError."""
     if not getattr(tok, "chat_template", None):
         raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json "
                              "'chat_template'); an aligned chat model is expected as the pilot")
-    text = tok.apply_chat_template(messages, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
-    return tok.encode(text, add_special_tokens=False)
+    text = render_chat_template(tok, messages, add_generation_prompt)
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        raise TokenizerError("the chat template rendered these messages as empty text; the "
+                             "checkpoint's chat template is broken (it must write the messages)")
+    return ids
+
+
+def render_chat_template(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The chat template's text for `messages` (sandboxed, bounded; TokenizerError)."""
+    try:  # TEMP until templates.py lands
+        from .templates import render_for_tokenizer
+    except ImportError:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render_for_tokenizer(tok, messages, add_generation_prompt=add_generation_prompt)
+
+
+def max_token_chars(tok) -> int:
+    """An upper bound on the characters one token can stand for: the longest entry of the
+    vocabulary (byte-level and SentencePiece entries are at least as long as their text)."""
+    return max((len(t) for t in tok.get_vocab()), default=1)
+
+
+def check_ids_in_vocab(ids: list[int], vocab_size: int, who: str) -> None:
+    """Token ids from a tokenizer must exist in the model's embedding."""
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise TokenizerError(
+            f"the {who} tokenizer produced token id {bad}, but the {who} model's vocabulary "
+            f"has {vocab_size} entries: the tokenizer files do not belong to this checkpoint "
+            "(copy the checkpoint's own tokenizer into its folder)")
 
 
 # ---- base prompt (the paper's template) and stop strings --------------------------
@@ -101,9 +172,11 @@ def render_base_prompt(tok, messages: list[dict], template=None, add_bos: bool =
         try:
             text = template.format(prompt=(users[-1] if users else "").strip(),
                                    system=system.strip())
-        except (KeyError, IndexError) as e:
+        except (KeyError, IndexError, AttributeError) as e:
             raise RequestError(f"base_template format string has an unknown field {e}; "
                                "use {prompt} and {system}") from None
+        except ValueError as e:
+            raise RequestError(f"base_template is not a valid format string: {e}") from None
     else:
         raise RequestError("base_template must be None, a format string or a callable")
     ids = tok.encode(text, add_special_tokens=False)
