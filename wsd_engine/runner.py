@@ -66,6 +66,16 @@ class Model:
         (see `sharing`). No owner: a one-shot use whose sequence is not kept."""
         return self._residency.reserved(self.cache, owner)
 
+    @property
+    def cache_swaps(self) -> int:
+        """How many times a request's sequence was parked to let another one run."""
+        return self._residency.swaps
+
+    @property
+    def parked_sequences(self) -> int:
+        """Sequences parked now (suspended requests whose owner is still alive)."""
+        return self._residency.parked
+
     # ---- metadata ----------------------------------------------------------------
     @property
     def backend(self) -> str:
@@ -124,11 +134,10 @@ class Model:
                 raise RequestError("token_ids must be a list of ints or a 1-D integer tensor, "
                                    f"got {type(token_ids).__name__}")
             ids = list(token_ids)
-            bad = next((i for i in ids if isinstance(i, bool)
-                        or not isinstance(i, numbers.Integral)), None)
-            if bad is not None:
+            bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+            if bad:
                 raise RequestError("token_ids must be ints, got an element of type "
-                                   f"{type(bad).__name__}")
+                                   f"{type(bad[0]).__name__}")
             ids = [int(i) for i in ids]
             lo, hi = (min(ids), max(ids)) if ids else (0, 0)
         if len(ids) == 0:

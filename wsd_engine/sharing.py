@@ -46,6 +46,10 @@ class CacheResidency:
         self._parked = weakref.WeakKeyDictionary()   # owner -> cache snapshot
         self.swaps = 0                     # how many times a sequence was parked
 
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
     @contextmanager
     def reserved(self, cache: StaticKVCache, owner: CacheOwner | None = None):
         owner = CacheOwner(keep=False) if owner is None else owner
