@@ -120,11 +120,11 @@ def apply_chat_template(tok, messages: list[dict], add_generation_prompt: bool =
 
 def render_chat_template(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The chat template's text for `messages` (sandboxed, bounded; TokenizerError)."""
-    try:  # TEMP until templates.py lands
-        from .templates import render_for_tokenizer
-    except ImportError:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return render_for_tokenizer(tok, messages, add_generation_prompt=add_generation_prompt)
+    from .templates import render_for_tokenizer
+    # the memory bound is process-wide (RSS): 1 GiB leaves room for other threads'
+    # allocations during a render; the size checks stop single huge results long before
+    return render_for_tokenizer(tok, messages, add_generation_prompt=add_generation_prompt,
+                                max_memory=1 << 30)
 
 
 def max_token_chars(tok) -> int:

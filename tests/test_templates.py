@@ -1,0 +1,371 @@
+"""wsd_engine.templates: chat templates render exactly as transformers renders them, and a
+hostile template ends in a TokenizerError within bounded time and memory, leaving the engine
+usable."""
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsd_engine.errors import RequestError, TokenizerError
+from wsd_engine.templates import render_chat_template, render_for_tokenizer
+
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}")
+ZEPHYR = """{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\n'  + message['content'] + eos_token }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+TOJSON = """{%- for message in messages %}{{ message | tojson }}
+{% endfor %}{{ messages | tojson(indent=2, sort_keys=True) }}
+{%- if tools %}{{ tools | tojson(indent=4) }}{% endif %}
+{%- if documents %}{{ documents | tojson(ensure_ascii=True) }}{% endif %}
+{{ {'n': messages|length, 'pad': pad_token, 'think': enable_thinking is defined} | tojson(separators=(',', ':')) }}
+{{ bos_token ~ '|' ~ eos_token ~ '|' ~ (unk_token is defined) ~ '|' ~ (sep_token is defined) }}"""
+LOOP_CONTROLS = """{% for message in messages %}
+    {% if message['role'] == 'system' %}{% continue %}{% endif %}
+    {% if loop.index > 4 %}{% break %}{% endif %}
+{{ loop.index }}:{{ message['role'] }}={{ message['content'] }}
+{% endfor %}"""
+GENERATION = """{% for message in messages %}
+{% if message['role'] == 'assistant' %}
+{% generation %}<a>{{ message['content'] }}</a>{% endgeneration %}
+{% else %}
+<{{ message['role'][0] }}>{{ message['content'] }}
+{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}<a>{% endif %}"""
+QWEN3 = """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string
+          and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n'
+                + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "system" %}{{- '<|im_start|>system\n' + content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}
+{%- endif %}"""
+# exercises every operator, method and filter that the renderer bounds
+KITCHEN_SINK = """{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages[::-1] %}{%- set idx = (messages|length - 1) - loop.index0 %}
+{%- if ns.last_user < 0 and m.role == 'user' %}{%- set ns.last_user = idx %}{%- endif %}{%- endfor %}
+{%- macro box(s) %}[{{ s|replace('\n', ' ')|truncate(20) }}]{% endmacro %}
+{%- for m in messages %}{{ '%-10s|%3d|%s' % (m.role, loop.index, m.content[:3]) }}{{ '{}:{:>4}'.format(m.role[:3], loop.length) }}
+{{- box(m.content) }}{{ m.content|wordwrap(12)|indent(2) }}{{ (m.role ~ '!') * 2 }}{{ [m.role, m.content|length]|join(',') }}
+{{- m.role.ljust(12, '.') }}{{ m.role|center(15) }}{{ m.content|upper|string|e }}{{ '-'.join(m.content[:4]) }}
+{%- if loop.index0 == ns.last_user %} <last user>{% endif %}
+{% endfor %}{{ messages|map(attribute='role')|join(' ') }} {{ messages|selectattr('role', 'equalto', 'user')|list|length }}
+{{- 2 ** 10 }} {{ dict(a=1, b=[1, 2])|tojson }} {{ [1, 2] + [3] }} {{ messages[0] }} {{ range(3)|sum }} {{ 'x%sy'|format(7) }}
+{{- messages[0].content.replace('a', 'AA').expandtabs(2) }} {{ ns }} {{ messages|map(attribute='content')|map('length')|list }}"""
+TEMPLATES = {"llama3": LLAMA3, "chatml": CHATML, "mistral": MISTRAL, "zephyr": ZEPHYR, "gemma": GEMMA,
+             "tojson": TOJSON, "loop_controls": LOOP_CONTROLS, "generation": GENERATION,
+             "kitchen_sink": KITCHEN_SINK, "qwen3": QWEN3}
+SIMPLE = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tok(with_template=True):
+    from wsd_engine.synthetic import make_tokenizer
+    return make_tokenizer(320, chat_template=SIMPLE if with_template else None)
+
+
+def _transformers(template, messages, **kwargs):
+    """transformers' own rendering, or the exception it raises."""
+    tok = _tok()
+    tok.chat_template = template
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure must be a TokenizerError on our side
+        return e
+    finally:
+        tok.chat_template = SIMPLE
+
+
+def _ours(template, messages, **kwargs):
+    try:
+        return render_chat_template(template, messages, special_tokens=_tok().special_tokens_map, **kwargs)
+    except TokenizerError as e:
+        return e
+
+
+def _assert_same(template, messages, **kwargs):
+    kwargs.setdefault("add_generation_prompt", False)  # the defaults differ (ours: True)
+    want, got = _transformers(template, messages, **kwargs), _ours(template, messages, **kwargs)
+    if isinstance(want, Exception):
+        assert isinstance(got, TokenizerError), (want, got)
+    else:
+        assert type(got) is str and got == want
+
+
+@st.composite
+def conversations(draw):
+    n = draw(st.integers(1, 6))
+    if draw(st.booleans()):  # alternating, so that the strict templates render too
+        roles = ["system"] * draw(st.booleans()) + [("user", "assistant")[i % 2] for i in range(n)]
+    else:
+        roles = draw(st.lists(st.sampled_from(["system", "user", "assistant"]), min_size=n, max_size=n))
+    contents = st.text(max_size=30) | st.sampled_from(
+        ["<think>\nwhy\n</think>\n\nanswer", "<tool_response>42</tool_response>", "  padded \n", ""])
+    return [{"role": r, "content": draw(contents)} for r in roles]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@settings(max_examples=40, deadline=None, database=None)
+@given(messages=conversations(), add_generation_prompt=st.booleans())
+def test_renders_like_transformers(name, messages, add_generation_prompt):
+    _assert_same(TEMPLATES[name], messages, add_generation_prompt=add_generation_prompt)
+
+
+def test_tools_documents_and_extra_variables_like_transformers():
+    messages = [{"role": "user", "content": "weather in Paris? \u00e9\u6f22"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather \u2600",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    documents = [{"title": "Doc \u00e9", "text": "Some text"}]
+    for kwargs in (dict(tools=tools), dict(documents=documents), dict(enable_thinking=False),
+                   dict(tools=tools, documents=documents, add_generation_prompt=True)):
+        _assert_same(TOJSON, messages, **kwargs)
+
+
+def test_message_normalization_like_transformers():
+    """None values dropped, reasoning under its three names, str subclasses made plain: what
+    recent transformers does before rendering (older releases passed messages as they were)."""
+    from transformers.utils import chat_template_utils
+    if not hasattr(chat_template_utils, "_alias_reasoning_fields"):
+        pytest.skip("this transformers release does not normalize messages")
+    _assert_same(TOJSON, [{"role": "assistant", "content": "x", "tool_calls": None, "reasoning": "r"}])
+    for kwargs in (dict(enable_thinking=False), dict(add_generation_prompt=True)):
+        _assert_same(QWEN3, [{"role": "user", "content": type("Sub", (str,), {})("hi")},
+                             {"role": "assistant", "content": "x", "reasoning_content": "because"},
+                             {"role": "user", "content": "ok"}, {"role": "assistant", "content": "y", "thinking": "t"}],
+                     **kwargs)
+
+
+def test_render_for_tokenizer():
+    tok = _tok()
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_for_tokenizer(tok, messages) == tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True) == "<s><user>hi"
+    with pytest.raises(TokenizerError, match="no chat template"):
+        render_for_tokenizer(_tok(with_template=False), messages)
+    tok.chat_template = {"default": CHATML, "tool_use": TOJSON}
+    try:
+        assert render_for_tokenizer(tok, messages) == tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+        assert render_for_tokenizer(tok, messages, tools=[]) == tok.apply_chat_template(
+            messages, tools=[], tokenize=False, add_generation_prompt=True)
+    finally:
+        tok.chat_template = SIMPLE
+    with pytest.raises(RequestError):
+        render_for_tokenizer(tok, [])
+
+
+def _assert_usable():
+    """A normal template still renders right after a hostile one, in the same process."""
+    out = render_chat_template(LLAMA3, [{"role": "user", "content": "Hi"}], special_tokens={"bos_token": "<s>"})
+    assert out == ("<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+DOUBLING = ("{% set ns = namespace(s='A') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+            "{% endfor %}{{ ns.s|length }}")
+HOSTILE = {  # name: (template, what the TokenizerError says)
+    "nested_range_loops": (NESTED_LOOPS, "max_seconds"),
+    "nested_loops_with_output": (NESTED_LOOPS.replace("{% endfor %}", "x" * 100 + "{% endfor %}", 1), "rendered text"),
+    "str_times_4e9": ("{{ 'A' * 4000000000 }}", "result of '\\*'"),
+    "str_times_1e12": ("{{ 'A' * 10**12 }}", "result of '\\*'"),
+    "list_repetition": ("{{ [1, 2, 3] * 1000000000 }}", "result of '\\*'"),
+    "list_of_big_strings": ("{% set x = ['A' * 1000000] * 1000 %}{{ x }}", "result of '\\*'"),
+    "printing_many_references": ("{{ dict.fromkeys(range(1000), 'A' * 1000000) }}", "printed value"),
+    "huge_int_power": ("{{ 10 ** (10 ** 10) }}", "bits from '\\*\\*'"),
+    "percent_width": ("{{ '%2000000000d' % 1 }}", "result of '%'"),
+    "percent_many_fields": ("{{ ('%(a)s' * 100000) % {'a': 'A' * 100000} }}", "result of '%'"),
+    "format_width": ("{{ '{:>2000000000}'.format(1) }}", "str.format"),
+    "format_nested_width": ("{{ '{:>{}}'.format(1, 2000000000) }}", "str.format"),
+    "markup_format_width": ("{{ ('{:>2000000000}'|safe).format(1) }}", "str.format"),
+    "ljust": ("{{ 'a'.ljust(10**10) }}", "str.ljust"),
+    "replace_empty": ("{{ ('a' * 100000).replace('', 'b' * 100) }}", "str.replace"),
+    "join_method": ("{{ ('A' * 100000).join(range(1000)|map('string')) }}", "str.join"),
+    "zfill": ("{{ '1'.zfill(10**10) }}", "str.zfill"),
+    "expandtabs": ("{{ ('\t' * 100000).expandtabs(1000) }}", "str.expandtabs"),
+    "markup_repetition": ("{{ ('A'|safe) * 10**10 }}", "result of '\\*'"),
+    "center_filter": ("{{ 'x'|center(10**10) }}", "filter 'center'"),
+    "wordwrap_filter": ("{{ ('a ' * 1000)|wordwrap(1, wrapstring='b' * 100000) }}", "filter 'wordwrap'"),
+    "include": ("{% include 'other.jinja' %}", "no loader"),
+    "indent_filter": ("{{ ('a\n' * 100000)|indent(1000) }}", "filter 'indent'"),
+    "join_filter": ("{{ range(100000)|join('A' * 100000) }}", "filter 'join'"),
+    "tojson_indent": ("{{ messages|tojson(indent=10**9) }}", "tojson"),
+    "sum_of_lists": ("{{ ([[1]] * 100000)|sum(start=[]) }}", "filter 'sum'"),
+    "tilde_doubling": (DOUBLING, "'~' concatenation"),
+    "macro_output_doubling": ("{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s }}{% endif %}"
+                              "{% endmacro %}{{ d('A', 40) }}", "'~' concatenation"),
+    "range_1e9": ("{{ range(10**9)|list }}", "Range too big"),
+    "recursive_macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed"),
+    "dunder_mro": ("{{ ''.__class__.__mro__ }}", "SecurityError"),
+    "namespace_underscore": ("{% set ns = namespace(_x=1) %}", "SecurityError"),
+    "raise_exception": ("{{ raise_exception('bad') }}", "refused these messages: bad"),
+    "syntax_error": ("{% for %}", "TemplateSyntaxError"),
+    "undefined_attribute_call": ("{{ foo.bar() }}", "UndefinedError"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_template_is_a_tokenizer_error(name):
+    template, message = HOSTILE[name]
+    start = time.monotonic()
+    with pytest.raises(TokenizerError, match=message) as info:
+        render_chat_template(template, [{"role": "user", "content": "hi"}], max_seconds=1.0)
+    assert time.monotonic() - start < 4.0
+    if "raise_exception" not in name:
+        assert "chat template is broken or hostile" in str(info.value)
+    _assert_usable()
+
+
+def test_time_bound_from_another_thread_and_tracer_restored():
+    def tracer(frame, event, arg):
+        return None
+    result = {}
+
+    def worker():
+        sys.settrace(tracer)
+        start = time.monotonic()
+        try:
+            render_chat_template(NESTED_LOOPS, [{"role": "user", "content": "hi"}], max_seconds=0.5)
+        except TokenizerError as e:
+            result["error"] = str(e)
+        result["seconds"], result["tracer"] = time.monotonic() - start, sys.gettrace()
+        sys.settrace(None)
+    before = sys.gettrace()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    assert "max_seconds" in result["error"] and result["seconds"] < 3.0
+    assert result["tracer"] is tracer and sys.gettrace() is before
+    _assert_usable()
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time
+    from wsd_engine.errors import TokenizerError
+    from wsd_engine.templates import render_chat_template
+
+    def peak_kib():  # VmHWM can be reset (so imports' peak does not hide ours); ru_maxrss cannot
+        try:
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    cases = json.loads(sys.argv[1])
+    msgs = [{"role": "user", "content": "hi"}]
+    render_chat_template("{{ messages }}", msgs)
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pass
+    before, report = peak_kib(), {}
+    for name, (template, max_memory) in cases.items():
+        start = time.monotonic()
+        try:
+            render_chat_template(template, msgs, max_seconds=5.0, max_memory=max_memory)
+            report[name] = "rendered"
+        except TokenizerError as e:
+            report[name] = str(e)
+        report[name + " seconds"] = time.monotonic() - start
+    report["growth_mib"] = (peak_kib() - before) / 1024
+    print(json.dumps(report))
+""")
+
+
+@pytest.fixture(scope="module")
+def memory_report():
+    """One subprocess (a fresh peak RSS) renders every big-allocation case: {name: (template,
+    max_memory)}; None turns the RSS check off, to show that the size checks alone suffice."""
+    big = ["str_times_4e9", "str_times_1e12", "list_repetition", "list_of_big_strings",
+           "printing_many_references", "percent_width", "percent_many_fields", "format_width", "ljust",
+           "replace_empty", "join_method", "center_filter", "indent_filter", "join_filter", "tojson_indent",
+           "tilde_doubling", "macro_output_doubling", "nested_loops_with_output"]
+    cases = {name: (HOSTILE[name][0], None) for name in big}
+    # many strings, each small enough for the size checks, all kept: only the RSS budget sees them
+    cases["kept_small_strings"] = ("{% set x = range(100000)|map('string')|map('center', 600)|list %}", 8 << 20)
+    cases["kept_1mb_strings"] = ("{{ range(100000)|map('string')|map('center', 10**6)|list|length }}", 64 << 20)
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(cases)], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return big, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="VmHWM and /proc are Linux's")
+def test_big_allocations_stay_bounded(memory_report):
+    big, report = memory_report
+    for name in big:
+        assert "broken or hostile" in report[name], (name, report[name])
+        assert report[name + " seconds"] < 4.0, (name, report)
+    assert "max_memory=8 MiB" in report["kept_small_strings"], report
+    assert "max_memory=64 MiB" in report["kept_1mb_strings"], report
+    assert report["growth_mib"] < 100, report
