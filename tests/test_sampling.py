@@ -64,25 +64,75 @@ def test_top_p_masks():
     assert seen == {1}
 
 
-def test_frequencies_match_softmax():
-    logits = torch.tensor([0.3, -1.0, 1.2, 0.0, 2.0, -0.5, 0.8, 1.5])
-    temp = 1.3
-    s = Sampler(SamplingParams(temperature=temp, seed=11), "cpu")
-    counts = torch.bincount(torch.tensor(draws(s, logits, 4000)), minlength=8).double() / 4000
-    expect = torch.softmax(logits.double() / temp, dim=0)
-    assert (counts - expect).abs().max() < 0.03
-    # with top-k / top-p, the kept tokens keep their renormalised proportions
-    s = Sampler(SamplingParams(temperature=1.0, top_k=4, top_p=0.9, seed=2), "cpu")
-    counts = torch.bincount(torch.tensor(draws(s, logits, 4000)), minlength=8).double() / 4000
-    z = logits.double()
-    kept = z >= torch.topk(z, 4).values[-1]
-    p = torch.softmax(z.masked_fill(~kept, float("-inf")), 0)
-    order = torch.argsort(p, descending=True, stable=True)
-    before = torch.cumsum(p[order], 0) - p[order]
-    keep2 = torch.zeros(8, dtype=torch.bool)
-    keep2[order[before < 0.9]] = True
-    p = p * keep2
-    assert (counts - p / p.sum()).abs().max() < 0.03
+# Hand-written distributions. Q is the softmax of z = logits / temperature (logits are
+# temperature * log Q). Sorted: 0.30 (id 3), 0.25 (1), 0.20 (5), 0.08 (2), 0.07 (7),
+# 0.05 (4), 0.03 (6), 0.02 (0); the mass ranked strictly before each: 0, .30, .55, .75,
+# .83, .90, .95, .98. Every cut below sits >= 0.03 away from a boundary.
+Q = [0.02, 0.25, 0.08, 0.30, 0.05, 0.20, 0.03, 0.07]
+CASES = {   # (temperature, top_k, top_p) -> {token: probability of being drawn}
+    "temperature only": ((1.3, 0, 1.0), dict(enumerate(Q))),
+    # top_p 0.8: ids 3, 1, 5 and 2 (mass before .75 < .8); 7 (.83) out. Kept mass .83
+    "top_p": ((0.7, 0, 0.8), {3: .30 / .83, 1: .25 / .83, 5: .20 / .83, 2: .08 / .83}),
+    # top_p 0.86: 7 (before .83) in, 4 (before .90) out. Kept mass .90
+    "top_p wider": ((0.5, 0, 0.86), {3: .30 / .9, 1: .25 / .9, 5: .20 / .9, 2: .08 / .9,
+                                     7: .07 / .9}),
+    # top_k 5 alone: the same five tokens
+    "top_k": ((2.0, 5, 1.0), {3: .30 / .9, 1: .25 / .9, 5: .20 / .9, 2: .08 / .9, 7: .07 / .9}),
+    # top_k 3 first: {3, 1, 5} renormalised to .4, .333, .267; then top_p 0.6 on those:
+    # mass before 0, .4, .733 -> {3, 1}
+    "top_k then top_p": ((1.0, 3, 0.6), {3: .30 / .55, 1: .25 / .55}),
+    # top_p 0.25: only the most probable token (the mass before id 1 is .30)
+    "top_p one token": ((1.0, 0, 0.25), {3: 1.0}),
+}
+# 99.99% quantiles of chi-square with 1..7 degrees of freedom
+CHI2_9999 = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 6: 27.86, 7: 29.88}
+
+
+def case_logits(temperature):
+    return temperature * torch.tensor(Q, dtype=torch.float64).log().float()
+
+
+def check_frequencies(drawn, expect, n):
+    """drawn [n] int64 against {token: p}: no token outside `expect`, chi-square below its
+    99.99% quantile (deterministic seeds: the same draws every run)."""
+    counts = torch.bincount(drawn, minlength=len(Q)).tolist()
+    outside = {i: c for i, c in enumerate(counts) if i not in expect and c}
+    assert not outside, f"drew masked tokens {outside}"
+    assert sum(expect.values()) == pytest.approx(1.0, abs=1e-12)
+    if len(expect) == 1:
+        assert counts[next(iter(expect))] == n
+        return
+    stat = sum((counts[i] - n * p) ** 2 / (n * p) for i, p in expect.items())
+    assert stat < CHI2_9999[len(expect) - 1], (stat, counts, {i: n * p for i, p in expect.items()})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_frequencies_match_hand_written_distributions(name):
+    (temperature, top_k, top_p), expect = CASES[name]
+    n = 20000
+    s = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=11), "cpu")
+    logits = case_logits(temperature)
+    drawn = s.sample(logits.expand(n, len(Q)))          # n independent rows, one call
+    assert drawn.shape == (n,)
+    check_frequencies(drawn, expect, n)
+    # one token per call, as the engine draws (the generator advances between calls)
+    seq = torch.tensor(draws(s, logits, 3000))
+    check_frequencies(seq, expect, 3000)
+
+
+def test_chi_square_check_has_power():
+    """The frequency check rejects nearby wrong distributions: the "top_p" case's tokens
+    without id 2 (expected .096; what a cut on the inclusive cumulative mass would keep at
+    0.8; drawn here with top_p 0.7), and a softmax 15% too sharp."""
+    (temperature, top_k, top_p), expect = CASES["top_p"]
+    drawn = Sampler(SamplingParams(temperature=temperature, top_p=0.7, seed=11),
+                    "cpu").sample(case_logits(temperature).expand(20000, len(Q)))
+    with pytest.raises(AssertionError):
+        check_frequencies(drawn, expect, 20000)
+    drawn = Sampler(SamplingParams(temperature=1.0, seed=11), "cpu").sample(
+        torch.tensor(Q).log().expand(20000, len(Q)) * 1.15)  # a slightly sharper softmax
+    with pytest.raises(AssertionError):
+        check_frequencies(drawn, dict(enumerate(Q)), 20000)
 
 
 def test_batched_rows_and_one_off():
