@@ -1,15 +1,26 @@
 """ModelConfig: the shape and numerics of a Llama / Qwen2 / Mistral checkpoint, read from
-`config.json` (+ `generation_config.json` for EOS ids) and validated once."""
+`config.json` (+ `generation_config.json` for BOS / EOS ids) and validated once.
+
+A checkpoint folder is untrusted input. Every value is read through a typed reader
+(`_Reader.int / float / bool / str / strings / token_ids / obj`) that checks its JSON type
+and range and raises ConfigError naming the file, the key, a short description of the value
+and what was expected. Sizes are bounded (`LIMITS`), so nothing built from them (per-layer
+tables, the KV cache, RoPE tables) can be absurdly large, and the RoPE and RMSNorm numbers
+are checked so that no accepted config computes NaN.
+"""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ConfigError, UnsupportedModelError
+from .paths import inside
 
 # architecture name -> family; one forward serves all three (they differ only by options).
 SUPPORTED_ARCHITECTURES = {
@@ -25,6 +36,37 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
+# config.json key -> (smallest, largest) integer accepted. The upper bounds are beyond every
+# released model of these families and keep everything built per layer, head or position
+# bounded; a larger value is a typo or a hostile file (UnsupportedModelError).
+_POSITIONS = (1, 2 ** 40 - 1)
+_TOKEN_IDS = (0, 2 ** 31 - 1)
+LIMITS = {
+    "num_hidden_layers": (1, 1024),
+    "hidden_size": (1, 65536),
+    "intermediate_size": (1, 1 << 20),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 512),        # the attention kernels' largest head (and even, for RoPE)
+    "vocab_size": (1, 1 << 22),
+    "max_position_embeddings": _POSITIONS,
+    "sliding_window": _POSITIONS,
+    "original_max_position_embeddings": _POSITIONS,
+    "bos_token_id": _TOKEN_IDS,
+    "eos_token_id": _TOKEN_IDS,
+}
+# finite float ranges: the RoPE base (10000 to 1e6 in practice; below 1 the frequencies
+# grow past fp32), and the RoPE scaling factors (a ratio: 0 divides by zero)
+_THETA = (1.0, 1e30)
+_FACTOR = (1e-6, 1e6)
+# ModelConfig field -> its config.json key, for messages
+_FIELD_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+               "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+               "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+               "head_dim": "head_dim", "max_position_embeddings": "max_position_embeddings"}
+# config / index files are kilobytes: refuse a huge one before parsing it
+MAX_JSON_BYTES = 64 << 20
+
 
 def parse_dtype(dtype) -> torch.dtype:
     """torch.dtype or one of 'float32' / 'bfloat16' / 'float16' (and short forms)."""
@@ -33,18 +75,155 @@ def parse_dtype(dtype) -> torch.dtype:
             return dtype
     elif isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
         return _DTYPES[dtype.lower().replace("torch.", "")]
-    raise ConfigError(f"unsupported dtype {dtype!r}: use torch.float32, torch.bfloat16 or "
-                      "torch.float16 (or 'float32' / 'bfloat16' / 'float16')")
+    raise ConfigError(f"unsupported dtype {describe(dtype)}: use torch.float32, torch.bfloat16 "
+                      "or torch.float16 (or 'float32' / 'bfloat16' / 'float16')")
 
 
-def _eos_list(value) -> list[int]:
+def describe(value, depth: int = 2) -> str:
+    """A short JSON-like rendering of a (config) value for an error message.
+
+    Bounded in length and depth whatever the value: a hostile file can hold a megabyte
+    string, a million-item list, a 4000-digit integer (whose str() raises) or nesting a
+    thousand levels deep. Strings keep 40 characters, containers 4 items, 2 levels.
+    """
     if value is None:
-        return []
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
-        return list(value)
-    raise ConfigError(f"eos_token_id must be an int or a list of ints, got {value!r}")
+        if abs(value) < 10 ** 18:
+            return str(value)
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"{'minus ' if value < 0 else ''}a {digits}-digit integer"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "-Infinity" if value < 0 else "Infinity"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value[:40]) + (f"… ({len(value)} characters)" if len(value) > 40 else "")
+    if isinstance(value, (list, tuple)):
+        if depth == 0:
+            return f"[…{len(value)} items]" if value else "[]"
+        items = [describe(v, depth - 1) for v in itertools.islice(value, 4)]
+        return "[" + ", ".join(items) + (f", … ({len(value)} items)]" if len(value) > 4 else "]")
+    if isinstance(value, dict):
+        if depth == 0:
+            return f"{{…{len(value)} keys}}" if value else "{}"
+        items = [f"{describe(k, 0)}: {describe(v, depth - 1)}"
+                 for k, v in itertools.islice(value.items(), 4)]
+        return "{" + ", ".join(items) + (f", … ({len(value)} keys)}}" if len(value) > 4 else "}")
+    return reprlib.repr(value)     # not from JSON: an argument (e.g. a torch.dtype)
+
+
+_REQUIRED = object()
+
+
+class _Reader:
+    """Typed access to one JSON object of a config file. Absent and null both mean "not
+    set": the default, or an error when the key is required. Every error names the file
+    and the key (`config.json: rope_parameters.factor`)."""
+
+    def __init__(self, data: dict, file: str, prefix: str = ""):
+        self.data, self.file, self.prefix = data, file, prefix
+
+    def name(self, key: str) -> str:
+        return f"{self.file}: {self.prefix}{key}"
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def get(self, key: str, default=_REQUIRED):
+        value = self.data.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.name(key)} is missing (or null); it is required: use "
+                                  "the config.json the model was published with")
+            return default
+        return value
+
+    def int(self, key: str, default=_REQUIRED) -> int | None:
+        """An integer within LIMITS[key]."""
+        value = self.get(key, default)
+        return None if value is None else check_int(value, self.name(key), *LIMITS[key])
+
+    def float(self, key: str, default, lo: float, hi: float, open_interval: bool = False):
+        """A finite number in [lo, hi] ((lo, hi) with open_interval), as a float."""
+        value = self.get(key, default)
+        if value is None:
+            return None
+        x = _as_float(value)
+        if x is None or not ((lo < x < hi) if open_interval else (lo <= x <= hi)):
+            interval = f"({lo:g}, {hi:g})" if open_interval else f"[{lo:g}, {hi:g}]"
+            raise ConfigError(f"{self.name(key)} must be a finite number in {interval}, got "
+                              f"{describe(value)}")
+        return x
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.name(key)} must be true or false, got {describe(value)}")
+        return value
+
+    def str(self, key: str, default=_REQUIRED) -> str | None:
+        value = self.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{self.name(key)} must be a string, got {describe(value)}")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        value = self.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.name(key)} must be a list of strings, got "
+                              f"{describe(value)}")
+        return value
+
+    def token_ids(self, key: str) -> list[int]:
+        """An integer or a list of integers (token ids); [] when not set."""
+        value = self.get(key, [])
+        ids = value if isinstance(value, list) else [value]
+        lo, hi = LIMITS[key]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+                   for v in ids):
+            raise ConfigError(f"{self.name(key)} must be an integer or a list of integers in "
+                              f"[{lo}, {hi}] (token ids), got {describe(value)}")
+        return list(ids)
+
+    def obj(self, key: str) -> "_Reader | None":
+        """A nested JSON object (None when not set)."""
+        value = self.get(key, None)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.name(key)} must be a JSON object (or null), got "
+                              f"{describe(value)}")
+        return _Reader(value, self.file, f"{self.prefix}{key}.")
+
+
+def check_int(value, name: str, lo: int, hi: int) -> int:
+    """value if it is an int (not a bool) in [lo, hi]; ConfigError otherwise, and
+    UnsupportedModelError when it is only too large."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {describe(value)}")
+    if value > hi:
+        raise UnsupportedModelError(
+            f"{name} must be an integer in [{lo}, {hi}] ({hi} is the largest the engine "
+            f"supports), got {describe(value)}; check the checkpoint's config.json")
+    if value < lo:
+        raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {describe(value)}")
+    return value
+
+
+def _as_float(value) -> float | None:
+    """A JSON number as a float (None: not a number, or infinite / NaN / beyond float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:      # an integer beyond the float range
+        return None
+    return x if math.isfinite(x) else None
 
 
 @dataclass(slots=True)
@@ -103,25 +282,28 @@ class ModelConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"config.json: {name} must be a positive integer, got {v!r}")
+        for name, key in _FIELD_KEYS.items():
+            check_int(getattr(self, name), f"config.json: {key}", *LIMITS[key])
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"config.json: num_attention_heads ({self.num_heads}) must be a "
                               f"multiple of num_key_value_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
         if self.hidden_act != "silu":
-            raise UnsupportedModelError(f"config.json: hidden_act {self.hidden_act!r} is not "
-                                        "supported; only 'silu' (SwiGLU MLP) is")
+            raise UnsupportedModelError(f"config.json: hidden_act {describe(self.hidden_act)} is "
+                                        "not supported; only 'silu' (SwiGLU MLP) is")
         if self.rope.type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
-                f"config.json: rope_scaling type {self.rope.type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)} (or no rope_scaling)")
-        if not (self.rms_norm_eps > 0):
-            raise ConfigError(f"config.json: rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+                f"config.json: rope_scaling type {describe(self.rope.type)} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)} (or no rope_scaling)")
+        if not 0 < self.rms_norm_eps < 1:
+            raise ConfigError(f"config.json: rms_norm_eps must be in (0, 1), got "
+                              f"{describe(self.rms_norm_eps)}")
+        # the readers bound each RoPE number; this catches any combination of them that
+        # still overflows fp32 (the forward would return NaN logits, silently)
+        if not bool(torch.isfinite(self.rope.inv_freq(self.head_dim)).all()):
+            raise ConfigError(f"config.json: the RoPE settings {self.rope} give non-finite "
+                              "frequencies; check rope_theta and the rope scaling factors")
 
     @property
     def q_size(self) -> int:
@@ -141,82 +323,40 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            mt = cfg.get("model_type")
-            by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
-            if not archs and mt in by_type:
-                arch = by_type[mt]
-            else:
-                raise UnsupportedModelError(
-                    f"architecture {archs or mt!r} is not supported; supported: "
-                    f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        c = _Reader(cfg, "config.json")
+        gen = _Reader(generation_config or {}, "generation_config.json")
+        arch = _architecture(c)
         family = SUPPORTED_ARCHITECTURES[arch]
-
-        def req(key):
-            if key not in cfg:
-                raise ConfigError(f"config.json has no {key!r}; it is required for {arch}")
-            return cfg[key]
-
-        hidden = req("hidden_size")
-        heads = req("num_attention_heads")
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and
-                                           isinstance(heads, int) and heads else 0)
-
-        # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older versions
-        # write `rope_theta` and `rope_scaling` at the top level. Read both.
-        rp = cfg.get("rope_parameters")
-        if isinstance(rp, dict) and "full_attention" in rp and isinstance(rp["full_attention"], dict):
-            rp = rp["full_attention"]
-        scaling = dict(rp) if isinstance(rp, dict) else dict(cfg.get("rope_scaling") or {})
-        theta = float(scaling.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rtype = scaling.get("rope_type", scaling.get("type", "default")) or "default"
-        rope = RopeConfig(theta=theta, type=rtype)
-        if rtype in ("linear", "llama3"):
-            if "factor" not in scaling:
-                raise ConfigError(f"config.json: rope_scaling {rtype!r} needs a 'factor'")
-            rope.factor = float(scaling["factor"])
-        if rtype == "llama3":
-            try:
-                rope.low_freq_factor = float(scaling["low_freq_factor"])
-                rope.high_freq_factor = float(scaling["high_freq_factor"])
-                rope.original_max_position_embeddings = int(
-                    scaling["original_max_position_embeddings"])
-            except KeyError as e:
-                raise ConfigError(f"config.json: rope_scaling 'llama3' needs {e.args[0]!r}") from None
+        hidden, heads = c.int("hidden_size"), c.int("num_attention_heads")
+        head_dim = c.int("head_dim", None)
 
         sliding = None
-        if family == "mistral":
-            sliding = cfg.get("sliding_window")
-        elif family == "qwen2" and cfg.get("use_sliding_window"):
-            sliding = cfg.get("sliding_window")
+        if family == "mistral" or (family == "qwen2" and c.bool("use_sliding_window", False)):
+            sliding = c.int("sliding_window", None)
 
-        eos = _eos_list(cfg.get("eos_token_id"))
-        if generation_config:
-            for e in _eos_list(generation_config.get("eos_token_id")):
-                if e not in eos:
-                    eos.append(e)
-        bos = cfg.get("bos_token_id")
-        if bos is None and generation_config:
-            bos = generation_config.get("bos_token_id")
+        eos = c.token_ids("eos_token_id")
+        for e in gen.token_ids("eos_token_id"):
+            if e not in eos:
+                eos.append(e)
+        bos, gen_bos = c.int("bos_token_id", None), gen.int("bos_token_id", None)
 
-        dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        attention_bias = bool(cfg.get("attention_bias", False))
+        attention_bias = c.bool("attention_bias", False)
         return cls(
             architecture=arch, family=family,
-            vocab_size=req("vocab_size"), hidden_size=hidden,
-            intermediate_size=req("intermediate_size"), num_layers=req("num_hidden_layers"),
-            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope=rope,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            vocab_size=c.int("vocab_size"), hidden_size=hidden,
+            intermediate_size=c.int("intermediate_size"), num_layers=c.int("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=c.int("num_key_value_heads", heads),
+            head_dim=hidden // heads if head_dim is None else head_dim,
+            rms_norm_eps=c.float("rms_norm_eps", 1e-6, 0.0, 1.0, open_interval=True),
+            rope=_rope(c),
+            max_position_embeddings=c.int("max_position_embeddings", 2048),
+            tie_word_embeddings=c.bool("tie_word_embeddings", False),
             qkv_bias=family == "qwen2" or attention_bias,
             o_bias=family != "qwen2" and attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=sliding, bos_token_id=bos, eos_token_ids=eos,
-            dtype=parse_dtype(dtype_name), hidden_act=cfg.get("hidden_act", "silu"),
+            mlp_bias=c.bool("mlp_bias", False),
+            sliding_window=sliding, bos_token_id=gen_bos if bos is None else bos,
+            eos_token_ids=eos, dtype=_checkpoint_dtype(c),
+            hidden_act=c.str("hidden_act", "silu"),
         )
 
     @classmethod
@@ -225,28 +365,88 @@ class ModelConfig:
         if not os.path.isdir(path):
             raise ConfigError(f"checkpoint folder {path!r} does not exist (or is not a folder); "
                               "pass the folder that holds config.json and the *.safetensors files")
-        cfg_path = os.path.join(path, "config.json")
+        cfg_path = inside(path, "config.json", ConfigError)
         if not os.path.isfile(cfg_path):
             raise ConfigError(f"{path!r} has no config.json; a Hugging Face checkpoint folder "
                               "(config.json + *.safetensors) is expected")
-        cfg = _read_json(cfg_path)
-        gen_path = os.path.join(path, "generation_config.json")
-        gen = _read_json(gen_path) if os.path.isfile(gen_path) else None
+        cfg = read_json(cfg_path, ConfigError)
+        gen_path = inside(path, "generation_config.json", ConfigError)
+        gen = read_json(gen_path, ConfigError) if os.path.isfile(gen_path) else None
         return cls.from_dict(cfg, gen)
 
 
-def _read_json(path: str) -> dict:
+def _architecture(c: _Reader) -> str:
+    archs, model_type = c.strings("architectures"), c.str("model_type", None)
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+        if archs or model_type not in by_type:
+            raise UnsupportedModelError(
+                f"architecture {describe(archs or model_type)} is not supported; supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = by_type[model_type]
+    return arch
+
+
+def _rope(c: _Reader) -> RopeConfig:
+    # transformers >= 5 writes `rope_parameters` (with rope_theta inside; per attention type
+    # under "full_attention" in some models); older versions write `rope_theta` and
+    # `rope_scaling` at the top level. Read both.
+    new, old = c.obj("rope_parameters"), c.obj("rope_scaling")
+    params = new if new is not None else old
+    if params is not None and params.has("full_attention"):
+        params = params.obj("full_attention")
+    if params is None:
+        return RopeConfig(theta=c.float("rope_theta", 10000.0, *_THETA))
+    theta = params.float("rope_theta", None, *_THETA)
+    rope = RopeConfig(theta=c.float("rope_theta", 10000.0, *_THETA) if theta is None else theta,
+                      type=params.str("rope_type", None) or params.str("type", None) or "default")
+    if rope.type in ("linear", "llama3"):
+        rope.factor = params.float("factor", _REQUIRED, *_FACTOR)
+    if rope.type == "llama3":
+        rope.low_freq_factor = params.float("low_freq_factor", _REQUIRED, *_FACTOR)
+        rope.high_freq_factor = params.float("high_freq_factor", _REQUIRED, *_FACTOR)
+        rope.original_max_position_embeddings = params.int("original_max_position_embeddings")
+        if rope.low_freq_factor == rope.high_freq_factor:    # the band between divides by 0
+            raise ConfigError(f"{params.name('low_freq_factor')} and high_freq_factor are both "
+                              f"{rope.low_freq_factor:g}; llama3 RoPE interpolates between "
+                              "them, so they must differ (Llama 3.1: 1 and 4)")
+    return rope
+
+
+def _checkpoint_dtype(c: _Reader) -> torch.dtype:
+    for key in ("dtype", "torch_dtype"):      # transformers >= 4.56 writes dtype
+        name = c.str(key, None)
+        if name:
+            try:
+                return parse_dtype(name)
+            except ConfigError:
+                raise ConfigError(f"{c.name(key)} must be 'float32', 'bfloat16' or 'float16' "
+                                  f"(the weights' dtype), got {describe(name)}") from None
+    return torch.float32
+
+
+def read_json(path: str, error_cls: type[Exception] = ConfigError) -> dict:
+    """The JSON object in file `path` (a config or an index); error_cls if the file is too
+    large, unreadable, not JSON, nested too deeply for the parser or not an object."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
+        size = os.path.getsize(path)
+        if size <= MAX_JSON_BYTES:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        # ValueError: not JSON, not UTF-8, or an integer too long to parse
+        raise error_cls(f"cannot read {path}: {str(e)[:200]}; the file is corrupt (valid "
+                        "JSON is expected): re-download it") from e
+    if size > MAX_JSON_BYTES:
+        raise error_cls(f"{path} is {size} bytes; a config or index file is kilobytes (at most "
+                        f"{MAX_JSON_BYTES} accepted): the file is not what its name says")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+        raise error_cls(f"{path} must hold a JSON object, not {describe(data)}")
     return data
 
 
-# Real model shapes (for benchmarks with random weights; DESIGN §5).
+# Real models' shapes, for benchmarks with random weights (`preset_config`).
 PRESETS = {
     "llama3.2-1b": dict(architectures=["LlamaForCausalLM"], hidden_size=2048,
                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

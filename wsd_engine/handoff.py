@@ -1,4 +1,4 @@
-"""Cross-tokenizer handoff of the draft (DESIGN §1, "Tokenizers").
+"""Cross-tokenizer handoff of the draft.
 
 Same tokenizer: pilot draft ids pass to the base unchanged. Different tokenizers: the
 draft's base tokens are, by definition,
@@ -137,7 +137,7 @@ class DraftHandoff:
         return self.pilot_tok.decode(self.pilot_ids, skip_special_tokens=True)
 
     def target(self) -> list[int]:
-        """The one-shot base encode of the draft so far (the definition, DESIGN §1)."""
+        """The one-shot base encode of the draft so far (the definition of the draft in base tokens)."""
         s = self.draft_text().strip()
         return self.base_tok.encode(s, add_special_tokens=False) if s else []
 

@@ -2,26 +2,40 @@
 device and dtype, checked strictly against the config.
 
 Only safetensors are read (memory-mapped through the `safetensors` library); pickle
-checkpoints are refused, never unpickled. Shards are opened one at a time and closed before
-the next, so peak host memory is about the loaded model plus one shard's mapped pages.
-q/k/v are fused into one `qkv` matrix and gate/up into one `gate_up` matrix, so a layer
-runs two fewer matmuls per step.
+checkpoints are refused, never unpickled. The folder is untrusted, so loading has two
+phases. Phase 1 reads only the headers of every shard (names, shapes, dtypes; the library
+validates the rest of each header) and checks them against the config: the layer count
+first, so a config that claims a million layers is refused before anything is built per
+layer, then every name, shape and dtype, all problems listed in one ModelLoadError. Only a
+checkpoint without a problem reaches phase 2, which reads the tensor data. Every file
+opened is checked to lie inside the folder (`paths.inside`). Shards are read one at a time
+and closed before the next, so peak host memory is about the loaded model plus one shard's
+mapped pages. q/k/v are fused into one `qkv` matrix and gate/up into one `gate_up` matrix,
+so a layer runs two fewer matmuls per step.
 """
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
+import safetensors
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, describe, read_json
 from .errors import ModelLoadError
+from .paths import inside
 
+INDEX = "model.safetensors.index.json"
 # Buffers some exporters save that carry no learned state; recomputed by the engine.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+# a layer's tensor names start with this; more than 9 digits is no layer index (and int()
+# of a 5000-digit string raises)
+_LAYER = re.compile(r"model\.layers\.(\d{1,9})\.")
+# safetensors dtypes that are cast to the model dtype (torch reads them all)
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64", "F8_E4M3", "F8_E5M2")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -55,33 +69,34 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def find_weight_files(path: str) -> dict[str, list[str]]:
-    """Shard file -> tensor names it holds (from the index, or the single file's header)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
+@dataclass(frozen=True, slots=True)
+class Shard:
+    name: str                   # file name in the checkpoint folder
+    path: str                   # its real path, inside the folder
+    names: list[str] | None     # the tensors the index puts in it (None: no index)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    shard: Shard
+    shape: tuple[int, ...]
+    dtype: str                  # safetensors dtype name: "F32", "BF16", ...
+
+
+def find_weight_files(path: str) -> list[Shard]:
+    """The weight files: the index's shards, or the single *.safetensors file."""
+    index = inside(path, INDEX, ModelLoadError)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"{index} is not a valid safetensors index "
-                                 f"(expected a JSON object with 'weight_map'): {e}") from e
-        files: dict[str, list[str]] = defaultdict(list)
-        for name, shard in weight_map.items():
-            files[shard].append(name)
-        missing = sorted(s for s in files if not os.path.isfile(os.path.join(path, s)))
-        if missing:
-            raise ModelLoadError(f"{index} names shard file(s) that are not in {path!r}: "
-                                 f"{', '.join(missing)}; the checkpoint is incomplete, copy the "
-                                 "missing shards")
-        return dict(files)
+        return _index_shards(path, index)
+    single = inside(path, "model.safetensors", ModelLoadError)
     if os.path.isfile(single):
-        return {"model.safetensors": None}  # names read from the header
-    others = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        return [Shard("model.safetensors", single, None)]   # names read from the header
+    others = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if len(others) == 1:
-        return {os.path.basename(others[0]): None}
+        name = os.path.basename(others[0])
+        return [Shard(name, inside(path, name, ModelLoadError), None)]
     pickles = sorted(os.path.basename(p) for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt")
-                     for p in glob.glob(os.path.join(path, ext)))
+                     for p in glob.glob(os.path.join(glob.escape(path), ext)))
     if pickles:
         raise ModelLoadError(
             f"{path!r} holds only pickle checkpoint files ({', '.join(pickles)}); the engine "
@@ -90,80 +105,171 @@ def find_weight_files(path: str) -> dict[str, list[str]]:
             "safe_serialization=True)` in a trusted environment")
     if others:
         raise ModelLoadError(f"{path!r} holds several *.safetensors files but no "
-                             "model.safetensors.index.json saying which tensor is where")
-    raise ModelLoadError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
+                             f"{INDEX} saying which tensor is where")
+    raise ModelLoadError(f"{path!r} has no model.safetensors or {INDEX}")
 
 
-def _open(path: str):
-    from safetensors import safe_open
+def _index_shards(path: str, index: str) -> list[Shard]:
+    weight_map = read_json(index, ModelLoadError).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"{index}: weight_map must be a JSON object mapping tensor names to "
+                             f"shard file names, got {describe(weight_map)}; the index is "
+                             "corrupt: re-download it")
+    names: dict[str, list[str]] = defaultdict(list)
+    for tensor, shard in weight_map.items():
+        if not isinstance(tensor, str) or not isinstance(shard, str):
+            raise ModelLoadError(f"{index}: weight_map maps {describe(tensor)} to "
+                                 f"{describe(shard)}; it must map tensor names to shard file "
+                                 "names (strings): the index is corrupt, re-download it")
+        names[shard].append(tensor)
+    shards = [Shard(shard, _shard_path(path, index, shard), tensors)
+              for shard, tensors in names.items()]
+    missing = [s.name for s in shards if not os.path.isfile(s.path)]
+    if missing:
+        raise ModelLoadError(f"{index} names shard file(s) that are not in {path!r}: "
+                             f"{_listing(sorted(missing))}; the checkpoint is incomplete, copy "
+                             "the missing shards")
+    return shards
+
+
+def _shard_path(path: str, index: str, shard: str) -> str:
     try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises SafetensorError / OSError variants
-        raise ModelLoadError(f"cannot read {path}: {e}. The file is corrupt or truncated "
-                             "(a safetensors header followed by the tensor data is expected); "
-                             "re-download or re-save it") from e
+        return inside(path, shard, ModelLoadError)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{index} names a shard file that cannot be read: {e}") from None
+
+
+def read_headers(shards: list[Shard]) -> tuple[dict[str, TensorInfo], list[str]]:
+    """Phase 1: each tensor's shard, shape and dtype, from the shard headers alone, and the
+    problems seen on the way (the index disagreeing with a shard, a name in two shards)."""
+    tensors: dict[str, TensorInfo] = {}
+    problems: list[str] = []
+    for shard in shards:
+        with _open(shard.path) as f:
+            header = _header(f, shard)
+        if shard.names is not None:
+            absent = sorted(set(shard.names) - set(header))
+            if absent:
+                problems.append(f"index says {shard.name} holds {_listing(absent, 5)} but it "
+                                "does not")
+        for name, info in header.items():
+            if name in tensors:
+                problems.append(f"{_short(name)} appears in more than one shard")
+            else:
+                tensors[name] = info
+    return tensors, problems
+
+
+def _header(f, shard: Shard) -> dict[str, TensorInfo]:
+    try:
+        return {name: TensorInfo(shard, tuple(sl.get_shape()), sl.get_dtype())
+                for name in f.keys() for sl in (f.get_slice(name),)}
+    except Exception as e:  # noqa: BLE001 - the library validated the header; never expected
+        raise _unreadable(shard.path, e) from e
+
+
+def check_against_config(tensors: dict[str, TensorInfo], cfg: ModelConfig) -> list[str]:
+    """Every way the headers disagree with the config (empty: they match)."""
+    # The layer count first, from the names alone: only when it matches is the expected
+    # name -> shape table built, whose size grows with the config's layer count.
+    layers = sorted({int(m.group(1)) for name in tensors if (m := _LAYER.match(name))})
+    if len(layers) != cfg.num_layers or (layers and layers[-1] != cfg.num_layers - 1):
+        found = (f"{len(layers)} layers (model.layers.{layers[0]} to model.layers.{layers[-1]})"
+                 if layers else "no layers")
+        return [f"config.json says num_hidden_layers = {cfg.num_layers} but the weight files "
+                f"hold {found}; the config does not belong to these weights"]
+    expected = expected_shapes(cfg)
+    problems: list[str] = []
+    unexpected: list[str] = []
+    for name, info in tensors.items():
+        if name not in expected:
+            if not _ignored(name, cfg):
+                unexpected.append(name)
+        elif info.shape != expected[name]:
+            problems.append(f"{name} has shape {_shape(info.shape)}, config says {expected[name]}")
+        elif info.dtype not in FLOAT_DTYPES:
+            problems.append(f"{name} has dtype {info.dtype}; floating point expected "
+                            f"({', '.join(FLOAT_DTYPES)})")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        problems.append(f"missing tensor(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) the config does not account for: "
+                        f"{_listing(sorted(unexpected))}")
+    return problems
 
 
 def load_weights(path: str, cfg: ModelConfig, device: torch.device | str,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read every tensor, check names and shapes, cast and move, then fuse.
+    """Check every header against the config (phase 1), then read, cast, move and fuse
+    (phase 2).
 
     Returns engine names: `embed`, `norm`, `lm_head` (the embedding when tied) and per
     layer `layers.{i}.{attn_norm, qkv, qkv_bias?, o, o_bias?, mlp_norm, gate_up,
     gate_up_bias?, down, down_bias?}`.
     """
     path = os.fspath(path)
-    expected = expected_shapes(cfg)
-    files = find_weight_files(path)
-    raw: dict[str, torch.Tensor] = {}
-    problems: list[str] = []
-    unexpected: list[str] = []
-    for shard, names in files.items():
-        fpath = os.path.join(path, shard)
-        with _open(fpath) as f:
-            keys = list(f.keys())
-            if names is not None:
-                absent = sorted(set(names) - set(keys))
-                if absent:
-                    problems.append(f"index says {shard} holds {', '.join(absent[:5])}"
-                                    f"{' …' if len(absent) > 5 else ''} but it does not")
-            for name in keys:
-                if name not in expected:
-                    if _IGNORED.match(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-                        continue
-                    unexpected.append(name)
-                    continue
-                if name in raw:
-                    problems.append(f"{name} appears in more than one shard")
-                    continue
-                sl = f.get_slice(name)
-                shape = tuple(sl.get_shape())
-                if shape != expected[name]:
-                    problems.append(f"{name} has shape {shape}, config says {expected[name]}")
-                    continue
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:  # noqa: BLE001 - data region unreadable
-                    raise ModelLoadError(f"cannot read tensor {name} from {fpath}: {e}; the "
-                                         "file is truncated or corrupt") from e
-                if not t.is_floating_point():
-                    problems.append(f"{name} has dtype {t.dtype}; floating point expected")
-                    continue
-                raw[name] = t.to(device=device, dtype=dtype)
-                del t
-    missing = sorted(set(expected) - set(raw))
-    if missing:
-        problems.append(f"missing tensor(s): {', '.join(missing[:8])}"
-                        f"{f' and {len(missing) - 8} more' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s) the config does not account for: "
-                        f"{', '.join(sorted(unexpected)[:8])}"
-                        f"{f' and {len(unexpected) - 8} more' if len(unexpected) > 8 else ''}")
+    shards = find_weight_files(path)
+    tensors, problems = read_headers(shards)
+    problems += check_against_config(tensors, cfg)
     if problems:
         raise ModelLoadError(f"checkpoint {path!r} does not match its config.json "
                              f"({cfg.architecture}, {cfg.num_layers} layers, hidden "
                              f"{cfg.hidden_size}):\n  - " + "\n  - ".join(problems))
+    wanted: dict[str, list[str]] = defaultdict(list)     # shard name -> tensors to read
+    for name, info in tensors.items():
+        if not _ignored(name, cfg):
+            wanted[info.shard.name].append(name)
+    raw: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if wanted[shard.name]:
+            with _open(shard.path) as f:
+                for name in wanted[shard.name]:
+                    raw[name] = _read(f, name, shard.path).to(device=device, dtype=dtype)
     return _fuse(raw, cfg)
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    """A saved tensor the engine does not use (a buffer, or the lm_head of a tied model)."""
+    return bool(_IGNORED.match(name)) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+def _open(path: str):
+    try:
+        return safetensors.safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises SafetensorError / OSError variants
+        raise _unreadable(path, e) from e
+
+
+def _read(f, name: str, path: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - data region unreadable
+        raise ModelLoadError(f"cannot read tensor {name} from {path}: {str(e)[:200]}; the "
+                             "file is truncated or corrupt") from e
+
+
+def _unreadable(path: str, e: Exception) -> ModelLoadError:
+    # the library's message may quote the header (a hostile one: megabytes): keep its start
+    return ModelLoadError(f"cannot read {path}: {str(e)[:200]}. The file is corrupt or "
+                          "truncated (a safetensors header followed by the tensor data is "
+                          "expected); re-download or re-save it")
+
+
+def _short(name: str, n: int = 80) -> str:
+    """A tensor or file name from an untrusted file, at most about n characters."""
+    return name if len(name) <= n else f"{name[:n]}… ({len(name)} characters)"
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(_short(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    if len(shape) <= 8:
+        return str(shape)
+    return f"({', '.join(map(str, shape[:4]))}, … {len(shape)} dimensions)"
 
 
 def _fuse(raw: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

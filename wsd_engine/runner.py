@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import StaticKVCache
-from .config import ModelConfig, parse_dtype
+from .config import ModelConfig, describe, parse_dtype
 from .errors import ConfigError, ContextOverflowError, RequestError
 from .loader import load_weights
+from .memory import check_fits
 from .model import TorchOps, forward, rope_tables
 from .sharing import CacheOwner, CacheResidency
 from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
@@ -494,7 +495,7 @@ class Model:
     def truncate(self, length: int) -> None:
         self.cache.truncate(length)
 
-    # ---- public API (DESIGN §6) ---------------------------------------------------
+    # ---- public API -------------------------------------------------------------------
     def score(self, token_ids) -> torch.Tensor:
         """fp32 logits [T, V] of a fresh sequence (the cache is reset first)."""
         tokens = self.as_tokens(token_ids)
@@ -620,11 +621,14 @@ def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
         max_seq_len = min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         if cfg.sliding_window is not None:
             max_seq_len = min(max_seq_len, cfg.sliding_window)
-    if not isinstance(max_seq_len, int) or max_seq_len < 1:
-        raise ConfigError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+    if (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool)
+            or not 1 <= max_seq_len < 2 ** 40):
+        raise ConfigError(f"max_seq_len must be a positive int (KV cache positions, below "
+                          f"2**40), got {describe(max_seq_len)}")
     cfg.check_context(max_seq_len)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_fits(cfg, device, dtype, max_seq_len)     # weights + cache + RoPE, before any is made
     return device, dtype, max_seq_len
 
 
@@ -632,6 +636,7 @@ def build_model(cfg: ModelConfig, weights: dict, device, dtype, max_seq_len: int
                 backend: str = "torch", path: str = "") -> Model:
     """A Model around already loaded (fused, engine-named) weights: allocates the cache
     and RoPE tables. `load_model` uses it; benchmarks use it with random weights."""
+    check_fits(cfg, device, dtype, max_seq_len, weights_loaded=True)
     ops = _make_ops(backend, cfg, device)
     cache = StaticKVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
                                    dtype, device)

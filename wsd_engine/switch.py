@@ -1,4 +1,4 @@
-"""The WSD switch rule (DESIGN §1), in one place: batch form, incremental form, numerics.
+"""The WSD switch rule, in one place: batch form, incremental form, numerics.
 
 Draft tokens t_1..t_n (base ids) have base probabilities p_i. With window w and threshold
 gamma, s_i = (p_{i-w+1} ... p_i)^(1/w) for i >= w (undefined, never passing, for i < w).
