@@ -221,3 +221,30 @@ def test_loaded_model_used_by_two_engines(pair):
     assert e2.generate("Hi", WSDParams(**SMALL)).token_ids
     list(g)
     assert e1.last_result.token_ids == want
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json",
+                                  "chat_template.jinja", "special_tokens_map.json"])
+def test_tokenizer_file_linking_outside_the_folder_is_never_read(pair, tmp_path, monkeypatch,
+                                                                  name):
+    """A tokenizer file that is a symlink to a file outside the checkpoint folder (one that
+    would load fine) is refused before anything opens it."""
+    import builtins
+    from wsd_engine.tokenization import load_tokenizer
+    pilot, _ = _copy_pair(pair, tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    target = outside / name
+    src = os.path.join(pilot, name)
+    if os.path.exists(src):
+        shutil.move(src, target)
+    else:
+        target.write_text("{{ messages[0]['content'] }}")
+    os.symlink(target, src)
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)),
+                                                              real_open(f, *a, **k))[1])
+    with pytest.raises(TokenizerError, match="outside the checkpoint folder"):
+        load_tokenizer(pilot)
+    assert not any(str(outside) in f for f in opened)

@@ -1,20 +1,43 @@
 """Tokenizers and prompt templates.
 
-Tokenizers load from the checkpoint folder through transformers' AutoTokenizer with
-`local_files_only=True` and `trust_remote_code=False`: no download, no code from the folder.
+Tokenizers load through transformers' AutoTokenizer with `local_files_only=True` and
+`trust_remote_code=False` (no download, no code from the folder), from a private copy of
+the folder's tokenizer files: each is checked to be inside the checkpoint folder first, so
+nothing outside it can be read, whatever its configs name.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from .errors import RequestError, TokenizerError
+from .paths import inside
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# every file AutoTokenizer may read from a local folder (config.json names the model type)
+_TOKENIZER_READS = _TOKENIZER_FILES + (
+    "special_tokens_map.json", "added_tokens.json", "merges.txt", "vocab.txt", "spm.model",
+    "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+    "config.json")
+_EXTRA_TEMPLATES = "additional_chat_templates"     # a folder of named *.jinja templates
+_MAX_TOKENIZER_FILE = 256 << 20                     # the largest real ones are ~35 MB
 ROLES = ("system", "user", "assistant")
 
 
 def has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
+def _copy_checked(folder: str, name: str, dst: str) -> None:
+    real = inside(folder, name, TokenizerError)
+    if not os.path.isfile(real):
+        return
+    size = os.path.getsize(real)
+    if size > _MAX_TOKENIZER_FILE:
+        raise TokenizerError(f"{os.path.join(folder, name)!r} is {size >> 20} MiB, far larger "
+                             "than any real tokenizer file; the checkpoint folder is broken")
+    shutil.copyfile(real, os.path.join(dst, name))
 
 
 def load_tokenizer(path: str):
@@ -25,10 +48,23 @@ def load_tokenizer(path: str):
             "tokenizer of the checkpoint into the folder, or pass token ids instead of text")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise TokenizerError(f"cannot load the tokenizer in {path!r}: {e}") from e
+    with tempfile.TemporaryDirectory(prefix="wsd_engine_tok_") as tmp:
+        for name in _TOKENIZER_READS:
+            if os.path.lexists(os.path.join(path, name)):
+                _copy_checked(path, name, tmp)
+        extra = os.path.join(path, _EXTRA_TEMPLATES)
+        if os.path.lexists(extra):
+            real = inside(path, _EXTRA_TEMPLATES, TokenizerError)
+            if os.path.isdir(real):
+                os.mkdir(os.path.join(tmp, _EXTRA_TEMPLATES))
+                for name in sorted(os.listdir(real))[:256]:
+                    if name.endswith(".jinja"):
+                        _copy_checked(real, name, os.path.join(tmp, _EXTRA_TEMPLATES))
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True,
+                                                 trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise TokenizerError(f"cannot load the tokenizer in {path!r}: {e}") from e
 
 
 def tokenizer_eos_ids(tok) -> list[int]:
