@@ -97,6 +97,13 @@ def run_case(rows, case: str, impls: dict, nbytes: int, copy_gbps: float, device
             r["speedup"] = base / r["ms"]
 
 
+def _speed(ratio: float) -> str:
+    """A speed ratio in words: "2.00x faster" / "1.25x slower" (never "0.80x faster")."""
+    if abs(ratio - 1.0) < 0.005:
+        return "1.00x (same)"
+    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+
+
 def print_table(rows, title: str, copy_gbps: float, device_name: str):
     print(f"\n### {title} on {device_name} (copy bandwidth {copy_gbps:.0f} GB/s)\n")
     print("| case | impl | time (us) | GB/s | of copy BW | vs torch ref |")
@@ -106,7 +113,7 @@ def print_table(rows, title: str, copy_gbps: float, device_name: str):
             what = f"failed: {r['error'].splitlines()[0][:80]}" if "error" in r else "skipped"
             print(f"| {r['case']} | {r['impl']} | {what} | | | |")
             continue
-        sp = f"{r['speedup']:.2f}x" if r["speedup"] else ""
+        sp = _speed(r["speedup"]) if r["speedup"] else ""
         print(f"| {r['case']} | {r['impl']} | {r['ms'] * 1e3:.1f} | {r['gbps']:.3g} | "
               f"{100 * r['frac_copy']:.1f}% | {sp} |")
 

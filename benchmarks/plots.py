@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import os
 
+from benchmarks.report import SMOKE_LABEL, shape_label
+
 SYSTEM_ORDER = ("engine_graph_tuned", "engine_graph_steps_fused_pdl", "engine_graph_steps_fused",
                 "engine_graph_steps", "engine_graph", "engine_torch_eager", "hf_eager",
                 "hf_compile")
@@ -84,7 +86,9 @@ def make_plots(R: dict, out_dir: str) -> list[str]:
         if vals and max(vals) / min(vals) > 30:
             ax.set_yscale("log")
         ax.set_xticks(range(len(dec)))
-        ax.set_xticklabels(list(dec))
+        smoke = R["meta"].get("cpu_smoke")   # tiny shapes under the preset names: say so
+        ax.set_xticklabels([f"{SMOKE_LABEL}\nas {p}" if smoke else p for p in dec],
+                           fontsize=8 if smoke else None)
         ax.set_ylabel("decode tokens / s (batch 1)")
         ax.set_title(f"Decode speed, % = fraction of the floor \u2014 {title_dev}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -123,7 +127,7 @@ def make_plots(R: dict, out_dir: str) -> list[str]:
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, fontsize=8)
             ax.set_ylabel("seconds")
-            ax.set_title(f"{key}: {e.get('response')} tokens", fontsize=9)
+            ax.set_title(f"{shape_label(key, R)}: {e.get('response')} tokens", fontsize=9)
             ax.legend(fontsize=7)
         fig.suptitle(f"WSD latency by phase (forced switch k) \u2014 {title_dev}", fontsize=10)
         msgs.append(_save(plt, fig, out_dir, "wsd.png"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.common import short_err
+from benchmarks.common import TINY, short_err
 
 SYSTEMS = {   # decode systems: key -> label (table / plot order)
     "engine_graph_tuned": "wsd_engine generate, kernels tuned on this card (the default "
@@ -18,12 +18,31 @@ SYSTEMS = {   # decode systems: key -> label (table / plot order)
     "hf_eager": "HF transformers eager generate",
     "hf_compile": "HF static cache + torch.compile",
 }
-X2 = "{:.2f}\u00d7"                      # a ratio, "1.23x"
+SMOKE_LABEL = "tiny (CPU smoke)"
 PHASES = ("pilot_prefill", "base_prefill", "drafting", "scoring", "continuation")
 
 
 def _f(x, fmt="{:.2f}", none="\u2014"):
     return none if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def speed(ratio, none="\u2014", digits=2) -> str:
+    """A speed ratio (ours / theirs, > 1 = faster) in words: "1.25\u00d7 faster",
+    "1.25\u00d7 slower" (for 0.8), "1.00\u00d7 (same)". Never "0.8\u00d7 faster"."""
+    if ratio is None or not isinstance(ratio, (int, float)) or math.isnan(ratio) or ratio <= 0:
+        return none
+    r = round(ratio, digits)
+    if r == 1.0:
+        return f"{1:.{digits}f}\u00d7 (same)"
+    if ratio > 1:
+        return f"{ratio:.{digits}f}\u00d7 faster"
+    return f"{1 / ratio:.{digits}f}\u00d7 slower"
+
+
+def shape_label(name: str, R: dict) -> str:
+    """A preset or pair name as a table label: in a CPU smoke run the models only borrow
+    the name (the shapes are tiny), and the label says so."""
+    return f"{SMOKE_LABEL}, as {name}" if R["meta"].get("cpu_smoke") else name
 
 
 def render_md(R: dict) -> str:
@@ -34,7 +53,7 @@ def render_md(R: dict) -> str:
         L += ["## WSD (forced switch point k, ignore EOS)", ""]
         for key, e in R["wsd"].items():
             if key != "checkpoints":
-                L += _wsd_pair_table(key, e)
+                L += _wsd_pair_table(shape_label(key, R), e)
         ck = R["wsd"].get("checkpoints")
         if ck:
             L += _checkpoints_table(ck)
@@ -56,7 +75,10 @@ def _header(R: dict) -> list[str]:
     L = [f"# wsd_engine benchmarks \u2014 {m['device']}", "",
          f"{m['date']}; torch {v['torch']}, triton {v.get('triton')}, transformers "
          f"{v.get('transformers')}; {m['dtype']}, backend {m['backend']}, CUDA graphs "
-         f"{m['cuda_graphs']}" + ("; **CPU smoke (tiny shapes, numbers mean nothing)**"
+         f"{m['cuda_graphs']}" + (f"; **CPU smoke: tiny shapes ({TINY['num_layers']} layers, "
+                                  f"hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}) "
+                                  "standing in for the named presets; the numbers say "
+                                  "nothing about the real models**"
                                   if m["cpu_smoke"] else ""), ""]
     for n in m.get("notes", []):
         L.append(f"> {n}")
@@ -75,7 +97,8 @@ def _decode_section(R: dict) -> list[str]:
          "| model | system | decode ms/token | tok/s | of floor | end-to-end tok/s | "
          "vs HF eager |", "|---|---|---:|---:|---:|---:|---:|"]
     for preset, e in R["decode"].items():
-        L.append(f"| {preset} | *floor* ({_f(R['models'].get(preset, {}).get('weight_bytes'), '{:.3g}')} B) | "
+        name = shape_label(preset, R)
+        L.append(f"| {name} | *floor* ({_f(R['models'].get(preset, {}).get('weight_bytes'), '{:.3g}')} B) | "
                  f"{_f(e.get('floor_ms_per_token'), '{:.3f}')} | "
                  f"{_f(e.get('floor_tok_s'), '{:.0f}')} | 1.00 | | |")
         hf = e["systems"].get("hf_eager", {}).get("tok_s")
@@ -86,17 +109,18 @@ def _decode_section(R: dict) -> list[str]:
             if "error" in r or "skipped" in r:
                 what = ("error: " + short_err(r["error"])) if "error" in r \
                     else "skipped: " + short_err(r["skipped"])
-                L.append(f"| {preset} | {label} | {what} | | | | |")
+                L.append(f"| {name} | {label} | {what} | | | | |")
                 continue
             ch = (r.get("tuning") or {}).get("chosen")
             if ch:
                 label += ": " + _kernels_name(ch)
-            L.append(f"| {preset} | {label} | {_f(r['decode_ms_per_token'], '{:.3f}')} | "
+            L.append(f"| {name} | {label} | {_f(r['decode_ms_per_token'], '{:.3f}')} | "
                      f"{_f(r['tok_s'], '{:.1f}')} | {_f(r['frac_of_floor'])} | "
                      f"{_f(r.get('e2e_tok_s'), '{:.1f}')} | "
-                     f"{_f(r['tok_s'] / hf if hf else None, X2)} |")
+                     + ("1.00\u00d7 (baseline)" if key == "hf_eager"
+                        else speed(r['tok_s'] / hf if hf else None)) + " |")
     L.append("")
-    pre = [(p, how, e[key]) for p, e in R["decode"].items()
+    pre = [(shape_label(p, R), how, e[key]) for p, e in R["decode"].items()
            for key, how in (("prefill", "eager"), ("prefill_graph", "CUDA graph (bucket)"))
            if e.get(key)]
     if pre:
@@ -160,11 +184,12 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
         L.append(f"| {r['label']} | {r['switch_index']} | {r['total_s']:.3f} | "
                  + " | ".join(f"{t[p]:.3f}" for p in PHASES)
                  + f" | {r['ideal_s']:.3f} | {r['measured_over_ideal']:.2f} | "
-                 f"{_f(r.get('speedup_vs_base_only'), X2)} |")
+                 f"{speed(r.get('speedup_vs_base_only'))} |")
     bo = e.get("base_only")
     if bo and "total_s" in bo:
         L.append(f"| base-only (this engine) | \u2014 | {bo['total_s']:.3f} | | | | | | "
-                 f"{bo['ideal_s']:.3f} | {bo['measured_over_ideal']:.2f} | 1.00\u00d7 |")
+                 f"{bo['ideal_s']:.3f} | {bo['measured_over_ideal']:.2f} | "
+                 "1.00\u00d7 (baseline) |")
     elif bo:
         L.append(f"| base-only | error: {short_err(bo.get('error', '?'))} | | | | | | | | | |")
     ref = e.get("reference", {})
@@ -174,11 +199,13 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
         L.append(f"| reference (HF, 3 offline stages) | {ref['switch_index']} | "
                  f"{ref['total_s']:.3f} | \u2014 | \u2014 | {t['draft']:.3f} | "
                  f"{t['score']:.3f} | {t['continuation']:.3f} | | | "
-                 f"{_f(bo_s / ref['total_s'] if bo_s else None, X2)} |")
+                 f"{speed(bo_s / ref['total_s'] if bo_s else None)} |")
         if ref.get("speedup_of_engine"):
-            L.append(f"\nAt k = {ref['k']}: this engine {ref['speedup_of_engine']:.1f}\u00d7 "
-                     "faster than `wsd_engine.reference` on the same device (its pilot "
-                     "drafts the whole response; prefills are inside its phases).")
+            sp = speed(ref["speedup_of_engine"], digits=1)
+            L.append(f"\nAt k = {ref['k']}: this engine is "
+                     + ("as fast as" if sp.endswith("(same)") else sp + " than")
+                     + " `wsd_engine.reference` on the same device (its pilot drafts the "
+                     "whole response; prefills are inside its phases).")
     elif "error" in ref:
         L.append(f"\nreference: error \u2014 {short_err(ref['error'], 300)}")
     elif "skipped" in ref:
@@ -203,8 +230,8 @@ def _checkpoints_table(ck: dict) -> list[str]:
         if name == "wsd_engine":
             note = f"measured / ideal {r['measured_over_ideal']:.2f}"
         else:
-            note = (f"{r.get('note', '')}; engine {_f(r.get('speedup_of_engine'))}\u00d7 "
-                    f"faster; identical output: {r.get('identical')}")
+            note = (f"{r.get('note', '')}; engine {speed(r.get('speedup_of_engine'))}; "
+                    f"identical output: {r.get('identical')}")
         L.append(f"| {name} | {r['total_s']:.3f} | {r['switch_index']} | "
                  f"{r['n_tokens']} | {note} |")
     L.append("")

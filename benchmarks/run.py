@@ -1,4 +1,4 @@
-"""End-to-end benchmark suite of wsd_engine (DESIGN §5): kernels, decode, WSD.
+"""End-to-end benchmark suite of wsd_engine: kernels, decode, WSD.
 
     python -m benchmarks.run                                   # CUDA: everything, real shapes
     python -m benchmarks.run --suite decode,wsd --time-budget 480 --out bench_out
@@ -85,7 +85,8 @@ def build_tasks(b: Bench) -> list:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run",
-                                 description="wsd_engine end-to-end benchmarks (DESIGN §5)")
+                                 description="wsd_engine end-to-end benchmarks: kernels, "
+                                             "decode, WSD")
     ap.add_argument("--suite", default=",".join(SUITES),
                     help="comma list of kernels, decode, wsd (default: all)")
     ap.add_argument("--preset", nargs="+", default=None,

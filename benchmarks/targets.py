@@ -38,6 +38,16 @@ def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
+def _speed(ratio: float, digits: int = 2, than: str = "") -> str:
+    """A speed ratio (> 1 = faster) in words: "1.25x faster" / "1.25x slower" for 0.8
+    (never "0.80x faster"), + " than X" with `than`; "same speed" / "as fast as X"."""
+    if round(ratio, digits) == 1.0:
+        return f"as fast as {than}" if than else "same speed"
+    word = (f"{ratio:.{digits}f}x faster" if ratio > 1
+            else f"{1 / ratio:.{digits}f}x slower")
+    return f"{word} than {than}" if than else word
+
+
 class Table:
     def __init__(self):
         self.rows: list[dict] = []
@@ -74,7 +84,9 @@ def switch_score(t: Table, S) -> None:
         return
     t.add(4, "switch_score (c 8, V 128256, d 4096) >= 85% of the lm_head read floor",
           _pct(row["frac_copy"]), row["frac_copy"] >= 0.85, src,
-          f"{row['ms'] * 1e3:.0f} us, {row.get('speedup') or 0:.1f}x the fp32 reference")
+          f"{row['ms'] * 1e3:.0f} us, "
+          + (_speed(row["speedup"], 1, "the fp32 reference") if _num(row.get("speedup"))
+             and row["speedup"] > 0 else "no fp32 reference time"))
 
 
 def attention(t: Table, A) -> None:
@@ -102,7 +114,7 @@ def attention(t: Table, A) -> None:
             t.add(4, name, "no rows", None, src)
         else:
             t.add(4, name, f"{pre['triton']:.1f} us vs {min(sd):.1f} us",
-                  pre["triton"] <= min(sd), src, f"{min(sd) / pre['triton']:.2f}x")
+                  pre["triton"] <= min(sd), src, _speed(min(sd) / pre["triton"], 2, "SDPA"))
 
 
 def _best_engine(systems: dict):
@@ -191,12 +203,15 @@ def wsd(t: Table, *results) -> None:
         k = "never" if r.get("k") == 0 else r.get("k")
         t.add(5, f"WSD <= 1.15x ideal: {label} k={k}", f"{r['measured_over_ideal']:.2f}x",
               r["measured_over_ideal"] <= 1.15, src,
-              f"{r['total_s']:.3f} s; {r.get('speedup_vs_base_only', 0):.2f}x base-only")
+              f"{r['total_s']:.3f} s; " + (
+                  _speed(r["speedup_vs_base_only"], 2, "base-only")
+                  if _num(r.get("speedup_vs_base_only")) and r["speedup_vs_base_only"] > 0
+                  else "no base-only time"))
         if r.get("k") == 0 or (r.get("k") or 0) >= 64:
             sp = r.get("speedup_vs_base_only")
             if _num(sp):
                 t.add(5, f"WSD faster than base-only for k >= 64: {label} k={k}",
-                      f"{sp:.2f}x", sp > 1.0, src)
+                      _speed(sp) if sp > 0 else f"{sp:.2f}x", sp > 1.0, src)
     if not refs:
         t.add(5, "WSD >= 10x wsd_engine.reference on the same card", "no reference run", None,
               "e2e/results.json")

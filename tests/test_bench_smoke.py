@@ -275,5 +275,5 @@ def test_bench_graph_mode_branches_on_cpu(tmp_path, monkeypatch):
     assert w["runs"][0]["switch_index"] == 4 and _num(w["base_only"]["total_s"])
     from benchmarks.report import render_md
     md = render_md(b.R)
-    assert "| llama3.2-1b | CUDA graph (bucket) | 6 |" in md
+    assert "| tiny (CPU smoke), as llama3.2-1b | CUDA graph (bucket) | 6 |" in md
     assert "kernels tuned on this card" in md and "(tuned; step ms at" in md

@@ -1,13 +1,47 @@
-"""`wsd-engine generate | demo | bench` (also `python -m wsd_engine`)."""
+"""`wsd-engine generate | demo | bench` (also `python -m wsd_engine`).
+
+Every error ends the command with ONE line on stderr, `wsd-engine: ErrorType: message`,
+and exit status 1 (2 for a usage error: an unknown option, a number that is not one). An
+unexpected exception (a bug) prints `wsd-engine: internal error: ...` the same way;
+`WSD_ENGINE_DEBUG=1` in the environment shows the traceback of any error instead.
+"""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
+import stat
 import sys
 import tempfile
 
+from .errors import ConfigError, RequestError, WSDError
+
 DEMO_PROMPT = "Tell me about the quick brown fox."
+# written last into a --dir folder, next to pilot/ and base/: what the demo wrote there
+# (the recipe and a SHA-256 of every file); a folder without it is never loaded or replaced
+DEMO_MARKER = "wsd_engine_demo.json"
+DEBUG_ENV = "WSD_ENGINE_DEBUG"
+
+
+# ------------------------------------------------------------------------- arguments
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return v
 
 
 def _params(a):
@@ -21,37 +55,79 @@ def _params(a):
 
 
 def _add_common(p):
-    p.add_argument("--window", type=int, default=6)
-    p.add_argument("--threshold", type=float, default=0.8)
-    p.add_argument("--draft-max-tokens", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk", type=int, default=8)
-    p.add_argument("--stop", action="append", default=None,
-                   help="a stop string (repeatable; default: [User] [System] [Assistant])")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: "
-                   "the checkpoint's)")
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--window", type=int, default=6, metavar="W",
+                   help="w: the switch rule's window, in draft tokens (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.8, metavar="GAMMA",
+                   help="gamma in (0, 1]: the base takes over at the first window whose "
+                        "geometric-mean probability reaches it (default: %(default)s)")
+    p.add_argument("--draft-max-tokens", type=int, default=512, metavar="N",
+                   help="most tokens the pilot drafts (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=2048, metavar="N",
+                   help="most answer tokens, in base tokens, counting the kept draft "
+                        "(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature of both models; 0 = greedy "
+                        "(default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling mass in (0, 1]; 1 = off (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample from the K most likely tokens; 0 = off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; the same seed gives the same answer "
+                        "(default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=8, metavar="C",
+                   help="pilot tokens the base scores per forward; changes speed only, "
+                        "never the output (default: %(default)s)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="a stop string of the base's continuation, repeatable "
+                        "(default: [User] [System] [Assistant])")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--max-seq-len", type=_positive_int, default=None, metavar="N",
+                   help="KV cache length of each model: a request needs prompt + "
+                        "--draft-max-tokens <= the pilot's and prompt + --max-new-tokens <= "
+                        "the base's (default: min(max_position_embeddings, 4096))")
+    p.add_argument("--backend", default="torch", choices=["torch", "triton"],
+                   help="torch (runs anywhere) or triton (the fused kernels; for a GPU) "
+                        "(default: %(default)s)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the decode steps (and the chunk scoring) as CUDA graphs "
-                        "once, replay them per token (needs --device cuda --backend triton)")
+                        "once, replay them per token; needs --device cuda --backend triton "
+                        "(default: off)")
     p.add_argument("--fused-gemv", action="store_true",
                    help="triton backend: one-token matmuls through the gemv kernel with the "
-                        "norm / SwiGLU fused in")
+                        "norm / SwiGLU fused in (default: off)")
     p.add_argument("--pdl", action="store_true",
                    help="triton backend: launch the one-token kernels with programmatic "
-                        "dependent launch (sm_90+ GPUs)")
+                        "dependent launch, sm_90+ GPUs (default: off)")
     p.add_argument("--no-tune", action="store_true",
                    help="with --cuda-graphs and neither --fused-gemv nor --pdl, the one-token "
                         "kernels are timed on the GPU and the fastest kept (expected: a few "
-                        "seconds per model); this keeps the default kernels instead")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+                        "seconds per model); this keeps the default kernels instead "
+                        "(default: off, i.e. tune)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (default: text with the kept draft marked)")
 
+
+def _check_request(a) -> None:
+    """What the CLI can check before loading anything: the device and the prompt."""
+    import torch
+    try:
+        torch.device(a.device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {a.device!r}; use cpu, cuda or cuda:N") from None
+    try:
+        a.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+        bad = a.prompt[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise RequestError(f"--prompt is not valid UTF-8 (bytes {bad!r} at character "
+                           f"{e.start}); pass the prompt as UTF-8 text") from None
+
+
+# ------------------------------------------------------------------------- output
 
 def _result_dict(r) -> dict:
     return {"text": r.text, "token_ids": r.token_ids, "switch_index": r.switch_index,
@@ -82,10 +158,21 @@ def _show(r, as_json: bool, out=None):
         out.write("(\u00ab\u00bb marks the pilot's kept draft)\n")
 
 
+# ------------------------------------------------------------------------- generate
+
 def cmd_generate(a):
-    import torch  # noqa: F401
+    if a.model and (a.pilot or a.base):
+        print("wsd-engine generate: error: give either --model DIR (plain decoding with one "
+              "model) or --pilot DIR and --base DIR (WSD), not both", file=sys.stderr)
+        return 2
+    if not a.model and not (a.pilot and a.base):
+        print("wsd-engine generate: error: give --pilot DIR and --base DIR (or --model DIR for "
+              "plain decoding with one model)", file=sys.stderr)
+        return 2
+    _check_request(a)
     from .engine import WSD
     from .runner import load_model
+    params = None if a.model else _params(a)     # a bad value fails before any loading
     if a.model:
         m = load_model(a.model, device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len,
                        backend=a.backend)
@@ -99,44 +186,162 @@ def cmd_generate(a):
         text = m.tokenizer.decode(new, skip_special_tokens=True)
         print(json.dumps({"text": text, "token_ids": new}) if a.json else text)
         return 0
-    if not (a.pilot and a.base):
-        print("wsd-engine generate: give --pilot DIR and --base DIR (or --model DIR for plain "
-              "decoding with one model)", file=sys.stderr)
-        return 2
     wsd = WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, backend=a.backend,
                               cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
                               fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
                               tune_kernels=False if a.no_tune else None)
-    _show(wsd.generate(a.prompt, _params(a)), a.json)
+    _show(wsd.generate(a.prompt, params), a.json)
     return 0
 
 
-def demo_pair(root: str | None = None) -> tuple[str, str]:
-    """The built-in tiny synthetic pair (made locally in well under a second), tuned so the
-    switch visibly fires with the paper's defaults."""
-    from .synthetic import make_wsd_pair
-    root = root or os.path.join(tempfile.gettempdir(), "wsd_engine_demo")
-    pilot, base = os.path.join(root, "pilot"), os.path.join(root, "base")
-    if not (os.path.isfile(os.path.join(pilot, "config.json"))
-            and os.path.isfile(os.path.join(base, "config.json"))):
-        make_wsd_pair(root, perturb=0.15, damp=0.02, sharpen=100.0, seed=2, readable=True)
-    return pilot, base
+# ------------------------------------------------------------------------- demo
+
+def _recipe() -> dict:
+    from .synthetic import DEMO_PAIR
+    return {"what": "wsd-engine demo pair", "format": 1, "recipe": DEMO_PAIR}
+
+
+def _hash_files(root: str) -> dict:
+    """{"pilot/config.json": sha256, ...} of every file under root/pilot and root/base.
+    Raises ConfigError for anything that is not a plain file (a link, a folder, ...)."""
+    out = {}
+    for sub in ("pilot", "base"):
+        d = os.path.join(root, sub)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{d} is not a folder")
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                raise ConfigError(f"{p} is not a plain file")
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                out[f"{sub}/{name}"] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _demo_pair_state(root: str) -> str | None:
+    """None if root holds exactly the demo pair this version writes (the marker and every
+    hash agree); "stale" if it holds a demo pair written with another recipe; else why not."""
+    marker = os.path.join(root, DEMO_MARKER)
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return f"{DEMO_MARKER} is not a plain file"
+        fd = os.open(marker, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            m = json.loads(f.read(1 << 20))
+    except FileNotFoundError:
+        return f"no {DEMO_MARKER} marker"
+    except (OSError, ValueError):
+        return f"an unreadable {DEMO_MARKER}"
+    if not isinstance(m, dict) or m.get("what") != _recipe()["what"]:
+        return f"a {DEMO_MARKER} the demo did not write"
+    try:
+        files = _hash_files(root)
+    except (OSError, ConfigError) as e:
+        return str(e)
+    if files != m.get("files"):
+        return "files that differ from the ones the demo wrote"
+    return None if {k: m.get(k) for k in ("format", "recipe")} == {
+        k: _recipe()[k] for k in ("format", "recipe")} else "stale"
+
+
+def _write_demo_pair(root: str) -> None:
+    """Make the pair in a fresh private folder inside root, move pilot/ and base/ into
+    place (a rename never follows a link, and fails rather than replace a non-empty
+    folder or a file), then write the marker last."""
+    from .synthetic import make_demo_pair
+    tmp = tempfile.mkdtemp(prefix=".wsd_engine_demo_", dir=root)
+    try:
+        make_demo_pair(tmp)
+        marker = dict(_recipe(), files=_hash_files(tmp))
+        for sub in ("pilot", "base"):
+            try:
+                os.rename(os.path.join(tmp, sub), os.path.join(root, sub))
+            except OSError as e:
+                raise ConfigError(f"cannot put the demo's {sub}/ into {root}: {e.strerror} "
+                                  "(did something appear there meanwhile?)") from None
+        with open(os.path.join(tmp, DEMO_MARKER), "w") as f:
+            json.dump(marker, f, indent=1)
+        os.replace(os.path.join(tmp, DEMO_MARKER), os.path.join(root, DEMO_MARKER))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def demo_pair(root) -> tuple[str, str]:
+    """The built-in demo pair in the user-chosen folder `root` (root/pilot, root/base):
+    created if absent, reused only if the marker proves it is the demo pair. Never follows
+    a symbolic link (root, root/pilot, root/base or the marker being one is an error), and
+    never loads or replaces a folder it did not write (ConfigError)."""
+    root = os.path.abspath(os.fspath(root))
+    if os.path.islink(root):
+        raise ConfigError(f"--dir {root} is a symbolic link; the demo never follows one: "
+                          "give the real folder")
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise ConfigError(f"--dir {root} exists and is not a folder")
+    os.makedirs(root, exist_ok=True)
+    paths = {n: os.path.join(root, n) for n in ("pilot", "base", DEMO_MARKER)}
+    for p in paths.values():
+        if os.path.islink(p):
+            raise ConfigError(f"{p} is a symbolic link; the demo never follows one: remove "
+                              "it or choose another --dir")
+    present = [p for n, p in paths.items() if n != DEMO_MARKER and os.path.lexists(p)]
+    if present:
+        state = _demo_pair_state(root)
+        if state is None:
+            return paths["pilot"], paths["base"]
+        if state != "stale":
+            raise ConfigError(
+                f"--dir {root} holds something other than the demo pair ({state}); the demo "
+                f"neither loads nor overwrites it: choose a new or empty folder, or remove "
+                f"{' and '.join(present)}")
+        for p in present:              # a verified demo pair of another recipe: ours
+            shutil.rmtree(p)
+    _write_demo_pair(root)
+    return paths["pilot"], paths["base"]
 
 
 def cmd_demo(a):
+    _check_request(a)
+    _params(a)                                   # a bad value fails before the pair is made
+    if a.dir is not None:
+        pilot, base = demo_pair(a.dir)
+        return _run_demo(a, pilot, base, "")
+    # a fresh private folder (mode 0700, unpredictable name), removed when the demo ends
+    from .synthetic import make_demo_pair
+    root = tempfile.mkdtemp(prefix="wsd_engine_demo_")
+    try:
+        pilot, base = make_demo_pair(root)
+        return _run_demo(a, pilot, base, " (made in a temporary folder, removed when the demo "
+                                         "ends; --dir DIR keeps them)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_demo(a, pilot: str, base: str, where: str) -> int:
+    import torch
     from .engine import WSD
-    pilot, base = demo_pair(a.dir)
-    print(f"tiny synthetic pilot and base (random 2-layer Llama models): {pilot}, {base}\n"
-          f"prompt: {a.prompt!r}\n", file=sys.stderr if a.json else sys.stdout)
-    wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype, backend=a.backend,
-                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
-                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
-                              tune_kernels=False if a.no_tune else None)
-    a.draft_max_tokens, a.max_new_tokens = min(a.draft_max_tokens, 128), min(a.max_new_tokens, 160)
-    _show(wsd.generate(a.prompt, _params(a)), a.json)
+    print(f"tiny synthetic pilot and base (random 2-layer Llama models): {pilot}, {base}"
+          f"{where}\nprompt: {a.prompt!r}\n", file=sys.stderr if a.json else sys.stdout)
+    threads = torch.get_num_threads()
+    if torch.device(a.device).type == "cpu":
+        # 64-wide models: one CPU thread does each op fastest, and on a busy machine more
+        # threads make the 2048-token default answer ~10x slower (they wait on each other)
+        torch.set_num_threads(1)
+    try:
+        wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype,
+                                  max_seq_len=a.max_seq_len, backend=a.backend,
+                                  cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
+                                  fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
+                                  tune_kernels=False if a.no_tune else None)
+        _show(wsd.generate(a.prompt, _params(a)), a.json)
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
+
+# ------------------------------------------------------------------------- bench
 
 def cmd_bench(argv) -> int:
     """`wsd-engine bench ARGS` = `python -m benchmarks.run ARGS`: the benchmark suite lives in
@@ -153,33 +358,84 @@ def cmd_bench(argv) -> int:
     return bench_main(list(argv))
 
 
-def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "bench":          # its own argument parser: forward everything
-        return cmd_bench(argv[1:])
-    ap = argparse.ArgumentParser(prog="wsd-engine", description="Weak-to-Strong Decoding engine")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="WSD with a pilot and a base checkpoint folder")
-    g.add_argument("--pilot")
-    g.add_argument("--base")
-    g.add_argument("--model", help="plain greedy decoding with one model instead of WSD")
-    g.add_argument("--prompt", required=True)
+# ------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="wsd-engine", description="Weak-to-Strong Decoding engine: a small "
+                 "aligned pilot drafts the start of the answer, a base model takes over once "
+                 "confident. Errors print one line; WSD_ENGINE_DEBUG=1 shows tracebacks.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{generate,demo,bench}")
+    g = sub.add_parser("generate", help="WSD with a pilot and a base checkpoint folder",
+                       description="WSD with a pilot and a base checkpoint folder (or plain "
+                       "greedy decoding with one model: --model).")
+    g.add_argument("--pilot", metavar="DIR",
+                   help="the pilot: a small aligned chat model's checkpoint folder (no "
+                        "default; give --pilot and --base, or --model)")
+    g.add_argument("--base", metavar="DIR",
+                   help="the base model's checkpoint folder (no default)")
+    g.add_argument("--model", metavar="DIR",
+                   help="plain greedy decoding with this one model instead of WSD; uses "
+                        "--max-new-tokens (no default)")
+    g.add_argument("--prompt", required=True, help="the user message (required)")
     _add_common(g)
     g.set_defaults(fn=cmd_generate)
-    d = sub.add_parser("demo", help="WSD on a built-in tiny synthetic pair (no download)")
-    d.add_argument("--prompt", default=DEMO_PROMPT)
-    d.add_argument("--dir", default=None, help="where to write the synthetic pair")
+    d = sub.add_parser("demo", help="WSD on a built-in tiny synthetic pair (no download)",
+                       description="WSD on a built-in tiny synthetic pilot/base pair, made "
+                       "locally (no download), with the paper's defaults unless told "
+                       "otherwise.")
+    d.add_argument("--prompt", default=DEMO_PROMPT, help="the user message "
+                   "(default: %(default)r)")
+    d.add_argument("--dir", default=None, metavar="DIR",
+                   help="write the pair to DIR/pilot and DIR/base and keep it (created if "
+                        "missing; a DIR holding anything else there is refused) "
+                        "(default: a temporary folder, removed at the end)")
     _add_common(d)
     d.set_defaults(fn=cmd_demo)
     sub.add_parser("bench", help="the benchmark suite, from a source checkout "
                    "(`wsd-engine bench --help`; = python -m benchmarks.run)")
-    a = ap.parse_args(argv)
-    from .errors import WSDError
+    return ap
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _dispatch(argv: list) -> int:
+    if argv and argv[0] == "bench":          # its own argument parser: forward everything
+        return cmd_bench(argv[1:])
+    a = build_parser().parse_args(argv)
+    return a.fn(a)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return a.fn(a)
+        return _dispatch(argv)
     except WSDError as e:
-        print(f"wsd-engine: {type(e).__name__}: {e}", file=sys.stderr)
+        if debug:
+            raise
+        msg = _one_line(e)
+        print(f"wsd-engine: {type(e).__name__}" + (f": {msg}" if msg else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("wsd-engine: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:                  # e.g. `wsd-engine demo | head`
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if debug:
+            raise
+        msg = _one_line(e)
+        print(f"wsd-engine: internal error: {type(e).__name__}" + (f": {msg}" if msg else "")
+              + f" (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 1
 
 

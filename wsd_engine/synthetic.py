@@ -5,6 +5,7 @@ CPU smoke benchmarks; nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -50,8 +51,22 @@ def make_tokenizer(vocab_size: int = 320, corpus=None, chat_template: str | None
     return fast
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    """transformers' progress bars off for the duration (restored after)."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def tiny_config(family: str = "llama", vocab_size: int = 320, **overrides):
-    """A transformers config for a 2-layer, 64-wide model of the given family."""
+    """A transformers config for a 2-layer, 64-wide model of the given family; keyword
+    `overrides` replace any field (e.g. `max_position_embeddings=4096`)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
     if family not in _FAMILIES:
         raise ValueError(f"family must be one of {_FAMILIES}")
@@ -91,7 +106,8 @@ def make_model(out_dir: str, family: str = "llama", seed: int = 0, tokenizer=Non
     model = model.to(dtype)
     os.makedirs(out_dir, exist_ok=True)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out_dir, safe_serialization=True, **kw)
+    with _quiet_progress():          # no "Writing model shards" bar for a tiny model
+        model.save_pretrained(out_dir, safe_serialization=True, **kw)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -155,3 +171,17 @@ def without_tokenizer(src: str, dst: str) -> str:
         if os.path.isfile(os.path.join(src, f)):
             shutil.copy(os.path.join(src, f), dst)
     return dst
+
+
+# The demo pair (`wsd-engine demo`): tuned so the switch visibly fires with the paper's
+# defaults, and with room for them: the KV cache (max_seq_len, default
+# min(max_position_embeddings, 4096)) must hold prompt + draft_max_tokens (512) for the
+# pilot and prompt + max_new_tokens (2048) for the base.
+DEMO_PAIR = dict(perturb=0.15, damp=0.02, sharpen=100.0, seed=2, readable=True,
+                 max_position_embeddings=4096)
+
+
+def make_demo_pair(root: str) -> tuple[str, str]:
+    """The built-in demo pair in root/pilot and root/base (tiny random 2-layer Llama
+    models with a 320-token tokenizer; well under a second); returns (pilot, base)."""
+    return make_wsd_pair(root, **DEMO_PAIR)
