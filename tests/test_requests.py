@@ -248,3 +248,26 @@ def test_tokenizer_file_linking_outside_the_folder_is_never_read(pair, tmp_path,
     with pytest.raises(TokenizerError, match="outside the checkpoint folder"):
         load_tokenizer(pilot)
     assert not any(str(outside) in f for f in opened)
+
+
+_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=30)
+_MESSAGE = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["system", "user",
+                                                                    "assistant"]), _VALUES),
+                                  "content": st.one_of(_TEXT, _VALUES)})
+_PROMPTS = st.one_of(_TEXT, _VALUES, st.lists(_MESSAGE, max_size=4),
+                     st.lists(st.one_of(_TEXT, st.lists(_MESSAGE, max_size=2)), max_size=3))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(prompt=_PROMPTS)
+def test_any_prompt(wsd, prompt):
+    """Random prompts (any text, lone surrogates included; messages with any roles and
+    contents; lists of them): a RequestError, or results with text."""
+    params = WSDParams(draft_max_tokens=4, max_new_tokens=6)
+    try:
+        out = wsd.generate(prompt, params)
+    except RequestError:
+        return
+    for r in out if isinstance(out, list) else [out]:
+        assert isinstance(r.text, str) and len(r.token_ids) <= 6
