@@ -202,3 +202,85 @@ def test_push_errors(toks):
         h.push([7])
     with pytest.raises(RequestError):
         DraftHandoff(pilot, base, mode="bytes")
+
+
+# ---- final tokens: what no later text can change ----------------------------------------
+def _metaspace_tokenizer(split: bool):
+    """A SentencePiece-style BPE (spaces as "▁"), splitting on them or not."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from _tok_helpers import CORPUS
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", split=split)
+    tok.decoder = decoders.Metaspace(replacement="\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>",
+                                                                  "<|eot_id|>"],
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", additional_special_tokens=["<|eot_id|>"])
+
+
+_FINAL_KINDS = {}
+
+
+def _final_kind(kind):
+    if kind not in _FINAL_KINDS:
+        _FINAL_KINDS[kind] = {
+            "bytelevel": lambda: make_bpe_tokenizer(300),
+            "bytelevel_nosplit": lambda: make_bpe_tokenizer(300, split_words=False),
+            "metaspace_split": lambda: _metaspace_tokenizer(True),
+            "metaspace_nosplit": lambda: _metaspace_tokenizer(False),
+        }[kind]()
+    return _FINAL_KINDS[kind]
+
+
+_PIECES = ["the", " quick", " fox", "  ", "\n", "\n\n", "'s", "'", "12", "345", "caf",
+           "\u00e9", "e\u0301", "\u6f22", "!", "?", " ", "<|eo", "t_id|>", "<|eot_id|>", "ab",
+           "AB", "--", "..."]
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "bytelevel_nosplit", "metaspace_split",
+                                  "metaspace_nosplit"])
+def test_final_tokens_never_change(kind):
+    """For random texts S and continuations X: the tokens `final_count` calls final are
+    the first tokens of encode(S + X), whatever X is (hypothesis over both, built from
+    pieces that stress the tail: contractions, digit groups, combining marks, runs of
+    spaces and newlines, a special token written out in parts)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from wsd_engine.handoff import _FinalTokens
+
+    tok = _final_kind(kind)
+    final = _FinalTokens(tok)
+    text = st.lists(st.sampled_from(_PIECES), min_size=1, max_size=10).map("".join)
+
+    @settings(max_examples=300, deadline=None)
+    @given(s=text, x=text)
+    def check(s, x):
+        s = s.strip()
+        n = final.count(s)
+        whole = tok.encode((s + x).strip(), add_special_tokens=False)
+        assert tok.encode(s, add_special_tokens=False)[:n] == whole[:n], (s, x, n)
+
+    check()
+    if kind.endswith("nosplit"):
+        assert final.count("the quick fox jumps over") == 0     # merges may span words
+    else:
+        assert final.count("the quick fox jumps over") > 0
+
+
+def test_final_count_of_a_handoff(toks):
+    """The handoff's final count: all after the final push; never more than emitted."""
+    pilot, base, _ = toks
+    ids = pilot.encode("The quick brown fox jumps over the lazy dog. " * 3,
+                       add_special_tokens=False)
+    h = DraftHandoff(pilot, base, mode="text")
+    counts = []
+    for i in range(0, len(ids), 5):
+        h.push(ids[i:i + 5], final=i + 5 >= len(ids))
+        counts.append(h.final_count())
+        assert counts[-1] <= len(h.emitted)
+    assert counts[-1] == len(h.emitted) == len(expected(pilot, base, ids))
+    assert 0 < counts[len(counts) // 2] < counts[-1]         # settles as the text grows

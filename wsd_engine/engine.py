@@ -418,7 +418,11 @@ class WSD:
         run.H = torch.empty(cap + 1, b_h.shape[-1], dtype=b_h.dtype, device=base.device)
         run.H[0] = b_h
         pilot_done = False
-        while run.k is None and not pilot_done:
+        while True:
+            if run.k is not None and handoff.final_count() >= run.k:
+                break                        # t_1..t_k can no longer change: the switch stands
+            if pilot_done:
+                break
             # the pilot drafts a chunk: tokens stay on the device, read back once per
             # chunk; steps past a pilot EOS are discarded (output unchanged)
             n_p = min(params.chunk, params.draft_max_tokens - len(run.drafted))
@@ -435,6 +439,12 @@ class WSD:
             t0 = run.timer.add("drafting", t0)
             # map to base ids (identity, or the stable re-encode with rollback)
             start, new_b = handoff.push(new_p, final=pilot_done)
+            if run.k is not None:
+                # two tokenizers: a switch point waits until its tokens are final; one
+                # changed by the re-encode undoes it, and scoring goes on from there
+                if start >= run.k:
+                    continue
+                run.k, run.switched = None, False
             if start < len(run.scored):      # an already scored token changed: roll back
                 state.truncate(start)
                 del run.scored[start:]
@@ -451,6 +461,7 @@ class WSD:
         run.rollbacks = handoff.n_rollbacks
         if run.k is None:
             run.k = len(run.scored)          # no window passed: keep the whole draft
+        base.truncate(len(run.b_ids) + run.k)    # drop the draft after t_k: O(1)
 
     def _score(self, run: _Run, state: SwitchState, start: int, new_b: list[int]) -> None:
         """ONE base forward over a chunk of draft tokens at their positions (it writes the
@@ -465,12 +476,11 @@ class WSD:
         if force is None:
             k = state.update(logp)           # the rule: one small read-back per chunk
         else:
-            logp.tolist()                    # same read-back, the rule replaced (benchmarks)
+            state.record(logp)               # same read-back, the rule replaced (benchmarks)
             k = force if start < force <= start + m else None
         run.scored.extend(new_b)
         if k is not None:
             run.k, run.switched = k, True
-            base.truncate(P + k)             # drop the draft after t_k: O(1)
 
     def _draft_logp(self, rows: torch.Tensor, ids: torch.Tensor, state: SwitchState) -> torch.Tensor:
         """log p of each draft token under the base: rows [m, d] predict ids [m] -> [m] fp32.

@@ -111,6 +111,11 @@ class DraftHandoff:
     differs from the current encode of S triggers a rollback to its index at once.
     stable_words=0 and margin_tokens=0 emit everything at once (a stress test for the
     rollback path); the defaults make rollbacks rare.
+
+    Emitted is not final: `final_count()` says how many emitted tokens no text that may
+    follow can change (all of them after the final push). The engine accepts a switch
+    point k only once k tokens are final, so the kept draft is exactly the one-shot
+    encode's prefix.
     """
 
     def __init__(self, pilot_tok, base_tok, *, mode: Optional[str] = None, stable_words: int = 1,
@@ -128,6 +133,7 @@ class DraftHandoff:
         self.emitted: list[int] = []     # base ids emitted so far, rollbacks applied
         self.n_rollbacks = 0
         self.finished = False
+        self._final = _FinalTokens(base_tok) if mode == "text" else None
 
     @property
     def identity(self) -> bool:
@@ -140,6 +146,13 @@ class DraftHandoff:
         """The one-shot base encode of the draft so far (the definition of the draft in base tokens)."""
         s = self.draft_text().strip()
         return self.base_tok.encode(s, add_special_tokens=False) if s else []
+
+    def final_count(self) -> int:
+        """How many emitted tokens are final: equal to the one-shot encode's, whatever
+        text the draft goes on with."""
+        if self.identity or self.finished:
+            return len(self.emitted)
+        return min(len(self.emitted), self._final.count(self.draft_text().strip()))
 
     def push(self, new_pilot_ids: Iterable[int], final: bool = False) -> tuple[int, list[int]]:
         """Add pilot ids (the final call may add none); see the class docstring."""
@@ -177,3 +190,60 @@ class DraftHandoff:
         out = target[start:max(start, n_stable)]
         self.emitted[start:] = out
         return start, out
+
+
+def _splits_words(pre_tokenizer: dict | None) -> bool:
+    """Whether a pre-tokenizer (tokenizer.json form) cuts the text into pieces that BPE
+    merges never cross: a regex split (GPT-2 / Llama 3 / Qwen2 byte-level), whitespace,
+    punctuation, digits or a Metaspace that splits."""
+    if not isinstance(pre_tokenizer, dict):
+        return False
+    kind = pre_tokenizer.get("type")
+    if kind == "Sequence":
+        return any(_splits_words(p) for p in pre_tokenizer.get("pretokenizers") or [])
+    if kind == "ByteLevel":
+        return bool(pre_tokenizer.get("use_regex", True))
+    if kind == "Metaspace":
+        return bool(pre_tokenizer.get("split", True))
+    return kind in ("Split", "Whitespace", "WhitespaceSplit", "BertPreTokenizer",
+                    "Punctuation", "Digits", "CharDelimiterSplit", "UnicodeScripts")
+
+
+class _FinalTokens:
+    """Counts the tokens of a text's encode that no appended text can change.
+
+    A pre-tokenizer that splits the text matches its pieces left to right, each from
+    characters already present; appending can change only the last piece (whose match
+    may grow). Merges never cross pieces, so every token of the earlier pieces is final.
+    The tail that may still become an added token (e.g. "<|eo" of "<|eot_id|>") is not
+    final either, nor is anything when the normalizer rewrites the text (composition can
+    reach back) or the pre-tokenizer does not split (merges may span the whole text):
+    then only the end of the draft settles its tokens."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        backend = getattr(tok, "backend_tokenizer", None)
+        spec = json.loads(backend.to_str()) if backend is not None else {}
+        self.pre = backend.pre_tokenizer if _splits_words(spec.get("pre_tokenizer")) else None
+        self.normalizer = backend.normalizer if backend is not None else None
+        self.added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
+                      if getattr(t, "content", "")]
+
+    def count(self, s: str) -> int:
+        if self.pre is None or not s:
+            return 0
+        if self.normalizer is not None and self.normalizer.normalize_str(s) != s:
+            return 0
+        pieces = self.pre.pre_tokenize_str(s)
+        if len(pieces) < 2:
+            return 0
+        end = pieces[-1][1][0]               # where the last piece starts
+        for a in self.added:                 # a tail that may still grow into one
+            for q in range(max(0, len(s) - len(a) + 1), len(s)):
+                if q < end and a.startswith(s[q:]):
+                    end = q
+                    break
+        if end <= 0:
+            return 0
+        head = self.tok.encode(s[:end], add_special_tokens=False)
+        return _common_prefix(head, self.tok.encode(s, add_special_tokens=False))

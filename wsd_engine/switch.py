@@ -173,10 +173,18 @@ class SwitchState:
         self.k = n_before - len(prev) + j + self.window
         return self.k
 
+    def record(self, logp_chunk: ArrayLike) -> None:
+        """Keep a chunk's log p's without applying the rule (a switch point forced from
+        outside, for benchmarks), so that `truncate` still works."""
+        self.logps.extend(_as_float64_1d(logp_chunk, "logp_chunk").tolist())
+
     def truncate(self, n: int) -> None:
-        """Forget every scored token after the first n (cross-tokenizer rollback)."""
-        if self.k is not None:
-            raise WSDError(f"SwitchState.truncate called after the switch fired at k={self.k}")
+        """Forget every scored token after the first n (cross-tokenizer rollback). A switch
+        that fired at k > n is forgotten too: the window it passed on no longer exists."""
+        if self.k is not None and n >= self.k:
+            raise WSDError(f"SwitchState.truncate to {n} tokens after the switch fired at "
+                           f"k={self.k}: the switch stands, nothing before it changed")
         if not (0 <= n <= self.n_scored):
             raise WSDError(f"cannot truncate SwitchState to {n} tokens: {self.n_scored} scored")
         del self.logps[n:]
+        self.k = None
