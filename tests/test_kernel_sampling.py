@@ -75,23 +75,8 @@ def test_frequencies_match_probabilities(temperature, top_k, top_p):
     assert _chi2(ref_draws, probs, V)[0] < 30.0
 
 
-# Hand-written distributions (the same table as tests/test_sampling.py). Q is the softmax of
-# z = logits / temperature (logits are temperature * log Q). Sorted: 0.30 (id 3), 0.25 (1),
-# 0.20 (5), 0.08 (2), 0.07 (7), 0.05 (4), 0.03 (6), 0.02 (0); the mass ranked strictly
-# before each: 0, .30, .55, .75, .83, .90, .95, .98. Every cut sits >= 0.03 from a boundary.
-Q = [0.02, 0.25, 0.08, 0.30, 0.05, 0.20, 0.03, 0.07]
-HAND = {   # (temperature, top_k, top_p) -> {token: probability of being drawn}
-    "temperature only": ((1.3, 0, 1.0), dict(enumerate(Q))),
-    "top_p": ((0.7, 0, 0.8), {3: .30 / .83, 1: .25 / .83, 5: .20 / .83, 2: .08 / .83}),
-    "top_p wider": ((0.5, 0, 0.86), {3: .30 / .9, 1: .25 / .9, 5: .20 / .9, 2: .08 / .9,
-                                     7: .07 / .9}),
-    "top_k": ((2.0, 5, 1.0), {3: .30 / .9, 1: .25 / .9, 5: .20 / .9, 2: .08 / .9, 7: .07 / .9}),
-    # top_k 3: {3, 1, 5} renormalised .4, .333, .267; top_p 0.6 on those keeps {3, 1}
-    "top_k then top_p": ((1.0, 3, 0.6), {3: .30 / .55, 1: .25 / .55}),
-    "top_p one token": ((1.0, 0, 0.25), {3: 1.0}),
-}
-# 99.99% quantiles of chi-square with 1..7 degrees of freedom
-CHI2_9999 = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 6: 27.86, 7: 29.88}
+# the hand-written distributions of the torch sampler's test, written out (and explained) there
+from test_sampling import CASES as HAND, CHI2_9999, Q  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(HAND))
