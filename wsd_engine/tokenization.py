@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 
+from .config import describe
 from .errors import RequestError, TokenizerError
 from .paths import inside
 
@@ -74,19 +75,6 @@ def tokenizer_eos_ids(tok) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def _describe(obj) -> str:
-    """A short description of an arbitrary object for an error message (never a full
-    repr: a hostile input may be huge or nested thousands deep)."""
-    if isinstance(obj, (str, bytes)):
-        r = repr(obj[:40])
-        return f"{type(obj).__name__} {r}{'…' if len(obj) > 40 else ''}"
-    if isinstance(obj, (int, float, bool)) or obj is None:
-        return repr(obj) if len(repr(obj)) <= 40 else f"{type(obj).__name__} (huge)"
-    if isinstance(obj, (list, tuple, dict)):
-        return f"a {type(obj).__name__} of {len(obj)} items"
-    return f"an object of type {type(obj).__name__}"
-
-
 def _check_text(text: str, what: str) -> None:
     """Text must be valid Unicode (a lone surrogate cannot be encoded as UTF-8, and the
     tokenizers would fail on it deep inside)."""
@@ -108,18 +96,18 @@ def normalize_messages(prompt) -> list[dict]:
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise RequestError("a prompt must be a non-empty string or a non-empty list of "
-                           "{'role': ..., 'content': ...} messages, got " + _describe(prompt))
+                           "{'role': ..., 'content': ...} messages, got " + describe(prompt))
     out = []
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RequestError(f"message {i} must be a dict with 'role' and 'content', got "
-                               + _describe(m))
+                               + describe(m))
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
-            raise RequestError(f"message {i} has unknown role {_describe(m['role'])}; use one "
+            raise RequestError(f"message {i} has unknown role {describe(m['role'])}; use one "
                                f"of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise RequestError(f"message {i}: content must be a string, got "
-                               + _describe(m["content"]))
+                               + describe(m["content"]))
         _check_text(m["content"], f"message {i}'s content")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["content"].strip() for m in out):
