@@ -154,3 +154,96 @@ def test_model_generate_from_threads(pair):
     for t in threads:
         t.join(timeout=300)
     assert got == want
+
+
+def _collect(gen):
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as done:
+            return pieces, done.value
+
+
+def test_failed_parking_releases_both_models_and_fails_loudly(wsd, monkeypatch):
+    """Copying a suspended stream aside fails (out of memory) while another request takes
+    the second model: that request fails, neither model stays locked, the suspended
+    stream gets a WSDError instead of running on a cache that is not its own, and later
+    requests are exact."""
+    from wsd_engine import WSDError
+    from wsd_engine.cache import StaticKVCache
+    p, q = PROMPTS[0], WSDParams(draft_max_tokens=12, max_new_tokens=20, chunk=3, stop=())
+    solo = _key(wsd.generate(p, q))
+    a = wsd.stream(p, q)
+    next(a)
+    real, calls = StaticKVCache.snapshot, []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("simulated out of memory while parking")
+        return real(self)
+
+    monkeypatch.setattr(StaticKVCache, "snapshot", flaky)
+    result = []
+    t = threading.Thread(target=lambda: result.append(_safe(wsd.generate, PROMPTS[1], q)))
+    t.start()
+    t.join(timeout=60)
+    monkeypatch.setattr(StaticKVCache, "snapshot", real)
+    assert isinstance(result[0], MemoryError)
+    with pytest.raises(WSDError, match="cached sequence was lost"):
+        list(a)
+    done = []
+    t = threading.Thread(target=lambda: done.append(_key(wsd.generate(p, q))))
+    t.start()
+    t.join(timeout=60)
+    assert done == [solo]                          # no lock left held, the answer exact
+
+
+def _safe(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - returned to the test
+        return e
+
+
+def test_interrupted_restore_never_leaves_a_stream_on_a_wrong_cache(wsd, monkeypatch):
+    """An interrupt lands while a stream's sequence is being put back (keys copied, values
+    not): that stream dies, and the stream parked a moment before still resumes exactly."""
+    from wsd_engine.cache import StaticKVCache
+    q = WSDParams(draft_max_tokens=16, max_new_tokens=30, chunk=3, stop=())
+    solo = _key(wsd.generate(PROMPTS[0], q))
+    b = wsd.stream(PROMPTS[1], q)
+    next(b)
+    a = wsd.stream(PROMPTS[0], q)
+    first = [next(a)]                          # a resident, b parked
+    real = StaticKVCache.restore
+
+    def interrupted(self, snap):
+        n, k, _ = snap
+        self.k[:, :, :n].copy_(k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StaticKVCache, "restore", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        next(b)                                # parks a, then fails putting b back
+    monkeypatch.setattr(StaticKVCache, "restore", real)
+    pieces, r = _collect(a)
+    assert _key(r) == solo and "".join(first + pieces) == r.text
+
+
+def test_streams_ended_by_an_exception_keep_no_copies(wsd):
+    """Streams parked and then ended by an exception thrown into them (a client that went
+    away), with the exceptions kept alive: no parked copy stays behind."""
+    q = WSDParams(draft_max_tokens=24, max_new_tokens=40, chunk=3)
+    kept = []
+    for _ in range(5):
+        a = wsd.stream(PROMPTS[0], q)
+        next(a)
+        b = wsd.stream(PROMPTS[1], q)
+        next(b)                                  # a parked
+        with pytest.raises(ConnectionResetError) as e:
+            a.throw(ConnectionResetError("client went away"))
+        kept.append(e.value)
+        _collect(b)
+    assert wsd.pilot.parked_sequences == 0 and wsd.base.parked_sequences == 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -315,12 +315,14 @@ class WSD:
                                                                base_prompt_ids)))
 
     # ---- one request ---------------------------------------------------------------
-    def _hold(self, owner: CacheOwner) -> ExitStack:
-        """Both models reserved for `owner` (always in the same order: no deadlock)."""
-        stack = ExitStack()
-        for m in sorted((self.pilot, self.base), key=id):
-            stack.enter_context(m.reserved(owner))
-        return stack
+    @contextmanager
+    def _hold(self, owner: CacheOwner):
+        """Both models reserved for `owner` (always in the same order: no deadlock); if
+        reserving the second fails, the first is let go."""
+        with ExitStack() as stack:
+            for m in sorted((self.pilot, self.base), key=id):
+                stack.enter_context(m.reserved(owner))
+            yield
 
     def _complete(self, run) -> WSDResult:
         """Run a request to the end while holding both models."""
