@@ -317,3 +317,21 @@ def test_reference_without_tokenizers_refuses_text(mid):
         ref.generate(PROMPT)
     with pytest.raises(ValueError, match="both tokenizers or neither"):
         ReferenceWSD.from_models(*hf, pilot_tok=object())
+
+
+def test_ignore_eos_runs_past_real_eos_tokens_in_both(never, tmp_path):
+    """ignore_eos with a pilot whose EOS id really occurs in its draft: the reference must
+    run to the caps too (transformers' generate would put the EOS ids back from the
+    generation config), and the engine equals it."""
+    pair, pos = _pilot_with_eos(never, tmp_path, 5, 20)
+    ref = ReferenceWSD(*pair)
+    msgs = [{"role": "user", "content": PROMPT}]
+    from wsd_engine.tokenization import apply_chat_template, render_base_prompt
+    p_ids = apply_chat_template(ref.pilot_tok, msgs)
+    b_ids = render_base_prompt(ref.base_tok, msgs, None)
+    r = ref.generate_ids(p_ids, b_ids, draft_max_tokens=DRAFT, max_new_tokens=NEW,
+                         force_switch=30, ignore_eos=True)
+    assert len(r.draft_ids) == DRAFT > pos and len(r.token_ids) == NEW
+    e = WSD.from_pretrained(*pair).generate_ids(p_ids, b_ids, WSDParams(
+        draft_max_tokens=DRAFT, max_new_tokens=NEW, force_switch=30, ignore_eos=True))
+    assert (e.token_ids, e.switch_index) == (r.token_ids, r.switch_index)

@@ -93,7 +93,9 @@ class ReferenceWSD:
         dev = next(model.parameters()).device
         gc = copy.deepcopy(model.generation_config)
         gc.do_sample, gc.temperature, gc.top_p, gc.top_k = False, None, None, None
-        gc.eos_token_id = sorted(eos) if eos else None
+        # no EOS: an id the model cannot produce (with None, generate() would put the ids
+        # of the model's own generation config back and stop at them)
+        gc.eos_token_id = sorted(eos) if eos else [model.config.vocab_size]
         gc.pad_token_id = sorted(eos)[0] if eos else 0
         gc.max_new_tokens, gc.min_new_tokens = max_new, None
         with torch.no_grad():
