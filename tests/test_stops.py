@@ -136,3 +136,18 @@ def test_engine_stops_match_reference_and_stream(engines):
         hits += want.finish_reason == "stop"
     assert hits >= 6           # the substrings really hit
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_shortest_prefix_search_equals_the_linear_definition(tok, data):
+    """finish_text's binary search for the cut's token prefix gives what the one-token-at-
+    a-time scan gives (random ids, multi-byte characters split across tokens included)."""
+    from wsd_engine.tokenization import _shortest_prefix
+    ids = data.draw(st.lists(st.integers(3, len(tok) - 1), max_size=30))
+    lo = data.draw(st.integers(0, len(ids)))
+    n = data.draw(st.integers(0, len(decode(tok, ids)) + 2))
+    j = lo
+    while j < len(ids) and len(decode(tok, ids[:j])) < n:
+        j += 1
+    assert _shortest_prefix(tok, ids, lo, n) == j

@@ -239,10 +239,31 @@ def finish_text(tok, draft_ids: list[int], cont_ids: list[int], stops) -> tuple[
     if pos == -1:
         return full, ids, False
     text = full[:pos].rstrip()
-    j = len(draft_ids)
-    while j < len(ids) and len(decode(tok, ids[:j])) < len(text):
-        j += 1
-    return text, ids[:j], True
+    return text, ids[:_shortest_prefix(tok, ids, len(draft_ids), len(text))], True
+
+
+def _shortest_prefix(tok, ids: list[int], lo: int, n_chars: int) -> int:
+    """The smallest j >= lo with len(decode(ids[:j])) >= n_chars (len(ids) if none).
+
+    The text length of a prefix grows with it, so this is a binary search (log n decodes
+    instead of one per token: a 8,000-token answer cut at a stop took 5.5 s linearly);
+    the walk back afterwards keeps the answer exact should a decoder ever shorten a text
+    locally (an incomplete character at the end)."""
+    def reaches(j: int) -> bool:
+        return len(decode(tok, ids[:j])) >= n_chars
+    hi = len(ids)
+    if not reaches(hi):
+        return hi
+    a, b = lo, hi                       # reaches(b) holds
+    while a < b:
+        mid = (a + b) // 2
+        if reaches(mid):
+            b = mid
+        else:
+            a = mid + 1
+    while a > lo and reaches(a - 1):
+        a -= 1
+    return a
 
 
 class IncrementalDetokenizer:
