@@ -65,7 +65,11 @@ _FIELD_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
                "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
                "head_dim": "head_dim", "max_position_embeddings": "max_position_embeddings"}
 # config / index files are kilobytes: refuse a huge one before parsing it
-MAX_JSON_BYTES = 64 << 20
+MAX_JSON_BYTES = 16 << 20           # an index of 65,536 tensors is ~5 MB
+# and few JSON objects / arrays (an index is one object; a config has tens): counted on the
+# raw text before parsing, so "{}" repeated millions of times (1.4 GB once parsed) is refused
+MAX_JSON_CONTAINERS = 100_000
+MAX_TOKEN_IDS = 1024                # eos ids of one file (real ones list 1 to 3)
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -77,6 +81,13 @@ def parse_dtype(dtype) -> torch.dtype:
         return _DTYPES[dtype.lower().replace("torch.", "")]
     raise ConfigError(f"unsupported dtype {describe(dtype)}: use torch.float32, torch.bfloat16 "
                       "or torch.float16 (or 'float32' / 'bfloat16' / 'float16')")
+
+
+def describe_arg(value) -> str:
+    """`describe` in Python's spelling (None, True), for arguments of the Python API."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    return describe(value)
 
 
 def describe(value, depth: int = 2) -> str:
@@ -183,6 +194,9 @@ class _Reader:
         """An integer or a list of integers (token ids); [] when not set."""
         value = self.get(key, [])
         ids = value if isinstance(value, list) else [value]
+        if len(ids) > MAX_TOKEN_IDS:
+            raise ConfigError(f"{self.name(key)} lists {len(ids)} token ids; at most "
+                              f"{MAX_TOKEN_IDS} are accepted")
         lo, hi = LIMITS[key]
         if not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
                    for v in ids):
@@ -335,8 +349,10 @@ class ModelConfig:
             sliding = c.int("sliding_window", None)
 
         eos = c.token_ids("eos_token_id")
+        seen = set(eos)
         for e in gen.token_ids("eos_token_id"):
-            if e not in eos:
+            if e not in seen:
+                seen.add(e)
                 eos.append(e)
         bos, gen_bos = c.int("bos_token_id", None), gen.int("bos_token_id", None)
 
@@ -433,8 +449,14 @@ def read_json(path: str, error_cls: type[Exception] = ConfigError) -> dict:
         size = os.path.getsize(path)
         if size <= MAX_JSON_BYTES:
             with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
+                text = f.read()
+            containers = text.count("{") + text.count("[")   # an upper bound (strings too)
+            if containers > MAX_JSON_CONTAINERS:
+                raise error_cls(f"{path} holds {containers:,} JSON objects or arrays (at most "
+                                f"{MAX_JSON_CONTAINERS:,} accepted: a config or index has few); "
+                                "the file is corrupt or hostile")
+            data = json.loads(text)
+    except (OSError, ValueError, RecursionError, MemoryError) as e:
         # ValueError: not JSON, not UTF-8, or an integer too long to parse
         raise error_cls(f"cannot read {path}: {str(e)[:200]}; the file is corrupt (valid "
                         "JSON is expected): re-download it") from e

@@ -364,6 +364,12 @@ class WSD:
         pilot, base = self.pilot, self.base
         room = (("pilot", pilot, params.draft_max_tokens, "draft_max_tokens"),
                 ("base", base, params.max_new_tokens, "max_new_tokens"))
+        for name, m, extra, what in room:
+            if extra >= m.max_seq_len:
+                raise ContextOverflowError(
+                    f"{what}={extra} leaves no room for a prompt in the {name} model's KV cache "
+                    f"({m.max_seq_len} positions); lower {what}, or load with a larger "
+                    "max_seq_len")
         if ids is not None:
             p_ids, b_ids = pilot.as_tokens(ids[0]).tolist(), base.as_tokens(ids[1]).tolist()
         else:

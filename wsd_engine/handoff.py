@@ -18,6 +18,7 @@ import json
 from typing import Iterable, Optional
 
 from wsd_engine.errors import RequestError
+from wsd_engine.tokenization import encode
 
 _MODEL_KEYS_SKIPPED = ("vocab", "merges")
 
@@ -145,7 +146,7 @@ class DraftHandoff:
     def target(self) -> list[int]:
         """The one-shot base encode of the draft so far (the definition of the draft in base tokens)."""
         s = self.draft_text().strip()
-        return self.base_tok.encode(s, add_special_tokens=False) if s else []
+        return encode(self.base_tok, s) if s else []
 
     def final_count(self) -> int:
         """How many emitted tokens are final: equal to the one-shot encode's, whatever
@@ -170,7 +171,7 @@ class DraftHandoff:
         s = text.strip()
         if not final and (not s or text.endswith("\ufffd")):
             return n_old, []   # nothing settled yet; the tail is not even valid text
-        target = self.base_tok.encode(s, add_special_tokens=False) if s else []
+        target = encode(self.base_tok, s) if s else []
         if final:
             n_stable = len(target)
         else:
@@ -178,7 +179,7 @@ class DraftHandoff:
             if cut >= len(s):
                 n_stable = len(target)
             else:
-                head = self.base_tok.encode(s[:cut], add_special_tokens=False) if cut > 0 else []
+                head = encode(self.base_tok, s[:cut]) if cut > 0 else []
                 n_stable = max(0, _common_prefix(head, target) - self.margin_tokens)
 
         agree = _common_prefix(self.emitted, target)
@@ -245,5 +246,4 @@ class _FinalTokens:
                     break
         if end <= 0:
             return 0
-        head = self.tok.encode(s[:end], add_special_tokens=False)
-        return _common_prefix(head, self.tok.encode(s, add_special_tokens=False))
+        return _common_prefix(encode(self.tok, s[:end]), encode(self.tok, s))

@@ -16,6 +16,7 @@ so a layer runs two fewer matmuls per step.
 from __future__ import annotations
 
 import glob
+import stat
 import os
 import re
 from collections import defaultdict
@@ -29,6 +30,12 @@ from .errors import ModelLoadError
 from .paths import inside
 
 INDEX = "model.safetensors.index.json"
+# bounds on what a checkpoint's files may declare, far above any supported model (1,024
+# layers of ~15 tensors; Llama-3.1-405B ships 191 shards), so a hostile header or index
+# cannot make the loader parse millions of entries (1.6M names: 1.3 GB, 12 s)
+MAX_TENSORS = 65536
+MAX_SHARDS = 4096
+MAX_HEADER_BYTES = 16 << 20          # ~250 bytes per tensor entry at most
 # Buffers some exporters save that carry no learned state; recomputed by the engine.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 # a layer's tensor names start with this; more than 9 digits is no layer index (and int()
@@ -91,7 +98,9 @@ def find_weight_files(path: str) -> list[Shard]:
     single = inside(path, "model.safetensors", ModelLoadError)
     if os.path.isfile(single):
         return [Shard("model.safetensors", single, None)]   # names read from the header
-    others = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+    # regular files only: a FIFO named x.safetensors would block the open forever
+    others = sorted(p for p in glob.glob(os.path.join(glob.escape(path), "*.safetensors"))
+                    if _regular(p))
     if len(others) == 1:
         name = os.path.basename(others[0])
         return [Shard(name, inside(path, name, ModelLoadError), None)]
@@ -115,6 +124,10 @@ def _index_shards(path: str, index: str) -> list[Shard]:
         raise ModelLoadError(f"{index}: weight_map must be a JSON object mapping tensor names to "
                              f"shard file names, got {describe(weight_map)}; the index is "
                              "corrupt: re-download it")
+    if len(weight_map) > MAX_TENSORS:
+        raise ModelLoadError(f"{index}: weight_map names {len(weight_map)} tensors, more than "
+                             f"any supported model has (at most {MAX_TENSORS}); the index is "
+                             "corrupt or hostile")
     names: dict[str, list[str]] = defaultdict(list)
     for tensor, shard in weight_map.items():
         if not isinstance(tensor, str) or not isinstance(shard, str):
@@ -122,9 +135,12 @@ def _index_shards(path: str, index: str) -> list[Shard]:
                                  f"{describe(shard)}; it must map tensor names to shard file "
                                  "names (strings): the index is corrupt, re-download it")
         names[shard].append(tensor)
+    if len(names) > MAX_SHARDS:
+        raise ModelLoadError(f"{index} names {len(names)} shard files, more than any real "
+                             f"checkpoint (at most {MAX_SHARDS}); the index is corrupt or hostile")
     shards = [Shard(shard, _shard_path(path, index, shard), tensors)
               for shard, tensors in names.items()]
-    missing = [s.name for s in shards if not os.path.isfile(s.path)]
+    missing = [s.name for s in shards if not _regular(s.path)]
     if missing:
         raise ModelLoadError(f"{index} names shard file(s) that are not in {path!r}: "
                              f"{_listing(sorted(missing))}; the checkpoint is incomplete, copy "
@@ -234,7 +250,34 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
     return bool(_IGNORED.match(name)) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
 
 
+def _regular(path: str) -> bool:
+    """A regular file (following links): not a FIFO, device or folder."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _check_header_size(path: str) -> None:
+    """Refuse a header longer than any real one before the library parses it (its own
+    limit is 100 MB: millions of tensor entries, gigabytes once parsed)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise _unreadable(path, e) from e
+    if len(head) == 8 and int.from_bytes(head, "little") > MAX_HEADER_BYTES:
+        raise ModelLoadError(f"{path}: its safetensors header is "
+                             f"{int.from_bytes(head, 'little'):,} bytes, more than any real "
+                             f"checkpoint's (at most {MAX_HEADER_BYTES:,}: ~{MAX_TENSORS:,} "
+                             "tensors); the file is corrupt or hostile")
+
+
 def _open(path: str):
+    if not _regular(path):
+        raise ModelLoadError(f"{path} is not a regular file (a FIFO, device or folder?); a "
+                             "safetensors file is expected")
+    _check_header_size(path)
     try:
         return safetensors.safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises SafetensorError / OSError variants

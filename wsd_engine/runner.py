@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import StaticKVCache
-from .config import ModelConfig, describe, parse_dtype
+from .config import ModelConfig, describe_arg, parse_dtype
 from .errors import ConfigError, ContextOverflowError, RequestError
 from .loader import load_weights
 from .memory import check_fits
@@ -509,8 +509,18 @@ class Model:
         """Greedy continuation of a fresh sequence: the new tokens only, EOS not included.
         Decodes through `stream_greedy` (on CUDA one step stays in flight while the host
         reads the last token: no idle GPU between steps, no wait for work past an EOS)."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                or max_new_tokens < 1):
+            raise RequestError("max_new_tokens must be an int >= 1, got "
+                               f"{describe_arg(max_new_tokens)}")
+        if eos_token_ids is not None and (
+                not isinstance(eos_token_ids, (list, tuple, set, frozenset))
+                or any(isinstance(e, bool) or not isinstance(e, int) for e in eos_token_ids)):
+            raise RequestError("eos_token_ids must be a list of ints (or None: the model's own), "
+                               f"got {describe_arg(eos_token_ids)}")
+        if not isinstance(stop_at_eos, bool):
+            raise RequestError("stop_at_eos must be True or False, got "
+                               f"{describe_arg(stop_at_eos)}")
         tokens = self.as_tokens(token_ids)
         n = tokens.numel()
         if n + max_new_tokens - 1 > self.max_seq_len:
@@ -612,10 +622,27 @@ def _logits_disagree(ref: torch.Tensor | None, out: torch.Tensor) -> str | None:
     return None
 
 
+def parse_device(device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or a torch.device of those types, usable here."""
+    try:
+        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {describe_arg(device)}: use 'cpu', 'cuda' or "
+                          "'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but CUDA is not available; use "
+                              "device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(dev)!r}: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+    device = parse_device(device)
     dtype = cfg.dtype if dtype is None else parse_dtype(dtype)
     if max_seq_len is None:
         max_seq_len = min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
@@ -624,7 +651,7 @@ def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
     if (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool)
             or not 1 <= max_seq_len < 2 ** 40):
         raise ConfigError(f"max_seq_len must be a positive int (KV cache positions, below "
-                          f"2**40), got {describe(max_seq_len)}")
+                          f"2**40), got {describe_arg(max_seq_len)}")
     cfg.check_context(max_seq_len)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -645,6 +672,24 @@ def build_model(cfg: ModelConfig, weights: dict, device, dtype, max_seq_len: int
                  ops=ops, device=device, dtype=dtype)
 
 
+def checkpoint_path(path) -> str:
+    """A checkpoint folder given as str or os.PathLike (ConfigError for anything else)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"a checkpoint folder path (str or os.PathLike) is expected, got "
+                          f"{describe_arg(path)}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise ConfigError("give the checkpoint folder as text (str), not bytes: decode it with "
+                          "os.fsdecode")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"the checkpoint folder's path {path!r} is not valid UTF-8 (bytes "
+                          "from another encoding); the safetensors reader needs a UTF-8 path: "
+                          "rename the folder or link it under a UTF-8 name") from None
+    return path
+
+
 def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
                backend: str = "torch") -> Model:
     """Load a Llama / Qwen2 / Mistral safetensors checkpoint folder into the engine.
@@ -653,7 +698,7 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
     max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
     backend: "torch" (reference, runs anywhere) or "triton" (the fused kernels).
     """
-    path = os.fspath(path)
+    path = checkpoint_path(path)
     cfg = ModelConfig.from_pretrained(path)
     device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend)
     _make_ops(backend, cfg, device)          # fail on a bad backend before reading weights

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 
-from .config import describe
+from .config import describe_arg, read_json
 from .errors import RequestError, TokenizerError
 from .paths import inside
 
@@ -22,7 +22,11 @@ _TOKENIZER_READS = _TOKENIZER_FILES + (
     "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
     "config.json")
 _EXTRA_TEMPLATES = "additional_chat_templates"     # a folder of named *.jinja templates
-_MAX_TOKENIZER_FILE = 256 << 20                     # the largest real ones are ~35 MB
+_MAX_TOKENIZER_FILE = 128 << 20                     # the largest real ones are ~35 MB
+# small JSON settings files: transformers copies their contents several times over (a 60 MB
+# tokenizer_config.json of "{}"s cost 7 GB), so they get the config files' bounds
+_SETTINGS_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.json", "config.json")
 ROLES = ("system", "user", "assistant")
 
 
@@ -34,6 +38,8 @@ def _copy_checked(folder: str, name: str, dst: str) -> None:
     real = inside(folder, name, TokenizerError)
     if not os.path.isfile(real):
         return
+    if name in _SETTINGS_FILES:
+        read_json(real, TokenizerError)       # size and structure bounded, valid JSON
     size = os.path.getsize(real)
     if size > _MAX_TOKENIZER_FILE:
         raise TokenizerError(f"{os.path.join(folder, name)!r} is {size >> 20} MiB, far larger "
@@ -65,7 +71,23 @@ def load_tokenizer(path: str):
             return AutoTokenizer.from_pretrained(tmp, local_files_only=True,
                                                  trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise TokenizerError(f"cannot load the tokenizer in {path!r}: {e}") from e
+            raise TokenizerError(f"cannot load the tokenizer in {path!r}: "
+                                 f"{_shorten(str(e))}") from e
+
+
+def _shorten(msg: str, n: int = 300) -> str:
+    """A library's message about an untrusted file may quote megabytes of it."""
+    return msg if len(msg) <= n else msg[:n] + f"… ({len(msg)} characters)"
+
+
+def encode(tok, text: str) -> list[int]:
+    """tok.encode without special tokens; a tokenizer that fails on it (its files are
+    inconsistent, e.g. WordPiece without an [UNK] token) is a TokenizerError."""
+    try:
+        return tok.encode(text, add_special_tokens=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise TokenizerError(f"the tokenizer failed on this text: {_shorten(str(e))}; its "
+                             "files are inconsistent (fix or replace the tokenizer)") from e
 
 
 def tokenizer_eos_ids(tok) -> list[int]:
@@ -96,18 +118,18 @@ def normalize_messages(prompt) -> list[dict]:
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise RequestError("a prompt must be a non-empty string or a non-empty list of "
-                           "{'role': ..., 'content': ...} messages, got " + describe(prompt))
+                           "{'role': ..., 'content': ...} messages, got " + describe_arg(prompt))
     out = []
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RequestError(f"message {i} must be a dict with 'role' and 'content', got "
-                               + describe(m))
+                               + describe_arg(m))
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
-            raise RequestError(f"message {i} has unknown role {describe(m['role'])}; use one "
+            raise RequestError(f"message {i} has unknown role {describe_arg(m['role'])}; use one "
                                f"of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise RequestError(f"message {i}: content must be a string, got "
-                               + describe(m["content"]))
+                               + describe_arg(m["content"]))
         _check_text(m["content"], f"message {i}'s content")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["content"].strip() for m in out):
@@ -135,7 +157,7 @@ def apply_chat_template(tok, messages: list[dict], add_generation_prompt: bool =
         raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json "
                              "'chat_template'); an aligned chat model is expected as the pilot")
     text = render_chat_template(tok, messages, add_generation_prompt)
-    ids = tok.encode(text, add_special_tokens=False)
+    ids = encode(tok, text)
     if not ids:
         raise TokenizerError("the chat template rendered these messages as empty text; the "
                              "checkpoint's chat template is broken (it must write the messages)")
@@ -203,7 +225,8 @@ def render_base_prompt(tok, messages: list[dict], template=None, add_bos: bool =
             raise RequestError(f"base_template is not a valid format string: {e}") from None
     else:
         raise RequestError("base_template must be None, a format string or a callable")
-    ids = tok.encode(text, add_special_tokens=False)
+    _check_text(text, "the base prompt (base_template's output)")
+    ids = encode(tok, text)
     bos = getattr(tok, "bos_token_id", None)
     if add_bos and bos is not None:
         ids = [bos] + ids
