@@ -8,7 +8,8 @@
     base decodes the rest until EOS / stop string / max_new_tokens
 
 The base never re-reads the prefix and the pilot never drafts past the chunk that fires;
-the chunk size changes speed only, never the output.
+the chunk size changes speed only, never the output (up to floating-point rounding: a
+forward over c tokens sums in another order than one over 1).
 
 Requests run one at a time. An engine may be shared by threads, and streams may be
 suspended and interleaved: each step of a request holds both models (`Model.reserved`),
