@@ -366,3 +366,259 @@ def test_bench_report_labels_smoke_rows_and_says_slower():
     real = _smoke_results(2.0, 12.0, 200.0)
     real["meta"]["cpu_smoke"] = False
     assert "tiny" not in render_md(real) and "| llama3.1-8b |" in render_md(real)
+
+
+# ---------------------------------------------------------------- the demo's --dir, hardened
+
+def _forged(d, big_name="model.safetensors"):
+    """A --dir with a marker that claims to be the demo's, and empty pilot/ and base/."""
+    for sub in ("pilot", "base"):
+        (d / sub).mkdir(parents=True)
+    (d / cli.DEMO_MARKER).write_text('{"what": "wsd-engine demo pair"}')
+    return d
+
+
+class _Reader:
+    """A file object that records the size of every read asked of it and what came back."""
+
+    def __init__(self, f, log):
+        self.f, self.log = f, log
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.log.append((n, len(data)))
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _spy_reads(monkeypatch):
+    log = []
+    real = os.fdopen
+    monkeypatch.setattr(cli.os, "fdopen", lambda fd, mode: _Reader(real(fd, mode), log))
+    return log
+
+
+def test_demo_dir_refuses_a_huge_file_unread(tmp_path, capsys, monkeypatch):
+    """A forged marker next to a 4 GiB (sparse) file: refused from its size, before any of
+    it is read (it used to be read whole into memory to be hashed)."""
+    import time
+    d = _forged(tmp_path / "d")
+    with open(d / "pilot" / "model.safetensors", "wb") as f:
+        f.truncate(4 << 30)
+    log = _spy_reads(monkeypatch)
+    t = time.perf_counter()
+    assert main(["demo", "--dir", str(d)] + SMALL) == 1
+    assert time.perf_counter() - t < 10
+    err = _one_line(capsys.readouterr().err)
+    assert "holds something other than the demo pair" in err
+    assert "larger than any file the demo writes" in err
+    assert sum(got for _, got in log) < 1 << 20            # the marker only
+    assert os.listdir(d / "pilot") == ["model.safetensors"]
+    assert os.path.getsize(d / "pilot" / "model.safetensors") == 4 << 30
+
+
+def test_demo_dir_hashes_in_pieces_and_caps_the_file_count(tmp_path, monkeypatch):
+    import hashlib
+    d = _forged(tmp_path / "d")
+    data = os.urandom(3 * cli._HASH_CHUNK + 123)           # several pieces
+    (d / "pilot" / "w.bin").write_bytes(data)
+    log = _spy_reads(monkeypatch)
+    assert cli._hash_files(str(d)) == {"pilot/w.bin": hashlib.sha256(data).hexdigest()}
+    assert len(log) == 5 and all(n == cli._HASH_CHUNK for n, _ in log), log
+    for i in range(cli.DEMO_MAX_FILES + 1):
+        (d / "base" / f"f{i}").write_text("x")
+    with pytest.raises(cli.ConfigError, match="more than"):
+        cli._hash_files(str(d))
+
+
+def test_demo_dir_refuses_a_path_through_a_symlink(tmp_path, victim, capsys, monkeypatch):
+    """--dir link/sub: the intermediate link would be followed by every file operation."""
+    link = tmp_path / "link"
+    os.symlink(victim, link)
+    before = _tree(victim)
+    monkeypatch.chdir(tmp_path)
+    for given in (str(link / "sub"), "link/sub", "link"):
+        assert main(["demo", "--dir", given] + SMALL) == 1
+        err = _one_line(capsys.readouterr().err)
+        assert err.startswith("wsd-engine: ConfigError: ") and "symbolic link" in err
+        assert "pass the real path" in err and str(victim) in err
+    assert _tree(victim) == before
+
+
+def test_demo_dir_empty_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--dir", ""] + SMALL) == 1
+    assert _one_line(capsys.readouterr().err) == (
+        "wsd-engine: ConfigError: --dir is empty; give a folder (without --dir the demo uses "
+        "a temporary one)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_demo_dir_help_says_to_use_a_folder_you_own(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Use a folder you own" in text and "not against someone who can write into DIR" in text
+
+
+# ---------------------------------------------------------------- OS errors: one line each
+
+@pytest.mark.parametrize("case", ["under_a_file", "too_long", "proc"])
+def test_os_errors_are_one_line(tmp_path, capsys, case):
+    if case == "under_a_file":
+        (tmp_path / "plain").write_text("x")
+        d, want = str(tmp_path / "plain" / "sub"), "Not a directory"
+    elif case == "too_long":
+        d, want = str(tmp_path / ("a" * 300)), "File name too long"
+    else:
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        d, want = "/proc", "(the demo cannot write into this --dir): /proc"
+    assert main(["demo", "--dir", d] + SMALL) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("wsd-engine: OSError: ") and want in line, line
+    assert "internal error" not in line and "Errno" not in line
+
+
+def test_non_utf8_dir_is_one_line(tmp_path, capsys):
+    d = os.fsdecode(os.fsencode(str(tmp_path)) + b"/d\xff")
+    assert main(["demo", "--dir", d] + SMALL) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("wsd-engine: ConfigError: --dir ") and "not valid UTF-8" in line
+    assert "\\xff" in line
+    assert os.listdir(tmp_path) == []                      # nothing made
+    with pytest.raises(cli.ConfigError, match="not valid UTF-8"):
+        demo_pair(d)
+    assert os.listdir(tmp_path) == []
+
+
+def test_os_error_line_format():
+    e = FileNotFoundError(2, "No such file or directory", "/x/a\nb")
+    assert cli._os_error_line(e) == "wsd-engine: OSError: No such file or directory: '/x/a\\nb'"
+    e = OSError(18, "Invalid cross-device link", "/a", None, "/b")
+    assert cli._os_error_line(e) == "wsd-engine: OSError: Invalid cross-device link: /a -> /b"
+
+
+def test_a_non_utf8_name_deep_inside_is_one_line(pair, capsys, monkeypatch):
+    """A UnicodeEncodeError on a name given as bytes that are not UTF-8 (which the checks
+    up front should catch first) is an OSError line, not an internal error."""
+    def deep(a):
+        os.fsdecode(b"/x/d\xff").encode("utf-8")
+    monkeypatch.setattr(cli, "_check_request", deep)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert main(_gen(pair)) == 1
+    assert _one_line(capsys.readouterr().err) == (
+        "wsd-engine: OSError: a name is not valid UTF-8 (bytes b'\\xff'): /x/d\\xff")
+
+
+def _cli_cmd():
+    exe = shutil.which("wsd-engine", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "wsd_engine"]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop(cli.DEBUG_ENV, None)
+    return env
+
+
+def test_closed_stdout_is_one_line():
+    p = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh"] + _cli_cmd() + ["demo"] + SMALL,
+                       capture_output=False, stderr=subprocess.PIPE, env=_env(), timeout=300)
+    err = p.stderr.decode()
+    assert p.returncode == 1
+    assert _one_line(err).startswith("wsd-engine: OSError: Bad file descriptor: standard "
+                                     "output")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_full_stdout_is_one_line():
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(_cli_cmd() + ["demo"] + SMALL, stdout=full, stderr=subprocess.PIPE,
+                           env=_env(), timeout=300)
+    assert p.returncode == 1
+    assert _one_line(p.stderr.decode()) == (
+        "wsd-engine: OSError: No space left on device: standard output")
+
+
+def test_broken_pipe_is_quiet():
+    """`wsd-engine demo | head -1`: the reader goes away; no traceback, exit status not 0."""
+    p = subprocess.Popen(_cli_cmd() + ["demo"] + SMALL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_env())
+    p.stdout.close()                                      # before it writes anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) != 0
+    assert "Traceback" not in err and "Exception ignored" not in err and err.count("\n") <= 1
+
+
+# ---------------------------------------------------------------- the libraries stay quiet
+
+def test_library_warnings_do_not_add_lines(pair, capfd, monkeypatch):
+    """Warnings, log records and progress bars of the libraries underneath (whose text a
+    checkpoint can choose) never reach stderr next to the error line; restored after."""
+    import logging
+    import warnings
+    from transformers.utils import logging as hf_logging
+    seen = {}
+    real = cli._params
+
+    def noisy(a):
+        warnings.warn("a library warning")
+        logging.getLogger("transformers.something").warning("a transformers warning")
+        logging.getLogger("huggingface_hub").warning("a hub warning")
+        logging.getLogger("anything").warning("another warning")
+        hf_logging.get_logger("transformers.x").warning("via transformers' logger")
+        seen["bars"] = hf_logging.is_progress_bar_enabled()
+        return real(a)
+    monkeypatch.setattr(cli, "_params", noisy)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    verbosity, filters = hf_logging.get_verbosity(), list(warnings.filters)
+    assert main(_gen(pair, "--threshold", "5")) == 1
+    assert _one_line(capfd.readouterr().err).startswith("wsd-engine: RequestError: threshold")
+    assert seen["bars"] is False
+    assert hf_logging.get_verbosity() == verbosity and warnings.filters == filters
+    assert logging.root.manager.disable == 0
+
+
+def test_checkpoint_driven_transformers_warnings_stay_off(tmp_path, pair, capfd):
+    """The attacker's recipe: config values that make transformers log warnings, then an
+    error; stderr holds the error line only."""
+    pilot = tmp_path / "pilot"
+    shutil.copytree(pair[0], pilot)
+    c = json.loads((pilot / "config.json").read_text())
+    c["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4,
+                            "high_freq_factor": 1, "original_max_position_embeddings": 8192}
+    (pilot / "config.json").write_text(json.dumps(c))
+    t = json.loads((pilot / "tokenizer_config.json").read_text())
+    t["tokenizer_class"] = "LlamaTokenizer"
+    (pilot / "tokenizer_config.json").write_text(json.dumps(t))
+    (pilot / "chat_template.jinja").write_text("{{ raise_exception('nope') }}")
+    assert main(["generate", "--pilot", str(pilot), "--base", pair[1], "--prompt", "Hi",
+                 *SMALL]) == 1
+    assert _one_line(capfd.readouterr().err).startswith("wsd-engine: ")
+
+
+# ---------------------------------------------------------------- --model checks the request
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--threshold", "5"], r"^wsd-engine: RequestError: threshold must be in \(0, 1\]"),
+    (["--max-new-tokens", "0"], r"^wsd-engine: RequestError: max_new_tokens"),
+    (["--prompt", "   "], r"^wsd-engine: RequestError: the prompt is empty"),
+    (["--device", "meta"], r"^wsd-engine: ConfigError: unknown device 'meta'"),
+])
+def test_model_mode_checks_the_request(pair, capsys, extra, pattern):
+    args = ["generate", "--model", pair[1], "--prompt", "Hi", *SMALL, *extra]
+    assert main(args) == 1
+    assert re.search(pattern, _one_line(capsys.readouterr().err))
+
+
+def test_demo_refuses_a_blank_prompt(tmp_path, capsys, private_tmp):
+    assert main(["demo", "--prompt", " \n "] + SMALL) == 1
+    assert _one_line(capsys.readouterr().err).startswith("wsd-engine: RequestError: the "
+                                                         "prompt is empty")
+    assert os.listdir(private_tmp) == []

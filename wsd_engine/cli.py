@@ -2,27 +2,41 @@
 
 Every error ends the command with ONE line on stderr, `wsd-engine: ErrorType: message`,
 and exit status 1 (2 for a usage error: an unknown option, a number that is not one). An
-unexpected exception (a bug) prints `wsd-engine: internal error: ...` the same way;
-`WSD_ENGINE_DEBUG=1` in the environment shows the traceback of any error instead.
+operating-system error (a folder that cannot be written, a full disk, a closed or full
+standard output) is `wsd-engine: OSError: <reason>: <path>`. An unexpected exception (a
+bug) prints `wsd-engine: internal error: ...` the same way; `WSD_ENGINE_DEBUG=1` in the
+environment shows the traceback of any error instead (and the libraries' own warnings,
+which the CLI otherwise silences so that they cannot add lines of their own).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
 import sys
 import tempfile
+import warnings
 
-from .errors import ConfigError, RequestError, WSDError
+from .errors import ConfigError, RequestError, TokenizerError, WSDError
 
 DEMO_PROMPT = "Tell me about the quick brown fox."
 # written last into a --dir folder, next to pilot/ and base/: what the demo wrote there
 # (the recipe and a SHA-256 of every file); a folder without it is never loaded or replaced
 DEMO_MARKER = "wsd_engine_demo.json"
 DEBUG_ENV = "WSD_ENGINE_DEBUG"
+# The demo pair's files are well under 1 MB each (the largest, model.safetensors, ~0.5 MB)
+# and a folder holds 6. Before a --dir folder is trusted its files are hashed: anything
+# bigger than this, or more files than this, cannot be the demo's, and is refused unread
+# (a forged marker next to a huge or endless file must not cost memory or time).
+DEMO_MAX_FILE_BYTES = 16 << 20
+DEMO_MAX_FILES = 64
+_HASH_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------------- arguments
@@ -111,23 +125,80 @@ def _add_common(p):
                    help="print the result as JSON (default: text with the kept draft marked)")
 
 
+def _not_utf8(text: str):
+    """None if text is valid UTF-8 text; else (the offending bytes, their position).
+    Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start:e.end].encode("utf-8", "surrogateescape"), e.start
+    return None
+
+
 def _check_request(a) -> None:
-    """What the CLI can check before loading anything: the device and the prompt."""
+    """What the CLI can check before loading anything: the device, the prompt and the
+    folder names."""
     import torch
     try:
-        torch.device(a.device)
+        kind = torch.device(a.device).type
     except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"unknown device {a.device!r}; use cpu, cuda or cuda:N") from None
-    try:
-        a.prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        # bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
-        bad = a.prompt[e.start:e.end].encode("utf-8", "surrogateescape")
-        raise RequestError(f"--prompt is not valid UTF-8 (bytes {bad!r} at character "
-                           f"{e.start}); pass the prompt as UTF-8 text") from None
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {a.device!r}; use cpu, cuda or cuda:N")
+    bad = _not_utf8(a.prompt)
+    if bad:
+        raise RequestError(f"--prompt is not valid UTF-8 (bytes {bad[0]!r} at character "
+                           f"{bad[1]}); pass the prompt as UTF-8 text")
+    if not a.prompt.strip():
+        raise RequestError("the prompt is empty; pass a non-empty --prompt")
+    for opt in ("pilot", "base", "model", "dir"):
+        path = getattr(a, opt, None)
+        bad = _not_utf8(path) if path else None
+        if bad:
+            raise ConfigError(f"--{opt} {_show_path(path)} is not valid UTF-8 (bytes "
+                              f"{bad[0]!r} at character {bad[1]}); the checkpoint libraries "
+                              "need UTF-8 file names: use a folder whose name is UTF-8")
 
 
 # ------------------------------------------------------------------------- output
+
+def _show_path(path) -> str:
+    """A file name as one printable line: bytes that are not UTF-8 as \\xNN, and a name with
+    control characters (a newline, ...) quoted."""
+    try:
+        text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    except (TypeError, ValueError):
+        text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+class _OutputError(OSError):
+    """Writing the command's output failed (a full disk, a closed or unwritable stream):
+    reported as an OSError, and whatever is left in the stream's buffer is thrown away so
+    that the flush at exit does not fail (and print a traceback) again."""
+
+
+@contextlib.contextmanager
+def _writing(stream: str):
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise _OutputError(e.errno, e.strerror or str(e), stream) from None
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null: what is still buffered goes nowhere."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(fd, sys.stdout.fileno())
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+
 
 def _result_dict(r) -> dict:
     return {"text": r.text, "token_ids": r.token_ids, "switch_index": r.switch_index,
@@ -138,7 +209,11 @@ def _result_dict(r) -> dict:
 
 
 def _show(r, as_json: bool, out=None):
-    out = out or sys.stdout
+    with _writing("standard output"):
+        _write_result(r, as_json, out or sys.stdout)
+
+
+def _write_result(r, as_json: bool, out):
     if as_json:
         json.dump(_result_dict(r), out, indent=1)
         out.write("\n")
@@ -172,7 +247,9 @@ def cmd_generate(a):
     _check_request(a)
     from .engine import WSD
     from .runner import load_model
-    params = None if a.model else _params(a)     # a bad value fails before any loading
+    # a bad value fails before any loading; with --model the WSD-only options are unused,
+    # but every value given is still checked (a --threshold of 5 is an error either way)
+    params = _params(a)
     if a.model:
         m = load_model(a.model, device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len,
                        backend=a.backend)
@@ -181,10 +258,15 @@ def cmd_generate(a):
             if m.can_capture and not (a.no_tune or m.decode_kernels_chosen):
                 m.tune_decode_kernels()
             m.capture_decode()
-        ids = m.tokenizer.encode(a.prompt)
-        new = m.generate(ids, max_new_tokens=a.max_new_tokens)
+        try:
+            ids = m.tokenizer.encode(a.prompt)          # with the tokenizer's BOS, if any
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise TokenizerError(f"the tokenizer failed on the prompt: {str(e)[:300]}; its files "
+                                 "are inconsistent (fix or replace the tokenizer)") from e
+        new = m.generate(ids, max_new_tokens=params.max_new_tokens)
         text = m.tokenizer.decode(new, skip_special_tokens=True)
-        print(json.dumps({"text": text, "token_ids": new}) if a.json else text)
+        with _writing("standard output"):
+            print(json.dumps({"text": text, "token_ids": new}) if a.json else text)
         return 0
     wsd = WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, backend=a.backend,
@@ -202,22 +284,55 @@ def _recipe() -> dict:
     return {"what": "wsd-engine demo pair", "format": 1, "recipe": DEMO_PAIR}
 
 
+def _open_plain(path: str) -> int:
+    """A read-only descriptor of the plain file at path: never through a symbolic link, and
+    never blocking (a FIFO swapped in after a check would hang an open without O_NONBLOCK).
+    Raises ConfigError for anything that is not a plain file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a plain file")
+    return fd
+
+
 def _hash_files(root: str) -> dict:
     """{"pilot/config.json": sha256, ...} of every file under root/pilot and root/base.
-    Raises ConfigError for anything that is not a plain file (a link, a folder, ...)."""
+    Raises ConfigError for anything that is not a plain file (a link, a folder, ...), a
+    file larger than DEMO_MAX_FILE_BYTES (refused before it is read) or more than
+    DEMO_MAX_FILES files; a file is read in 1 MiB pieces, never whole."""
     out = {}
     for sub in ("pilot", "base"):
         d = os.path.join(root, sub)
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode):
             raise ConfigError(f"{d} is not a folder")
-        for name in sorted(os.listdir(d)):
+        names = []
+        with os.scandir(d) as it:
+            for entry in it:
+                names.append(entry.name)
+                if len(names) > DEMO_MAX_FILES:
+                    raise ConfigError(f"{d} holds more than {DEMO_MAX_FILES} files")
+        for name in sorted(names):
             p = os.path.join(d, name)
             if not stat.S_ISREG(os.lstat(p).st_mode):
                 raise ConfigError(f"{p} is not a plain file")
-            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = _open_plain(p)
             with os.fdopen(fd, "rb") as f:
-                out[f"{sub}/{name}"] = hashlib.sha256(f.read()).hexdigest()
+                if os.fstat(fd).st_size > DEMO_MAX_FILE_BYTES:
+                    raise ConfigError(f"{p} is larger than any file the demo writes")
+                h, size = hashlib.sha256(), 0
+                while chunk := f.read(_HASH_CHUNK):
+                    size += len(chunk)
+                    if size > DEMO_MAX_FILE_BYTES:       # it grew while being read
+                        raise ConfigError(f"{p} is larger than any file the demo writes")
+                    h.update(chunk)
+                out[f"{sub}/{name}"] = h.hexdigest()
     return out
 
 
@@ -228,11 +343,12 @@ def _demo_pair_state(root: str) -> str | None:
     try:
         if not stat.S_ISREG(os.lstat(marker).st_mode):
             return f"{DEMO_MARKER} is not a plain file"
-        fd = os.open(marker, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as f:
+        with os.fdopen(_open_plain(marker), "rb") as f:
             m = json.loads(f.read(1 << 20))
     except FileNotFoundError:
         return f"no {DEMO_MARKER} marker"
+    except ConfigError:
+        return f"{DEMO_MARKER} is not a plain file"
     except (OSError, ValueError):
         return f"an unreadable {DEMO_MARKER}"
     if not isinstance(m, dict) or m.get("what") != _recipe()["what"]:
@@ -252,7 +368,11 @@ def _write_demo_pair(root: str) -> None:
     place (a rename never follows a link, and fails rather than replace a non-empty
     folder or a file), then write the marker last."""
     from .synthetic import make_demo_pair
-    tmp = tempfile.mkdtemp(prefix=".wsd_engine_demo_", dir=root)
+    try:
+        tmp = tempfile.mkdtemp(prefix=".wsd_engine_demo_", dir=root)
+    except OSError as e:            # e.g. /proc, /sys/kernel, a read-only folder
+        raise OSError(e.errno, f"{e.strerror or e} (the demo cannot write into this --dir)",
+                      root) from None
     try:
         make_demo_pair(tmp)
         marker = dict(_recipe(), files=_hash_files(tmp))
@@ -269,23 +389,45 @@ def _write_demo_pair(root: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _prefixes(path: str):
+    """/a, /a/b, /a/b/c for /a/b/c (an absolute, normalized path)."""
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        yield os.sep.join(parts[:i]) or os.sep
+
+
 def demo_pair(root) -> tuple[str, str]:
     """The built-in demo pair in the user-chosen folder `root` (root/pilot, root/base):
     created if absent, reused only if the marker proves it is the demo pair. Never follows
     a symbolic link (root, root/pilot, root/base or the marker being one is an error), and
-    never loads or replaces a folder it did not write (ConfigError)."""
-    root = os.path.abspath(os.fspath(root))
-    if os.path.islink(root):
-        raise ConfigError(f"--dir {root} is a symbolic link; the demo never follows one: "
-                          "give the real folder")
+    never loads or replaces a folder it did not write (ConfigError). No part of the path
+    may be a symbolic link either (an intermediate one, as in link/sub, is followed by every
+    file operation): such a path is refused with the real path to give instead."""
+    root = os.fsdecode(os.fspath(root))
+    if not root:
+        raise ConfigError("--dir is empty; give a folder (without --dir the demo uses a "
+                          "temporary one)")
+    bad = _not_utf8(root)
+    if bad:
+        raise ConfigError(f"--dir {_show_path(root)} is not valid UTF-8 (bytes {bad[0]!r} at "
+                          f"character {bad[1]}); the checkpoint libraries need UTF-8 file "
+                          "names: use a folder whose name is UTF-8")
+    root = os.path.abspath(root)
+    shown = _show_path(root)
+    real = os.path.realpath(root)
+    if real != root:
+        link = next((p for p in _prefixes(root) if os.path.islink(p)), root)
+        raise ConfigError(f"--dir {shown} goes through a symbolic link ({_show_path(link)}); "
+                          f"the demo never follows one: pass the real path "
+                          f"({_show_path(real)}) if that is the folder you mean")
     if os.path.lexists(root) and not os.path.isdir(root):
-        raise ConfigError(f"--dir {root} exists and is not a folder")
+        raise ConfigError(f"--dir {shown} exists and is not a folder")
     os.makedirs(root, exist_ok=True)
     paths = {n: os.path.join(root, n) for n in ("pilot", "base", DEMO_MARKER)}
     for p in paths.values():
         if os.path.islink(p):
-            raise ConfigError(f"{p} is a symbolic link; the demo never follows one: remove "
-                              "it or choose another --dir")
+            raise ConfigError(f"{_show_path(p)} is a symbolic link; the demo never follows "
+                              "one: remove it or choose another --dir")
     present = [p for n, p in paths.items() if n != DEMO_MARKER and os.path.lexists(p)]
     if present:
         state = _demo_pair_state(root)
@@ -293,9 +435,9 @@ def demo_pair(root) -> tuple[str, str]:
             return paths["pilot"], paths["base"]
         if state != "stale":
             raise ConfigError(
-                f"--dir {root} holds something other than the demo pair ({state}); the demo "
+                f"--dir {shown} holds something other than the demo pair ({state}); the demo "
                 f"neither loads nor overwrites it: choose a new or empty folder, or remove "
-                f"{' and '.join(present)}")
+                f"{' and '.join(map(_show_path, present))}")
         for p in present:              # a verified demo pair of another recipe: ours
             shutil.rmtree(p)
     _write_demo_pair(root)
@@ -322,8 +464,9 @@ def cmd_demo(a):
 def _run_demo(a, pilot: str, base: str, where: str) -> int:
     import torch
     from .engine import WSD
-    print(f"tiny synthetic pilot and base (random 2-layer Llama models): {pilot}, {base}"
-          f"{where}\nprompt: {a.prompt!r}\n", file=sys.stderr if a.json else sys.stdout)
+    with _writing("standard error" if a.json else "standard output"):
+        print(f"tiny synthetic pilot and base (random 2-layer Llama models): {pilot}, {base}"
+              f"{where}\nprompt: {a.prompt!r}\n", file=sys.stderr if a.json else sys.stdout)
     threads = torch.get_num_threads()
     if torch.device(a.device).type == "cpu":
         # 64-wide models: one CPU thread does each op fastest, and on a busy machine more
@@ -387,7 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)r)")
     d.add_argument("--dir", default=None, metavar="DIR",
                    help="write the pair to DIR/pilot and DIR/base and keep it (created if "
-                        "missing; a DIR holding anything else there is refused) "
+                        "missing; a DIR holding anything else there is refused, and so is a "
+                        "path through a symbolic link). Use a folder you own: the marker file "
+                        "the demo writes there guards against loading an unrelated folder by "
+                        "mistake, not against someone who can write into DIR "
                         "(default: a temporary folder, removed at the end)")
     _add_common(d)
     d.set_defaults(fn=cmd_demo)
@@ -400,43 +546,126 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
-def _dispatch(argv: list) -> int:
+def _say(line: str) -> None:
+    """One line on stderr, if there is a stderr that can take it (never a traceback)."""
+    if sys.stderr is None:
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _os_error_line(e: OSError) -> str:
+    reason = e.strerror or _one_line(e) or errno.errorcode.get(e.errno or 0, "")
+    line = f"wsd-engine: OSError: {_one_line(reason)}"
+    if e.filename is not None:
+        line += f": {_show_path(e.filename)}"
+        if e.filename2 is not None:
+            line += f" -> {_show_path(e.filename2)}"
+    return line
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """For the CLI process only (restored after): no warnings, log records or progress bars
+    from the libraries underneath (transformers, tokenizers, huggingface_hub, torch). Their
+    text can come from a checkpoint's files, and it would add lines to the one-line error
+    the CLI promises. WSD_ENGINE_DEBUG=1 leaves them on."""
+    was_disabled = logging.root.manager.disable
+    hf_logging = was_verbosity = was_bars = hub_bars = None
+    try:
+        from transformers.utils import logging as hf_logging
+        was_verbosity = hf_logging.get_verbosity()
+        was_bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - without transformers there is nothing to quiet
+        hf_logging = None
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+        hub_bars = not are_progress_bars_disabled()
+        disable_progress_bars()
+    except Exception:  # noqa: BLE001
+        hub_bars = None
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(was_disabled)
+        if hf_logging is not None:
+            hf_logging.set_verbosity(was_verbosity)
+            if was_bars:
+                hf_logging.enable_progress_bar()
+        if hub_bars:
+            from huggingface_hub.utils import enable_progress_bars
+            enable_progress_bars()
+
+
+def _dispatch(argv: list, debug: bool) -> int:
     if argv and argv[0] == "bench":          # its own argument parser: forward everything
         return cmd_bench(argv[1:])
     a = build_parser().parse_args(argv)
-    return a.fn(a)
+    with contextlib.nullcontext() if debug else _quiet_libraries():
+        return a.fn(a)
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if sys.stdout is None:                   # started with standard output closed (>&-)
+        _say("wsd-engine: OSError: Bad file descriptor: standard output (it is closed; the "
+             "command has nowhere to write its answer)")
+        return 1
     try:
-        return _dispatch(argv)
+        rc = _dispatch(argv, debug)
+        with _writing("standard output"):
+            sys.stdout.flush()              # a full disk fails here, not at exit
+        return rc
     except WSDError as e:
         if debug:
             raise
         msg = _one_line(e)
-        print(f"wsd-engine: {type(e).__name__}" + (f": {msg}" if msg else ""), file=sys.stderr)
+        _say(f"wsd-engine: {type(e).__name__}" + (f": {msg}" if msg else ""))
         return 1
     except KeyboardInterrupt:
         if debug:
             raise
-        print("wsd-engine: interrupted", file=sys.stderr)
+        _say("wsd-engine: interrupted")
         return 130
-    except BrokenPipeError:                  # e.g. `wsd-engine demo | head`
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
+    except BrokenPipeError:                  # e.g. `wsd-engine demo | head`: quietly
+        _discard_stdout()
+        return 1
+    except OSError as e:                     # a folder that cannot be written, a full disk...
+        if isinstance(e, _OutputError) and e.filename == "standard output":
+            _discard_stdout()
+        if debug:
+            raise
+        _say(_os_error_line(e))
+        return 1
+    except UnicodeEncodeError as e:          # a name that is not UTF-8 (bytes as surrogates)
+        if debug:
+            raise
+        if not (isinstance(e.object, str) and "surrogates" in str(e.reason)):
+            return _internal_error(e)
+        _say(f"wsd-engine: OSError: a name is not valid UTF-8 (bytes "
+             f"{e.object[e.start:e.end].encode('utf-8', 'surrogateescape')!r}): "
+             f"{_show_path(e.object[:200])}")
         return 1
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
         if debug:
             raise
-        msg = _one_line(e)
-        print(f"wsd-engine: internal error: {type(e).__name__}" + (f": {msg}" if msg else "")
-              + f" (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        return 1
+        return _internal_error(e)
+
+
+def _internal_error(e: BaseException) -> int:
+    msg = _one_line(e)
+    _say(f"wsd-engine: internal error: {type(e).__name__}" + (f": {msg}" if msg else "")
+         + f" (set {DEBUG_ENV}=1 for the traceback)")
+    return 1
 
 
 if __name__ == "__main__":
