@@ -242,7 +242,8 @@ HOSTILE = {  # name: (template, what the TokenizerError says)
     "str_times_1e12": ("{{ 'A' * 10**12 }}", "result of '\\*'"),
     "list_repetition": ("{{ [1, 2, 3] * 1000000000 }}", "result of '\\*'"),
     "list_of_big_strings": ("{% set x = ['A' * 1000000] * 1000 %}{{ x }}", "result of '\\*'"),
-    "printing_many_references": ("{{ dict.fromkeys(range(1000), 'A' * 1000000) }}", "printed value"),
+    "printing_many_references": ("{% set a = 'A' * 900000 %}{{ [a, a] }}", "printed value"),
+    "many_references_kept": ("{{ dict.fromkeys(range(1000), 'A' * 1000000)|length }}", "result of a call weighs"),
     "huge_int_power": ("{{ 10 ** (10 ** 10) }}", "bits from '\\*\\*'"),
     "percent_width": ("{{ '%2000000000d' % 1 }}", "result of '%'"),
     "percent_many_fields": ("{{ ('%(a)s' * 100000) % {'a': 'A' * 100000} }}", "result of '%'"),
@@ -346,8 +347,8 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def memory_report():
     """One subprocess (a fresh peak RSS) renders every big-allocation case: {name: (template,
     max_memory)}; None turns the RSS check off, to show that the size checks alone suffice."""
-    big = ["str_times_4e9", "str_times_1e12", "list_repetition", "list_of_big_strings",
-           "printing_many_references", "percent_width", "percent_many_fields", "format_width", "ljust",
+    big = ["str_times_4e9", "str_times_1e12", "list_repetition", "list_of_big_strings", "printing_many_references",
+           "many_references_kept", "percent_width", "percent_many_fields", "format_width", "ljust",
            "replace_empty", "join_method", "center_filter", "indent_filter", "join_filter", "tojson_indent",
            "tilde_doubling", "macro_output_doubling", "nested_loops_with_output"]
     cases = {name: (HOSTILE[name][0], None) for name in big}
@@ -369,3 +370,134 @@ def test_big_allocations_stay_bounded(memory_report):
     assert "max_memory=8 MiB" in report["kept_small_strings"], report
     assert "max_memory=64 MiB" in report["kept_1mb_strings"], report
     assert report["growth_mib"] < 100, report
+
+
+# A list, tuple or dict that holds one value twice, n times over, is a tree of 2**n leaves built
+# in n cheap steps; ==, in, sort, hash and str walk all of it inside C, where the tracer cannot
+# stop them (the render never returned). Every way of building one is refused within ~20 steps.
+def _doubling(step, start="[0]"):
+    """Two equal, separately built values a and b, each doubled 60 times by `step` ({x})."""
+    return ("{% set ns = namespace(a=" + start + ", b=" + start + ") %}{% for i in range(60) %}"
+            "{% set ns.a = " + step.format(x="ns.a") + " %}{% set ns.b = " + step.format(x="ns.b") + " %}"
+            "{% endfor %}{% set a, b = ns.a, ns.b %}")
+
+
+DAGS = {
+    "namespace_list": _doubling("[{x}, {x}]"),
+    "namespace_tuple": _doubling("({x}, {x})", "(0,)"),
+    "dict_literal": _doubling("{{'l': {x}, 'r': {x}}}", "{'l': 0}"),
+    "dict_global": _doubling("dict(l={x}, r={x})", "dict(l=0)"),
+    "namespace_global_values": _doubling("namespace(v=[{x}, {x}]).v"),
+    "filter_batch": _doubling("range(1)|batch(3, fill_with={x})|first"),
+    "filter_map_list": _doubling("range(2)|map(attribute='missing', default={x})|list"),
+    "filter_map_reverse": _doubling("range(2)|map(attribute='missing', default={x})|reverse"),
+    "filter_dictsort": _doubling("dict(l={x}, r={x})|dictsort"),
+    "filter_items": _doubling("dict(l={x}, r={x})|items|list"),
+    "filter_groupby": _doubling("range(2)|map(attribute='missing', default={x})|groupby(0)"),
+    "filter_sum": _doubling("[[{x}], [{x}]]|sum(start=[])"),
+    "call_fromkeys": _doubling("dict.fromkeys('lr', {x})"),
+    "macro_varargs": "{% macro pair(x) %}{% set ns.v = varargs %}{% endmacro %}" + _doubling(
+        "ns.v if pair(0, {x}, {x}) is string else 0"),
+    # no namespace, no loop: 120 plain assignments
+    "set_statements": "{% set a = [0] %}{% set b = [0] %}" + "{% set a = [a, a] %}{% set b = [b, b] %}" * 60,
+}
+TRIGGERS = {
+    "eq": "{{ a == b }}", "ne": "{{ a != b }}", "lt": "{{ a < b }}", "in": "{{ a in [b] }}",
+    "not_in": "{{ a not in [b, 1] }}", "sort": "{{ [a, b]|sort|length }}", "min": "{{ [a, b]|min|length }}",
+    "hash_dict_key": "{{ {a: 1, b: 2}|length }}", "hash_subscript": "{{ {}[a] }}",
+    "unique": "{{ [a, b]|unique|list|length }}", "groupby": "{{ [a, b]|groupby(0)|length }}",
+    "equalto": "{{ [a]|select('equalto', b)|list|length }}", "count": "{{ [a, b].count(b) }}",
+    "tojson": "{{ a|tojson|length }}", "string": "{{ a|string|length }}", "print": "{{ a }}",
+    "tilde": "{{ (a ~ '')|length }}", "format": "{{ '%s'|format(a)|length }}",
+}
+
+
+@pytest.mark.parametrize("dag", sorted(DAGS))
+def test_shared_structure_is_refused_for_every_trigger(dag):
+    for trigger, expr in TRIGGERS.items():
+        start = time.monotonic()
+        with pytest.raises(TokenizerError, match="weighs more than|exceeds max_chars") as info:
+            render_chat_template(DAGS[dag] + expr, [{"role": "user", "content": "hi"}], max_seconds=1.0)
+        assert time.monotonic() - start < 3.0, (dag, trigger)
+        assert "broken or hostile" in str(info.value)
+    _assert_usable()
+
+
+def test_shared_namespaces_are_compared_by_identity():
+    """namespace(l=x, r=x) doubled: C compares and hashes namespaces by identity, and printing one
+    is measured, so every trigger ends at once (an answer or a TokenizerError)."""
+    template = _doubling("namespace(l={x}, r={x})", "namespace(l=0)")
+    for trigger, expr in TRIGGERS.items():
+        start = time.monotonic()
+        try:
+            out = render_chat_template(template + expr, [{"role": "user", "content": "hi"}], max_seconds=1.0,
+                                       max_chars=10_000)
+            assert len(out) < 100, (trigger, out[:100])
+        except TokenizerError:
+            pass
+        assert time.monotonic() - start < 3.0, trigger
+    _assert_usable()
+
+
+# Values that no check made: the rows a filter yields to a for loop ([x] + 100,000 references to
+# a value of ~720k, under the limit). Each operation that walks them inside C checks them first.
+_ROWS = (_doubling("[{x}, {x}]").replace("range(60)", "range(16)") +
+         "{% for row in [b]|batch(100000, fill_with=a) %}{% for row2 in [a]|batch(100000, fill_with=b) %}{X}"
+         "{% endfor %}{% endfor %}")
+UNCHECKED = {
+    "compare": ("{{ row == row2 }}", "operand of a comparison"),
+    "in": ("{{ row2 in row }}", "operand of a comparison"),
+    "method_owner": ("{{ row.count(b) }}", "arguments of a call"),
+    "method_argument": ("{{ [1].count(row) }}", "arguments of a call"),
+    "loop_changed": ("{{ loop.changed(row) }}", "arguments of a call"),
+    "macro": ("{% macro m(x) %}{% endmacro %}{{ m(row) }}", "arguments of a call"),
+    "test": ("{{ row is equalto(row2) }}", "input of test 'equalto'"),
+    "test_lower": ("{{ row is lower }}", "input of test 'lower'"),
+    "sort_filter": ("{{ row|sort|length }}", "input of filter 'sort'"),
+    "unique_filter": ("{{ row|unique|list|length }}", "input of filter 'unique'"),
+    "namespace": ("{% set ns.r = row %}", "stored in a namespace"),
+    "subscript": ("{{ {}[row] }}", "subscript"),
+    "dict_key": ("{{ {row: 1} }}", "dict key"),
+    "literal": ("{{ [row]|length }}", "template built"),
+    "string": ("{{ row|string|length }}", "input of filter 'string'"),
+    "print": ("{{ row }}", "printed value"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNCHECKED))
+def test_unchecked_heavy_value_is_checked_where_c_would_walk_it(name):
+    expr, message = UNCHECKED[name]
+    start = time.monotonic()
+    with pytest.raises(TokenizerError, match=message):
+        render_chat_template(_ROWS.replace("{X}", expr), [{"role": "user", "content": "hi"}], max_seconds=2.0)
+    assert time.monotonic() - start < 4.0
+    _assert_usable()
+
+
+def test_generator_is_measured_before_a_filter_sorts_it():
+    """sorted() of fresh, equal lists compares them element by element inside C: the items a
+    generator yields to sort are collected and weighed first."""
+    with pytest.raises(TokenizerError, match="input of filter 'sort'"):
+        render_chat_template("{{ range(60)|map('string')|map('center', 20000)|map('list')|sort|length }}",
+                             [{"role": "user", "content": "hi"}], max_seconds=2.0)
+    _assert_usable()
+
+
+def test_deep_nesting_is_refused():
+    """(x,) wrapped 100,000 times is light, but C hashes it recursively (no recursion check)."""
+    template = ("{% set ns = namespace(x=0) %}{% for i in range(100000) %}{% set ns.x = (ns.x,) %}"
+                "{% endfor %}{{ {ns.x: 1}|length }}")
+    with pytest.raises(TokenizerError, match="nested more than"):
+        render_chat_template(template, [{"role": "user", "content": "hi"}], max_seconds=2.0)
+    _assert_usable()
+
+
+def test_values_as_heavy_as_the_inputs_are_allowed():
+    """The limit is twice max_chars, or twice the inputs when heavier: a template may keep the
+    messages (and a copy of them) around even when they outweigh max_chars."""
+    messages = [{"role": "user", "content": "x" * 1000}, {"role": "assistant", "content": "y" * 1000}] * 3
+    template = ("{% set ns = namespace(all=messages, copy=messages|list) %}{% set both = [ns.all, ns.copy] %}"
+                "{{ both|length }} {{ ns.all == ns.copy }} {{ messages[0] in ns.copy }} {{ (messages|last).role }}")
+    assert render_chat_template(template, messages, max_chars=1000) == "2 True True assistant"
+    with pytest.raises(TokenizerError, match="weighs more than"):
+        render_chat_template("{% set x = [messages, messages, messages] %}", messages, max_chars=1000)

@@ -4,6 +4,13 @@ The output equals transformers' `tok.apply_chat_template(messages, tokenize=Fals
 immutable sandbox, options, extensions, filters, globals and context variables. On top of that,
 sizes are checked *before* anything big is built, a tracer on the rendering thread stops template
 code at a deadline or when the process RSS grows past a budget, and the output is bounded.
+
+The tracer only sees Python code, so no single C-level operation may run long: every list, tuple
+and dict a template makes (literals, filter and call results, namespace attributes) and every
+operand of a comparison, filter, test, call or subscript is weighed as the tree it stands for
+(shared items counted each time they occur), against a per-render budget. `x = [x, x]` repeated
+is cheap to build but would make `==`, `in`, sort or hash walk 2**n paths inside C: it is
+refused after about 20 doublings instead.
 """
 from __future__ import annotations
 
@@ -22,18 +29,22 @@ from datetime import datetime
 
 import jinja2
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, operators, optimizeconst
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
+from markupsafe import Markup
 
 from .errors import RequestError, TokenizerError
 
 MAX_INT_BITS = 100_000   # ~30k digits; str() refuses ints past 4300 digits anyway
 MAX_JSON_INDENT = 1_000  # tojson writes indent * depth per line, so the width itself is capped
+MAX_NESTING = 256        # C hashes nested tuples recursively, without a recursion check
 _TEMPLATE_FILE = "<template>"  # co_filename of the code Environment.from_string compiles
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?([-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?)[hlL]?([a-zA-Z%])")
 _max_chars = contextvars.ContextVar("wsd_template_max_chars", default=1_000_000)
+_sizes = contextvars.ContextVar("wsd_template_sizes", default=None)  # the render's _Sizes
 
 
 class _LimitHit(BaseException):
@@ -57,6 +68,10 @@ def _weight(x, budget: int | None = None) -> int:
         return len(x)
     if isinstance(x, int):
         return x.bit_length() // 3 + 1
+    sizes = _sizes.get()
+    known = sizes.known.get(id(x)) if sizes is not None else None
+    if known is not None:  # weighed already, as a tree (_Sizes)
+        return known[1]
     if isinstance(x, Namespace):
         x = x._Namespace__attrs  # printed as its dict
     if isinstance(x, dict):
@@ -69,6 +84,125 @@ def _weight(x, budget: int | None = None) -> int:
         if total > budget:
             break
     return total
+
+
+class _Over(Exception):
+    """A value weighs more than the budget (internal to _Sizes)."""
+
+
+# values that no C operation walks: checked with one set lookup (subclasses take the slow path);
+# namespaces are added below (compared and hashed by identity; printing them is measured)
+_LEAF_TYPES = {str, int, bool, float, type(None), Markup, jinja2.Undefined, Namespace}
+_VIEW_TYPES = (type({}.keys()), type({}.values()), type({}.items()))
+_SMALL = 64  # lighter containers are walked again rather than remembered
+_KNOWN_ROOM = 1 << 20  # references that remembered containers may hold (they are kept alive
+                      # until the render ends): past it, walks are only repeated
+
+
+class _Sizes:
+    """The weights, as trees, of the containers one render touches. `x = [x, x]` builds a tree of
+    2**n leaves in n cheap steps; ==, in, sort, hash and str walk all of it inside C, where the
+    tracer cannot stop them. So every container a template makes or hands to such an operation
+    is weighed here first, and none may weigh more than `limit`: twice max_chars, or twice the
+    render's inputs when those are heavier (a template may keep a copy of the messages).
+
+    Weights are about len(str(x)), counting a shared item every time it occurs, and a walk stops
+    as soon as it passes the limit, so a check costs at most limit/2 steps of Python (which the
+    tracer sees). Weights are also remembered by id (the objects are kept, so ids are not reused;
+    the sandbox cannot change a list, tuple or dict once built), so that `[x, x]` usually costs
+    two look-ups, not a walk of x. A namespace counts as a leaf: C operations compare and hash
+    it by identity, and printing it is measured by _weight. Nesting is bounded too (MAX_NESTING):
+    C hashes and compares nested values recursively."""
+
+    def __init__(self, max_chars: int, inputs=None):
+        self.limit = 2 * max_chars
+        self.inputs = inputs  # weighed once, the first time a value passes the limit
+        self.known: dict[int, tuple] = {}  # id -> (container, weight, nesting)
+        self.room = _KNOWN_ROOM
+
+    def check(self, value, what: str) -> None:
+        try:
+            self._weigh(value)
+        except _Over:
+            if self.inputs is None:
+                raise _LimitHit(f"{what} weighs more than {self.limit:,} characters (as a tree: a "
+                                "list, tuple or dict counts each item every time it occurs)") from None
+            inputs, self.inputs, limit = self.inputs, None, self.limit
+            self.limit = math.inf  # the inputs are trees (_plain built them): a linear walk
+            try:
+                weight = self._weigh(inputs)[0]
+            finally:
+                self.limit = limit
+            self.limit = max(limit, 2 * weight)
+            self.check(value, what)
+
+    def _weigh(self, x) -> tuple[int, int]:
+        """(weight, nesting) of x; _Over as soon as the weight passes the limit."""
+        t = type(x)
+        if t in _LEAF_TYPES:  # isinstance() would ask a namespace for its __class__ (Python code)
+            return (len(x) if t is str or t is Markup else x.bit_length() // 3 + 1 if t is int else 16), 0
+        known = self.known.get(id(x))
+        if known is not None:
+            return known[1], known[2]
+        if isinstance(x, str):
+            return len(x), 0
+        if isinstance(x, int):
+            return x.bit_length() // 3 + 1, 0
+        if isinstance(x, dict):
+            items = x.items()
+        elif isinstance(x, _VIEW_TYPES[2]):  # an items view: its dict's pairs, not fresh tuples
+            items = x.mapping.items()
+        elif isinstance(x, (list, tuple, set, frozenset, *_VIEW_TYPES)):
+            items = None
+        else:
+            return 16, 0  # None, floats, Undefined, namespaces, macros, generators, ranges...
+        total, nesting, limit = 2, 0, self.limit
+        for item in (x if items is None else (v for pair in items for v in pair)):
+            if type(item) is str:
+                total += 2 + len(item)
+            else:
+                weight, depth = self._weigh(item)
+                total += 2 + weight
+                if depth > nesting:
+                    nesting = depth
+            if total > limit:
+                raise _Over
+        nesting += 1
+        if nesting > MAX_NESTING:
+            raise _LimitHit(f"a list, tuple or dict is nested more than {MAX_NESTING} levels deep")
+        if total > _SMALL and self.room > 0:
+            self.room -= 8 + len(x)
+            self.known[id(x)] = (x, total, nesting)
+        return total, nesting
+
+
+def _bounded(value, what: str = "a list, tuple or dict the template built"):
+    """value, once its weight as a tree is known to be within the render's budget."""
+    if type(value) not in _LEAF_TYPES:
+        sizes = _sizes.get()
+        (sizes or _Sizes(_max_chars.get())).check(value, what)
+    return value
+
+
+def _bounded_args(args, kwargs, what: str, owner=None) -> None:
+    """The arguments of one call, together, within the budget (a macro's varargs is a tuple of
+    them; list.count(x) walks its list): the common all-strings case costs a few type checks."""
+    if type(owner) in _LEAF_TYPES:
+        for v in args:
+            if type(v) not in _LEAF_TYPES:
+                break
+        else:
+            for k, v in kwargs.items():
+                if type(v) not in _LEAF_TYPES and k not in _INTERNAL_KWARGS:
+                    break
+            else:
+                return
+    heavy = [v for v in (owner, *args, *(v for k, v in kwargs.items() if k not in _INTERNAL_KWARGS))
+             if type(v) not in _LEAF_TYPES]
+    _bounded(heavy[0] if len(heavy) == 1 else heavy, what)
+
+
+_INTERNAL_KWARGS = frozenset({"_loop_vars", "_block_vars"})  # Jinja's own, popped by Context.call
 
 
 def _replace_size(s: str, old: str, new: str, count=-1) -> int:
@@ -180,7 +314,7 @@ def _guard_filter(name: str, fn):
     @functools.wraps(fn)  # keeps jinja_pass_arg
     def guarded(*args, **kwargs):
         head, args = args[:skip], list(args[skip:])
-        if name in ("join", "sum") and args and isinstance(args[0], Iterator):
+        if (name == "join" or name in _COMPARING_FILTERS) and args and isinstance(args[0], Iterator):
             args[0] = list(args[0])  # measure the items, then pass the same items on
         numbers = [abs(v) for v in [*args[1:], *kwargs.values()] if isinstance(v, int)]  # widths, counts
         _limit(max(numbers, default=0), f"a number given to filter {name!r}")
@@ -188,7 +322,30 @@ def _guard_filter(name: str, fn):
             _limit(sum(map(_weight, [*args, *kwargs.values()])), f"the input of filter {name!r}")
         if growth is not None:
             _limit(growth(*args, **kwargs), f"the output of filter {name!r}")
-        return fn(*head, *args, **kwargs)
+        if name in _COMPARING_FILTERS:
+            _bounded_args(args, kwargs, f"the input of filter {name!r}")
+        elif len(args) > 1 or kwargs:  # keys and values it may hash or compare (map(attribute=...))
+            _bounded_args(args[1:], kwargs, f"an argument of filter {name!r}")
+        return _bounded(fn(*head, *args, **kwargs), f"the output of filter {name!r}")
+    return guarded
+
+
+# Filters that compare, hash or add their input's items inside C (the others copy references,
+# call Python code per item, or have their input measured above); tests that compare or print
+_COMPARING_FILTERS = frozenset("dictsort groupby max min sort sum unique".split())
+_SHALLOW_TESTS = frozenset("boolean callable defined divisibleby escaped even false float integer iterable "
+                           "mapping none number odd sameas sequence string true undefined".split())
+
+
+def _guard_test(name: str, fn):
+    if name in _SHALLOW_TESTS:
+        return fn
+    skip = 1 if getattr(fn, "jinja_pass_arg", None) else 0
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        _bounded_args(args[skip:], kwargs, f"the input of test {name!r}")
+        return fn(*args, **kwargs)
     return guarded
 
 
@@ -219,11 +376,12 @@ class _TemplateNamespace(Namespace):
         attrs = dict(*args[1:], **kwargs)
         for name in attrs:
             _TemplateNamespace._check_name(name)
+        _bounded_args((), attrs, "the values given to namespace()")
         Namespace.__init__(args[0], attrs)
 
     def __setitem__(self, name, value):
         _TemplateNamespace._check_name(name)
-        Namespace.__setitem__(self, name, value)
+        Namespace.__setitem__(self, name, _bounded(value, "a value stored in a namespace"))
 
     @staticmethod
     def _check_name(name):
@@ -231,6 +389,9 @@ class _TemplateNamespace(Namespace):
             raise jinja2.exceptions.SecurityError(
                 f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}. "
                 "Please rename the attribute.")
+
+
+_LEAF_TYPES.add(_TemplateNamespace)
 
 
 class _GenerationTag(Extension):
@@ -247,15 +408,80 @@ class _GenerationTag(Extension):
         return caller()
 
 
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's code generator, with list, tuple and dict literals and the operands of comparisons
+    passed through _bounded (as `environment.bounded(...)`): no template-made container, and no
+    comparison, can make C walk more than the render's budget."""
+
+    def _visit_bounded(self, node, frame, what=None):
+        if isinstance(node, nodes.Const):  # from the template's source: as small as its text
+            return self.visit(node, frame)
+        self.write("environment.bounded(")
+        self.visit(node, frame)
+        self.write(f", {what!r})" if what else ")")
+
+    @staticmethod
+    def _scalar(node):
+        return isinstance(node, nodes.Const) and type(node.value) in (str, int, bool, float, type(None))
+
+    def visit_Tuple(self, node, frame):
+        if node.ctx != "load":  # an assignment target
+            return super().visit_Tuple(node, frame)
+        self.write("environment.bounded(")
+        super().visit_Tuple(node, frame)
+        self.write(")")
+
+    def visit_List(self, node, frame):
+        self.write("environment.bounded(")
+        super().visit_List(node, frame)
+        self.write(")")
+
+    def visit_Dict(self, node, frame):
+        self.write("environment.bounded({")  # keys are checked before the dict hashes them
+        for idx, item in enumerate(node.items):
+            if idx:
+                self.write(", ")
+            self._visit_bounded(item.key, frame, "a dict key")
+            self.write(": ")
+            self.visit(item.value, frame)
+        self.write("})")
+
+    @optimizeconst
+    def visit_Getitem(self, node, frame):
+        if isinstance(node.arg, (nodes.Const, nodes.Slice)):  # x['role'], x[1:]: nothing to hash
+            return super().visit_Getitem(node, frame)
+        self.write("environment.getitem(")  # a key is hashed and compared inside C
+        self.visit(node.node, frame)
+        self.write(", ")
+        self._visit_bounded(node.arg, frame, "a subscript")
+        self.write(")")
+
+    @optimizeconst
+    def visit_Compare(self, node, frame):
+        # `x == 'user'`, `n > 0`, `'<think>' in s`: next to a str or number from the source, no
+        # operand is walked deeper than its top level (list == str is NotImplemented at once)
+        plain = len(node.ops) == 1 and (self._scalar(node.expr) or self._scalar(node.ops[0].expr))
+        visit = self.visit if plain else functools.partial(self._visit_bounded, what="an operand of a comparison")
+        self.write("(")
+        visit(node.expr, frame)
+        for op in node.ops:
+            self.write(f" {operators[op.op]} ")
+            visit(op.expr, frame)
+        self.write(")")
+
+
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "+", "%", "**"})
+    code_generator_class = _BoundedCodeGenerator
 
     def __init__(self):
         super().__init__(trim_blocks=True, lstrip_blocks=True, finalize=_finalize,
                          extensions=[_GenerationTag, loopcontrols])
+        self.bounded = _bounded  # what the generated code calls (an instance attribute: found fastest)
         self.concat = _bounded_concat
         self.filters["tojson"] = _tojson
         self.filters = {name: _guard_filter(name, fn) for name, fn in self.filters.items()}
+        self.tests = {name: _guard_test(name, fn) for name, fn in self.tests.items()}
         self.globals.update(raise_exception=_raise_exception, dict=_TemplateDict(), namespace=_TemplateNamespace,
                             strftime_now=lambda format: datetime.now().strftime(format))
 
@@ -277,7 +503,10 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                 args = (list(args[0]),) + args[1:]
             size = _str_method_size(method.__self__, method.__name__, args, kwargs)
             _limit(size, f"the result of str.{method.__name__}()")
-        return super().call(__context, __obj, *args, **kwargs)
+        # list.count(x), dict.get(k)...: the method's own object is walked too
+        _bounded_args(args, kwargs, "the arguments of a call",
+                      method.__self__ if isinstance(method, types.BuiltinMethodType) else None)
+        return _bounded(super().call(__context, __obj, *args, **kwargs), "the result of a call")
 
 
 _ENV = _BoundedEnvironment()
@@ -394,6 +623,7 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
                    add_generation_prompt=add_generation_prompt,
                    **{**_plain(dict(special_tokens or {})), **_plain(extra)})
     token, guard, previous = _max_chars.set(max_chars), _Guard(max_seconds, max_memory), sys.gettrace()
+    sizes_token = _sizes.set(_Sizes(max_chars, list(context.values())))
     try:
         sys.settrace(guard.on_call)  # this thread only
         try:
@@ -410,6 +640,7 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
         raise _broken(f"{type(e).__name__}: {e}") from e
     finally:
         _max_chars.reset(token)
+        _sizes.reset(sizes_token)
 
 
 def render_for_tokenizer(tok, messages: list[dict], *, add_generation_prompt: bool = True, **kwargs) -> str:
