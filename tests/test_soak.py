@@ -56,6 +56,8 @@ def test_soak_2000_requests(tmp_path):
             rss = _rss_bytes()
     gc.collect()
     growth = _rss_bytes() / rss - 1.0
+    print(f"soak: RSS {rss / 2**20:.0f} MiB after warm-up, growth {growth:+.2%} over 1,700 "
+          "requests")
     assert growth < 0.05, f"RSS grew by {growth:.1%} over 1,700 requests"
     last = wsd.generate(PROMPTS[0], fixed)
     assert (last.token_ids, last.text, last.switch_index) == \
