@@ -33,9 +33,9 @@ from .sampling import Sampler, SamplingParams
 from .sharing import CacheOwner
 from .streaming import AnswerText
 from .switch import SwitchState, check_threshold, check_window
-from .tokenization import (DEFAULT_STOP, apply_chat_template, check_ids_in_vocab, decode,
-                           finish_text, has_tokenizer, is_prompt_list, max_token_chars,
-                           normalize_messages, render_base_prompt)
+from .tokenization import (DEFAULT_STOP, apply_chat_template, check_ids_in_vocab, check_text,
+                           decode, finish_text, has_tokenizer, is_prompt_list,
+                           max_token_chars, normalize_messages, render_base_prompt)
 
 
 def _pos_int(name, v):
@@ -116,11 +116,7 @@ def _check_stops(stop) -> tuple:
         if not isinstance(s, str) or not s:
             raise RequestError(f"stop strings must be non-empty strings, got {type(s).__name__}"
                                f"{' (empty)' if s == '' else ''}")
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(f"stop string {s[:40]!r} is not valid Unicode text (a lone "
-                               "surrogate)") from None
+        check_text(s, f"stop string {s[:40]!r}")
     return tuple(stop)
 
 

@@ -80,15 +80,11 @@ class AnswerText:
         self.tok = tok
         self.stops = tuple(stops) if tok is not None else ()
         self.detok = IncrementalDetokenizer(tok) if tok is not None else None
-        self.emitted = ""          # text handed out so far
+        self.n_emitted = 0         # characters handed out so far: detok.text[:n_emitted]
         self.search_from = None    # where stops may start: the kept draft's text length
         self.found = -1            # earliest complete stop occurrence (absolute), or -1
         self._scanned = 0          # text length fed to the automaton
         self._auto = _StopAutomaton(self.stops) if self.stops else None
-
-    @property
-    def text(self) -> str:
-        return self.detok.text if self.detok is not None else ""
 
     # ---- drafting: the scored draft, before the switch point is known ----------------
     def draft_so_far(self, ids: list[int]):
@@ -150,7 +146,7 @@ class AnswerText:
         text = self.detok.text
         if self.search_from is None:      # drafting: stops start after the kept draft
             return len(text)
-        end = self._open_start() if self.stops else len(text)
+        end = self._open_start()
         return min(end, self.found) if self.found != -1 else end
 
     def pieces(self):
@@ -159,21 +155,22 @@ class AnswerText:
             return
         text = self.detok.text
         end = self.cut_bound()
-        while end > len(self.emitted) and text[end - 1].isspace():
+        while end > self.n_emitted and text[end - 1].isspace():
             end -= 1
-        if end > len(self.emitted):
-            piece = text[len(self.emitted):end]
-            self.emitted += piece
+        if end > self.n_emitted:
+            piece = text[self.n_emitted:end]
+            self.n_emitted = end
             yield piece
 
     def finish(self, final_text: str):
         """The rest of the final answer text (`finish_text`'s)."""
         if self.detok is None:
             return
-        if not final_text.startswith(self.emitted):
-            raise WSDError(f"internal error: streamed text {self.emitted[-40:]!r} is not a prefix of the "
-                                 f"final text {final_text[-40:]!r}")
-        if len(final_text) > len(self.emitted):
-            piece = final_text[len(self.emitted):]
-            self.emitted = final_text
+        emitted = self.detok.text[:self.n_emitted]
+        if not final_text.startswith(emitted):
+            raise WSDError(f"internal error: streamed text {emitted[-40:]!r} is not a prefix "
+                           f"of the final text {final_text[-40:]!r}")
+        if len(final_text) > self.n_emitted:
+            piece = final_text[self.n_emitted:]
+            self.n_emitted = len(final_text)
             yield piece

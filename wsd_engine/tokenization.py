@@ -97,7 +97,7 @@ def tokenizer_eos_ids(tok) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def _check_text(text: str, what: str) -> None:
+def check_text(text: str, what: str) -> None:
     """Text must be valid Unicode (a lone surrogate cannot be encoded as UTF-8, and the
     tokenizers would fail on it deep inside)."""
     try:
@@ -112,7 +112,7 @@ def _check_text(text: str, what: str) -> None:
 def normalize_messages(prompt) -> list[dict]:
     """A prompt string or a list of {"role", "content"} dicts -> validated messages."""
     if isinstance(prompt, str):
-        _check_text(prompt, "the prompt")
+        check_text(prompt, "the prompt")
         if not prompt.strip():
             raise RequestError("the prompt is empty; pass a non-empty string or messages")
         return [{"role": "user", "content": prompt}]
@@ -130,7 +130,7 @@ def normalize_messages(prompt) -> list[dict]:
         if not isinstance(m["content"], str):
             raise RequestError(f"message {i}: content must be a string, got "
                                + describe_arg(m["content"]))
-        _check_text(m["content"], f"message {i}'s content")
+        check_text(m["content"], f"message {i}'s content")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["content"].strip() for m in out):
         raise RequestError("all messages are empty; give at least one non-empty message")
@@ -225,7 +225,7 @@ def render_base_prompt(tok, messages: list[dict], template=None, add_bos: bool =
             raise RequestError(f"base_template is not a valid format string: {e}") from None
     else:
         raise RequestError("base_template must be None, a format string or a callable")
-    _check_text(text, "the base prompt (base_template's output)")
+    check_text(text, "the base prompt (base_template's output)")
     ids = encode(tok, text)
     bos = getattr(tok, "bos_token_id", None)
     if add_bos and bos is not None:
