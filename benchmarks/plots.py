@@ -24,7 +24,7 @@ LABELS = {"engine_graph_tuned": "wsd_engine generate, tuned kernels (default)",
 COLORS = {"engine_graph_tuned": "#d62728", "engine_graph_steps_fused_pdl": "#54278f", "engine_graph_steps_fused": "#000000",
           "engine_graph_steps": "#08306b", "engine_graph": "#1f77b4",
           "engine_torch_eager": "#9ecae1", "hf_eager": "#ff7f0e", "hf_compile": "#fdae6b"}
-PHASES = ("pilot_prefill", "base_prefill", "drafting", "scoring", "continuation")
+PHASES = ("prefill", "drafting", "scoring", "continuation")
 PHASE_COLORS = ("#c7e9c0", "#fdd0a2", "#74c476", "#fd8d3c", "#6baed6")
 
 

@@ -19,7 +19,7 @@ SYSTEMS = {   # decode systems: key -> label (table / plot order)
     "hf_compile": "HF static cache + torch.compile",
 }
 SMOKE_LABEL = "tiny (CPU smoke)"
-PHASES = ("pilot_prefill", "base_prefill", "drafting", "scoring", "continuation")
+PHASES = ("prefill", "drafting", "scoring", "continuation")
 
 
 def _f(x, fmt="{:.2f}", none="\u2014"):
@@ -182,7 +182,7 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
             continue
         t = r["timings"]
         L.append(f"| {r['label']} | {r['switch_index']} | {r['total_s']:.3f} | "
-                 + " | ".join(f"{t[p]:.3f}" for p in PHASES)
+                 + " | ".join(f"{t.get(p, 0.0):.3f}" for p in PHASES)
                  + f" | {r['ideal_s']:.3f} | {r['measured_over_ideal']:.2f} | "
                  f"{speed(r.get('speedup_vs_base_only'))} |")
     bo = e.get("base_only")

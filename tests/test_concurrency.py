@@ -220,8 +220,9 @@ def test_interrupted_restore_never_leaves_a_stream_on_a_wrong_cache(wsd, monkeyp
     real = StaticKVCache.restore
 
     def interrupted(self, snap):
-        n, k, _ = snap
-        self.k[:, :, :n].copy_(k)
+        lengths, parts = snap
+        n, (k, _) = lengths[0], parts[0]
+        self.k[:, 0, :, :n].copy_(k)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(StaticKVCache, "restore", interrupted)

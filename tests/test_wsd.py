@@ -179,7 +179,7 @@ def test_results_and_batch(mid):
     r = rs[0]
     assert r.switched and r.draft_tokens >= r.switch_index
     assert len(r.token_ids) == r.switch_index + r.base_tokens
-    assert set(r.timings) >= {"pilot_prefill", "base_prefill", "drafting", "scoring",
+    assert set(r.timings) >= {"queued", "prefill", "drafting", "scoring",
                               "continuation", "total"}
     assert r.tokens_per_second > 0
     assert r.draft_text and r.text.startswith(r.draft_text)

@@ -29,13 +29,16 @@ def weight_elements(cfg: ModelConfig) -> int:
     return embeddings + d + cfg.num_layers * layer                            # + final norm
 
 
-def estimate(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int) -> dict[str, int]:
-    """Bytes of what a loaded model holds: {"weights", "kv_cache", "rope_tables"}."""
+def estimate(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int,
+             n_slots: int = 1) -> dict[str, int]:
+    """Bytes of what a loaded model holds: {"weights", "kv_cache", "rope_tables"}; the
+    cache has `n_slots` slots (the largest batch it serves)."""
     size = dtype.itemsize
     return {
         "weights": weight_elements(cfg) * size,
-        # k and v: [layers, kv_heads, max_seq_len, head_dim] each, in the model dtype
-        "kv_cache": 2 * cfg.num_layers * cfg.num_kv_heads * max_seq_len * cfg.head_dim * size,
+        # k and v: [layers, slots, kv_heads, max_seq_len, head_dim] each, in the model dtype
+        "kv_cache": (2 * cfg.num_layers * n_slots * cfg.num_kv_heads * max_seq_len
+                     * cfg.head_dim * size),
         # cos and sin: [max_seq_len, head_dim] fp32 each
         "rope_tables": 2 * max_seq_len * cfg.head_dim * 4,
     }
@@ -69,10 +72,10 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_fits(cfg: ModelConfig, device, dtype: torch.dtype, max_seq_len: int,
-               weights_loaded: bool = False) -> None:
+               weights_loaded: bool = False, n_slots: int = 1) -> None:
     """ConfigError unless the weights (unless already loaded), the KV cache and the RoPE
     tables fit in the memory available on `device`."""
-    need = estimate(cfg, dtype, max_seq_len)
+    need = estimate(cfg, dtype, max_seq_len, n_slots)
     if weights_loaded:
         del need["weights"]
     total = sum(need.values())
@@ -83,8 +86,9 @@ def check_fits(cfg: ModelConfig, device, dtype: torch.dtype, max_seq_len: int,
     per_position = (need["kv_cache"] + need["rope_tables"]) // max_seq_len
     raise ConfigError(
         f"the model does not fit on {device}: it needs about {_size(total)} ({parts}; "
-        f"max_seq_len {max_seq_len}, {str(dtype).replace('torch.', '')}) but {_size(available)} "
-        f"is available. Pass a smaller max_seq_len (each position of the KV cache and RoPE "
+        f"max_seq_len {max_seq_len}, {n_slots} cache slot(s), "
+        f"{str(dtype).replace('torch.', '')}) but {_size(available)} "
+        f"is available. Pass a smaller max_seq_len or max_batch_size (each position of the KV cache and RoPE "
         f"tables takes {_size(per_position)}) or a smaller dtype (bfloat16 or float16 halve "
         "float32), or use a device with more free memory")
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .cache import StaticKVCache
 from .config import ModelConfig
+from .rows import RowBatch
 
 
 def rope_tables(cfg: ModelConfig, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +64,7 @@ class TorchOps:
         T = q.shape[0]
         c, s = cos[positions], sin[positions]                           # [T, hd]
         q, k = apply_rope(q, c, s), apply_rope(k, c, s)
-        kc, vc = cache.k[layer], cache.v[layer]                         # [nkv, S, hd]
+        kc, vc = cache.slot_k(layer), cache.slot_v(layer)               # [nkv, S, hd]
         kc[:, start:start + T] = k.transpose(0, 1)
         vc[:, start:start + T] = v.transpose(0, 1)
         end = start + T
@@ -74,6 +75,32 @@ class TorchOps:
             q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask[None, None],
             enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)    # [1, nq, T, hd]
         return out[0].transpose(0, 1)
+
+    def attention_rows(self, q, k, v, cache: StaticKVCache, layer: int, rb: RowBatch,
+                       cos, sin):
+        """Several rows at once: q [T, nq, hd], k/v [T, nkv, hd] unrotated, row b's tokens
+        at rb's positions in its own cache slot. Writes K/V, returns [T, nq, hd].
+
+        The rows are padded to [B, max_q] queries over [B, max_len] keys with a mask, so
+        the whole batch is one attention call whatever the rows' lengths."""
+        pos = rb.positions                                              # [T]
+        c, s = cos[pos], sin[pos]
+        q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+        kc, vc = cache.k[layer], cache.v[layer]                         # [n_slots, nkv, S, hd]
+        kc[rb.token_slots, :, pos] = k                                  # [T, nkv, hd] scattered
+        vc[rb.token_slots, :, pos] = v
+        L = rb.max_len
+        keys, vals = kc[rb.slots, :, :L], vc[rb.slots, :, :L]          # [B, nkv, L, hd]
+        nq, hd = q.shape[1], q.shape[2]
+        qp = q.new_zeros(rb.n_rows, rb.max_q, nq, hd)                  # [B, Tq, nq, hd]
+        qp[rb.token_rows, rb.token_index] = q
+        # key j visible to query (b, i) iff j <= its position (padded queries: the row's
+        # first position, any valid value; their outputs are dropped)
+        mask = torch.arange(L, device=q.device)[None, None, :] <= rb.padded_positions[:, :, None]
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
+            enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)    # [B, nq, Tq, hd]
+        return out.transpose(1, 2)[rb.token_rows, rb.token_index]      # [T, nq, hd]
 
     def swiglu(self, gate_up):
         g, u = gate_up.chunk(2, dim=-1)
@@ -97,7 +124,8 @@ class TorchOps:
 def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Tensor,
             start: int, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
             return_hidden: bool = False, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
-    """Run tokens [T] at positions start..start+T-1 against cache positions [0, start).
+    """Run tokens [T] at positions start..start+T-1 of cache slot 0 against its positions
+    [0, start).
 
     `start` is an int, or (triton backend, for CUDA-graph capture) a [1] int64 device
     tensor, in which case nothing here reads it on the host and the caller keeps
@@ -116,6 +144,32 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
         positions = start                       # [1] device tensor: no kernel in a graph step
     else:
         positions = start + torch.arange(T, device=tokens.device)          # [T]
+
+    def attend(q, k, v, layer):
+        return ops.attention(q, k, v, cache, layer, positions, cos, sin, start)
+    x, residual = _layers(cfg, w, ops, tokens, attend)
+    if host_start:
+        cache.length = start + T
+    return _head(w, ops, x, residual, rows, return_hidden)
+
+
+def forward_rows(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Tensor,
+                 rb: RowBatch, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
+                 return_hidden: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Several rows in one forward: tokens [T] laid out as `rb` says (row b: its tokens at
+    positions rb.starts[b].. of cache slot rb.slots[b], attending to that slot's positions
+    before them). Writes K/V; the caller sets the slots' lengths. Returns fp32 logits
+    [T', V] or final-normed hidden states [T', d] of the token rows `rows` (all: None)."""
+    def attend(q, k, v, layer):
+        return ops.attention_rows(q, k, v, cache, layer, rb, cos, sin)
+    x, residual = _layers(cfg, w, ops, tokens, attend)
+    return _head(w, ops, x, residual, rows, return_hidden)
+
+
+def _layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend):
+    """Embedding and the decoder layers; attention through `attend(q, k, v, layer)`.
+    Returns the last layer's output and the residual stream (not yet added)."""
+    T = tokens.shape[0]
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = F.embedding(tokens, w["embed"])                                 # [T, d]
     residual = None
@@ -124,14 +178,16 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
         qkv, residual = ops.norm_linear(x, residual, w[p + "attn_norm"], w[p + "qkv"],
                                         w.get(p + "qkv_bias"))          # [T, (nq+2nkv)*hd]
         q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-        attn = ops.attention(q.reshape(T, nq, hd), k.reshape(T, nkv, hd),
-                             v.reshape(T, nkv, hd), cache, layer, positions, cos, sin, start)
+        attn = attend(q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd), layer)
         x = ops.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias"))  # [T, d]
         gu, residual = ops.norm_linear(x, residual, w[p + "mlp_norm"], w[p + "gate_up"],
                                        w.get(p + "gate_up_bias"))      # [T, 2I]
         x = ops.swiglu_linear(gu, w[p + "down"], w.get(p + "down_bias"))  # [T, d]
-    if host_start:
-        cache.length = start + T
+    return x, residual
+
+
+def _head(w: dict, ops, x, residual, rows, return_hidden: bool) -> torch.Tensor:
+    """The final norm (and lm_head) of the token rows `rows` (None: all)."""
     if rows is not None:             # the norm is per row: select first
         if isinstance(rows, torch.Tensor):
             x = x.index_select(0, rows)

@@ -16,12 +16,14 @@ from .config import ModelConfig, describe_arg, parse_dtype
 from .errors import ConfigError, ContextOverflowError, RequestError
 from .loader import load_weights
 from .memory import check_fits
-from .model import TorchOps, forward, rope_tables
+from .model import TorchOps, forward, forward_rows, rope_tables
+from .rows import RowBatch
 from .sharing import CacheOwner, CacheResidency
 from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
 
 BACKENDS = ("torch", "triton")
 DEFAULT_MAX_SEQ_LEN = 4096
+MAX_BATCH_SIZE = 1024
 # prompt lengths with a captured prefill graph (`capture_prefill`): a prompt runs in the
 # smallest that holds it, so the padding is under 2x (weight reads dominate at these sizes)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -85,6 +87,15 @@ class Model:
     @property
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
+
+    @property
+    def max_batch_size(self) -> int:
+        """Cache slots: how many sequences the batched phases hold at once."""
+        return self.cache.n_slots
+
+    def slot_length(self, slot: int) -> int:
+        """Valid cache positions of a slot."""
+        return self.cache.lengths[slot]
 
     @property
     def has_loaded_tokenizer(self) -> bool:
@@ -226,6 +237,63 @@ class Model:
         if g is None:
             return self.forward(tokens, start, return_hidden=return_hidden)
         return self._replay(g, tokens, start)
+
+    # ---- batched phases: several sequences, each in its own cache slot ---------------
+    @torch.inference_mode()
+    def run_rows(self, tokens: torch.Tensor, slots, counts, return_hidden: bool = False,
+                 last_only: bool = False) -> torch.Tensor:
+        """One forward over several rows: row b appends counts[b] tokens (consecutive in
+        `tokens` [T]) to cache slot slots[b] at its current length. Returns fp32 logits
+        (or final-normed hidden states) of every token [T, .], or of each row's last token
+        [B, .] (`last_only`). ContextOverflowError (nothing written) if a row does not fit."""
+        lengths = self.cache.lengths
+        starts = [lengths[s] for s in slots]
+        for p0, n in zip(starts, counts):
+            self.cache.check_fits(p0, n)
+        rb = RowBatch.build(slots, starts, counts, self.device)
+        out = forward_rows(self.config, self.weights, self.ops, tokens, rb, self.cache,
+                           self.cos, self.sin, return_hidden=return_hidden,
+                           rows=rb.last if last_only else None)
+        for s, p0, n in zip(slots, starts, counts):
+            lengths[s] = p0 + n
+        return out
+
+    def prefill_rows(self, prompts: list[torch.Tensor], slots, hidden: bool = False) -> torch.Tensor:
+        """Empty slots filled with prompts (each [n_b] on the device), one forward: the
+        last token's logits [B, V] (or final hidden states [B, d] with `hidden`)."""
+        for s in slots:
+            self.cache.reset(s)
+        return self.run_rows(torch.cat(prompts), slots, [p.shape[0] for p in prompts],
+                             return_hidden=hidden, last_only=True)
+
+    def decode_rows(self, tokens: torch.Tensor, slots) -> torch.Tensor:
+        """One token per row (tokens [B] on the device) at each slot's length: logits [B, V]."""
+        return self.run_rows(tokens, slots, [1] * len(slots))
+
+    def score_rows(self, tokens: torch.Tensor, slots, counts) -> torch.Tensor:
+        """Chunks of another model's tokens, one per row, appended to the rows' slots (the
+        cross-model prefix prefill): final hidden states of every token [T, d]."""
+        return self.run_rows(tokens, slots, counts, return_hidden=True)
+
+    def truncate_slot(self, slot: int, length: int) -> None:
+        """Keep a slot's positions [0, length): O(1)."""
+        self.cache.truncate(length, slot)
+
+    def release_slot(self, slot: int) -> None:
+        """A finished row's slot is free again: O(1)."""
+        self.cache.reset(slot)
+
+    @torch.inference_mode()
+    def draft_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log p of tokens under this model: final hidden states [T, d] (row j predicts
+        ids[j]) -> [T] fp32. The triton backend reads the lm_head once for all rows and
+        never writes the [T, V] logits (the switch_score kernel)."""
+        if self.backend == "triton":
+            from .kernels.switch_score import switch_score
+            carry = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+            return switch_score(hidden, self.weights["lm_head"], ids, carry, 0, 1, 0.0).logp
+        logits = self.logits(hidden)                                     # [T, V] fp32
+        return torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
 
     # ---- one-token kernel options (triton backend) ------------------------------------
     def set_decode_kernels(self, fused_gemv: bool | None = None, pdl: bool | None = None) -> None:
@@ -641,7 +709,7 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
+def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend, max_batch_size=1):
     device = parse_device(device)
     dtype = cfg.dtype if dtype is None else parse_dtype(dtype)
     if max_seq_len is None:
@@ -655,18 +723,30 @@ def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend):
     cfg.check_context(max_seq_len)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    check_fits(cfg, device, dtype, max_seq_len)     # weights + cache + RoPE, before any is made
+    check_batch_size(max_batch_size)
+    # weights + cache + RoPE, before any is made
+    check_fits(cfg, device, dtype, max_seq_len, n_slots=max_batch_size)
     return device, dtype, max_seq_len
 
 
+def check_batch_size(max_batch_size) -> int:
+    if (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+            or not 1 <= max_batch_size <= MAX_BATCH_SIZE):
+        raise ConfigError(f"max_batch_size must be an int in [1, {MAX_BATCH_SIZE}] (requests "
+                          f"decoded together), got {describe_arg(max_batch_size)}")
+    return max_batch_size
+
+
 def build_model(cfg: ModelConfig, weights: dict, device, dtype, max_seq_len: int,
-                backend: str = "torch", path: str = "") -> Model:
+                backend: str = "torch", path: str = "", max_batch_size: int = 1) -> Model:
     """A Model around already loaded (fused, engine-named) weights: allocates the cache
-    and RoPE tables. `load_model` uses it; benchmarks use it with random weights."""
-    check_fits(cfg, device, dtype, max_seq_len, weights_loaded=True)
+    (`max_batch_size` slots) and RoPE tables. `load_model` uses it; benchmarks use it with
+    random weights."""
+    check_batch_size(max_batch_size)
+    check_fits(cfg, device, dtype, max_seq_len, weights_loaded=True, n_slots=max_batch_size)
     ops = _make_ops(backend, cfg, device)
     cache = StaticKVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
-                                   dtype, device)
+                                   dtype, device, n_slots=max_batch_size)
     cos, sin = rope_tables(cfg, max_seq_len, device)
     return Model(path=path, config=cfg, weights=weights, cache=cache, cos=cos, sin=sin,
                  ops=ops, device=device, dtype=dtype)
@@ -691,27 +771,30 @@ def checkpoint_path(path) -> str:
 
 
 def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
-               backend: str = "torch") -> Model:
+               backend: str = "torch", max_batch_size: int = 1) -> Model:
     """Load a Llama / Qwen2 / Mistral safetensors checkpoint folder into the engine.
 
     dtype: None keeps the checkpoint's dtype; else torch.float32 / bfloat16 / float16.
     max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
     backend: "torch" (reference, runs anywhere) or "triton" (the fused kernels).
+    max_batch_size: KV cache slots, the most sequences a WSD engine runs together.
     """
     path = checkpoint_path(path)
     cfg = ModelConfig.from_pretrained(path)
-    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend)
+    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend,
+                                          max_batch_size)
     _make_ops(backend, cfg, device)          # fail on a bad backend before reading weights
     weights = load_weights(path, cfg, device, dtype)
-    return build_model(cfg, weights, device, dtype, max_seq_len, backend, path)
+    return build_model(cfg, weights, device, dtype, max_seq_len, backend, path, max_batch_size)
 
 
 def random_model(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096,
-                 backend: str = "torch", seed: int = 0) -> Model:
+                 backend: str = "torch", seed: int = 0, max_batch_size: int = 1) -> Model:
     """A model of cfg's shapes with random weights made on the device (never zeros):
     for speed measurements at real shapes without a checkpoint. No tokenizer."""
     from .loader import expected_shapes, _fuse
-    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend)
+    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend,
+                                          max_batch_size)
     g = torch.Generator(device=device).manual_seed(seed)
     raw = {}
     for name, shape in expected_shapes(cfg).items():
@@ -720,4 +803,5 @@ def random_model(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, max_seq_l
         else:   # ~ 1/sqrt(fan_in) so activations stay O(1) through the layers
             t = torch.randn(shape, generator=g, device=device) * (shape[-1] ** -0.5)
         raw[name] = t.to(dtype)
-    return build_model(cfg, _fuse(raw, cfg), device, dtype, max_seq_len, backend)
+    return build_model(cfg, _fuse(raw, cfg), device, dtype, max_seq_len, backend,
+                       max_batch_size=max_batch_size)

@@ -188,3 +188,42 @@ class SwitchState:
             raise WSDError(f"cannot truncate SwitchState to {n} tokens: {self.n_scored} scored")
         del self.logps[n:]
         self.k = None
+
+
+def first_pass_rows(logp: torch.Tensor, counts: list[int], carry: torch.Tensor,
+                    n_prev: torch.Tensor, window: torch.Tensor,
+                    log_gamma: torch.Tensor) -> torch.Tensor:
+    """The rule for the chunks of several requests at once, on the device.
+
+    logp [T] fp32: row b's chunk is logp[sum(counts[:b]) : ... + counts[b]];
+    carry [B, W - 1] float64: row b's last min(n_prev[b], window[b] - 1) scored log p's
+    (`SwitchState.carried`), right-aligned (W the largest window); n_prev [B] int64: tokens
+    row b scored before this chunk; window [B] int64; log_gamma [B] float64. Returns [B] int64: the
+    0-based index in row b's chunk of the token completing its first passing window, or -1.
+
+    The same float64 operations in the same order as `SwitchState.update` (window sums
+    oldest first, then / w, then >= log_gamma), so the decision equals the host rule's bit
+    for bit; no host sync."""
+    B, W1 = carry.shape
+    Q = max(counts)
+    dev = logp.device
+    rows = torch.repeat_interleave(torch.arange(B, device=dev),
+                                   torch.tensor(counts, device=dev))           # [T]
+    starts = torch.tensor([0] + counts[:-1], device=dev).cumsum(0)             # [B]
+    idx = torch.arange(logp.shape[0], device=dev) - starts[rows]               # [T]
+    buf = torch.zeros(B, W1 + Q, dtype=torch.float64, device=dev)             # [B, W-1+Q]
+    buf[:, :W1] = carry
+    buf[rows, W1 + idx] = logp.double()
+    i = torch.arange(Q, device=dev)                                            # [Q]
+    acc = torch.zeros(B, Q, dtype=torch.float64, device=dev)
+    for o in range(W1 + 1):           # term o of the window ending at chunk token i
+        col = (W1 + i)[None, :] - window[:, None] + 1 + o                      # [B, Q]
+        term = buf.gather(1, col.clamp(0, W1 + Q - 1))
+        use = (o < window)[:, None]
+        acc = torch.where(use, term if o == 0 else acc + term, acc)
+    means = acc / window[:, None].double()
+    valid = (i[None, :] < torch.tensor(counts, device=dev)[:, None]) & \
+        ((n_prev[:, None] + i[None, :] + 1) >= window[:, None])
+    hit = valid & (means >= log_gamma[:, None])
+    first = torch.where(hit, i[None, :].expand(B, Q), Q).min(1).values
+    return torch.where(first < Q, first, -1)

@@ -61,7 +61,7 @@ class TritonOps(TorchOps):
         """q [T, nq, hd], k/v [T, nkv, hd] unrotated (strided views of the fused qkv).
         `start` may be a [1] device tensor (graph capture): no kernel here reads it on
         the host."""
-        kc, vc = cache.k[layer], cache.v[layer]                         # [nkv, S, hd]
+        kc, vc = cache.slot_k(layer), cache.slot_v(layer)               # [nkv, S, hd]
         if q.shape[0] == 1:
             # decode: RoPE, this token's K/V into the cache and flash-decoding over the
             # cache, one launch (append mode)
@@ -73,6 +73,22 @@ class TritonOps(TorchOps):
                                           seq_len_offset=1)[None]         # [1, nq, hd]
         # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
         return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
+
+    def attention_rows(self, q, k, v, cache: StaticKVCache, layer: int, rb, cos, sin):
+        """Several rows, each in its own cache slot (see TorchOps.attention_rows): the
+        single-sequence kernels row by row on the slots' slabs."""
+        outs = []
+        for b, (slot, p0, n) in enumerate(zip(rb.host_slots, rb.host_starts, rb.host_counts)):
+            t0 = sum(rb.host_counts[:b])
+            kc, vc = cache.slot_k(layer, slot), cache.slot_v(layer, slot)
+            qs, ks, vs = q[t0:t0 + n], k[t0:t0 + n], v[t0:t0 + n]
+            if n == 1:
+                outs.append(self._decode_attention(qs[0], kc, vc, p0, k_new=ks[0], v_new=vs[0],
+                                                   cos=cos, sin=sin, pdl=self.pdl,
+                                                   seq_len_offset=1)[None])
+            else:
+                outs.append(self._prefill_attention(qs, ks, vs, kc, vc, cos, sin, p0))
+        return torch.cat(outs)
 
     def swiglu(self, gate_up):
         return self._swiglu(gate_up)

@@ -1,0 +1,153 @@
+"""The device side of a WSD step over many requests: what the two models run for the
+rows of a step, and the buffers that carry each row's model state between steps.
+
+Each running request owns one cache slot in each model (the same index) and, at that
+index, three rows of buffers allocated once, at construction (no per-request device
+memory):
+    pilot_logits [slots, V_pilot] fp32   the pilot's logits after its last fed token
+    base_logits  [slots, V_base]  fp32   the base's logits after its last fed token
+    hidden       [slots, S + 1, d]       the base's final hidden states over the draft:
+                                         hidden[s, i] predicts draft token i + 1 (0: the
+                                         prompt's last), kept for every scored token so a
+                                         rollback or the switch needs no recomputation
+
+A step launches, back to back with no host sync: `decode_blocks` (the pilot's drafting
+chunks and the base's continuation blocks, one forward per model per token position),
+then one read-back; `score` (one base forward over every row's new draft tokens, log p
+and the rule on the device), then one read-back.
+"""
+from __future__ import annotations
+
+import torch
+
+from .request import Request, ScoreJob
+from .runner import Model
+from .switch import first_pass_rows
+
+
+def _index(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+class BatchRunner:
+    def __init__(self, pilot: Model, base: Model, n_slots: int):
+        self.pilot, self.base = pilot, base
+        dev = base.device
+        self.pilot_logits = torch.zeros(n_slots, pilot.config.vocab_size, dtype=torch.float32,
+                                        device=dev)
+        self.base_logits = torch.zeros(n_slots, base.config.vocab_size, dtype=torch.float32,
+                                       device=dev)
+        self.rows_per_slot = base.max_seq_len + 1
+        self.hidden = torch.zeros(n_slots * self.rows_per_slot, base.config.hidden_size,
+                                  dtype=base.dtype, device=dev)       # [slots * (S+1), d]
+
+    # ---- new rows ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, reqs: list[Request]) -> None:
+        """Both prompts of newly admitted rows, one forward per model."""
+        dev, slots = self.base.device, [r.slot for r in reqs]
+        logits = self.pilot.prefill_rows([_index(r.p_ids, dev) for r in reqs], slots)
+        self.pilot_logits[_index(slots, dev)] = logits                            # [B, V]
+        h = self.base.prefill_rows([_index(r.b_ids, dev) for r in reqs], slots, hidden=True)
+        self.hidden[_index([s * self.rows_per_slot for s in slots], dev)] = h    # [B, d]
+
+    # ---- the pilot's chunks and the base's blocks ---------------------------------------
+    @torch.inference_mode()
+    def decode_blocks(self, drafting: list[Request], continuing: list[Request]):
+        """Each drafting row drafts `draft_budget()` pilot tokens, each continuing row
+        decodes up to `chunk` base tokens (its budget permitting); every token is fed
+        back except a row's last one when nothing follows it (tokens past an EOS or a stop
+        are fed too and then dropped with the row: the output is the same). Returns the tokens of each
+        row as host lists (one read-back for all): (pilot chunks, base blocks)."""
+        p_plan = [(r, r.draft_budget(), r.p_sampler) for r in drafting]
+        p_feed = [r.feeds_last_draft_token(n) for r, n, _ in p_plan]
+        b_plan = [(r, min(r.params.chunk, r.budget_left()), r.b_sampler) for r in continuing]
+        b_feed = [n < r.budget_left() for r, n, _ in b_plan]
+        p_tok = self._block(self.pilot, self.pilot_logits, p_plan, p_feed)
+        b_tok = self._block(self.base, self.base_logits, b_plan, b_feed)
+        p_host = p_tok.tolist() if p_tok is not None else []
+        b_host = b_tok.tolist() if b_tok is not None else []
+        return ([row[:n] for row, (_, n, _) in zip(p_host, p_plan)],
+                [row[:n] for row, (_, n, _) in zip(b_host, b_plan)])
+
+    def _block(self, model: Model, pool: torch.Tensor, plan, feed_last) -> torch.Tensor | None:
+        """Tokens [rows, max n] (-1 past a row's n) chosen from `pool` and fed back."""
+        if not plan:
+            return None
+        dev = model.device
+        width = max(n for _, n, _ in plan)
+        toks = torch.full((len(plan), width), -1, dtype=torch.int64, device=dev)
+        for i in range(width):
+            active = [j for j, (_, n, _) in enumerate(plan) if i < n]
+            slots = [plan[j][0].slot for j in active]
+            chosen = self._choose(pool[_index(slots, dev)], [plan[j][2] for j in active])
+            toks[_index(active, dev), i] = chosen
+            fed = [a for a, j in enumerate(active) if i < plan[j][1] - 1 or feed_last[j]]
+            if fed:
+                fed_slots = [slots[a] for a in fed]
+                pool[_index(fed_slots, dev)] = model.decode_rows(chosen[_index(fed, dev)],
+                                                                 fed_slots)
+        return toks
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, samplers) -> torch.Tensor:
+        """Next token of each row [B] from logits [B, V]: argmax for greedy rows (one
+        launch for all), the row's own seeded generator for sampled ones."""
+        out = torch.argmax(logits, dim=-1)
+        for j, s in enumerate(samplers):
+            if not s.params.greedy:
+                out[j] = s.sample(logits[j])
+        return out
+
+    # ---- scoring ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, jobs: list[tuple[Request, ScoreJob]]):
+        """One base forward over every row's new draft tokens (written into the base cache
+        after the row's prompt + job.start tokens), their log p, and the rule on the
+        device. Returns [(log p list, first passing index or -1)] per job."""
+        dev, S1 = self.base.device, self.rows_per_slot
+        for r, job in jobs:
+            self.base.truncate_slot(r.slot, len(r.b_ids) + job.start)   # rollback: O(1)
+        slots = [r.slot for r, _ in jobs]
+        counts = [len(job.ids) for _, job in jobs]
+        ids = _index([t for _, job in jobs for t in job.ids], dev)                 # [T]
+        h = self.base.score_rows(ids, slots, counts)                               # [T, d]
+        at = _index([r.slot * S1 + job.start + j for r, job in jobs for j in range(len(job.ids))],
+                    dev)                                                           # [T]
+        self.hidden[at + 1] = h                  # hidden[s, start + 1 + j]: after token j
+        logp = self.base.draft_logprobs(self.hidden[at], ids)                     # [T] fp32
+        first = first_pass_rows(logp, counts, *self._rule_rows([r for r, _ in jobs]))
+        logp_host, first_host = logp.tolist(), first.tolist()
+        out, t0 = [], 0
+        for n, f in zip(counts, first_host):
+            out.append((logp_host[t0:t0 + n], f))
+            t0 += n
+        return out
+
+    def _rule_rows(self, reqs: list[Request]):
+        """The rule's per-row inputs on the device: carry [B, W-1] float64 (right-aligned),
+        n_prev [B], window [B], log_gamma [B] float64."""
+        dev = self.base.device
+        W1 = max(r.switch.window for r in reqs) - 1
+        carry = [[0.0] * (W1 - len(c)) + c for c in (r.switch.carried for r in reqs)]
+        return (torch.tensor(carry, dtype=torch.float64).reshape(len(reqs), W1).to(dev),
+                _index([r.switch.n_scored for r in reqs], dev),
+                _index([r.switch.window for r in reqs], dev),
+                torch.tensor([r.switch.log_gamma for r in reqs], dtype=torch.float64,
+                             device=dev))
+
+    # ---- the switch -------------------------------------------------------------------
+    @torch.inference_mode()
+    def switch(self, reqs: list[Request]) -> None:
+        """Rows whose switch point k is final: the base keeps prompt + k tokens (O(1)),
+        its next logits come from hidden[k], and the pilot's slot is free."""
+        dev = self.base.device
+        for r in reqs:
+            self.base.truncate_slot(r.slot, len(r.b_ids) + r.k)
+            self.pilot.release_slot(r.slot)
+        at = _index([r.slot * self.rows_per_slot + r.k for r in reqs], dev)
+        self.base_logits[_index([r.slot for r in reqs], dev)] = self.base.logits(self.hidden[at])
+
+    def release(self, req: Request) -> None:
+        self.pilot.release_slot(req.slot)
+        self.base.release_slot(req.slot)
