@@ -338,23 +338,30 @@ class WSD:
         return self._scheduler.n_running > 0 or self._scheduler.n_waiting > 0
 
     def _step(self) -> None:
-        with self._hold():
-            try:
+        try:
+            with self._hold():
                 admitted = self._scheduler.admit()
                 if admitted:
                     self._timed(admitted, "prefill", self._runner.prefill, admitted)
                 drafting, continuing = self._scheduler.drafting(), self._scheduler.continuing()
                 if drafting or continuing:
                     self._run_rows(drafting, continuing)
-            except BaseException as e:
-                # a failed forward leaves the rows' model state unknown: end them all, keep
-                # the engine usable for the next requests
-                for req in self._scheduler.drafting() + self._scheduler.continuing():
-                    self._end(req, "error", e if isinstance(e, Exception) else None)
-                if not isinstance(e, Exception):
-                    raise
-                raise WSDError(f"a batched step failed; its requests ended with an error: "
-                               f"{type(e).__name__}: {e}") from e
+        except BaseException as e:
+            self._fail_running(e)
+            if not isinstance(e, Exception):
+                raise
+            raise WSDError(f"a batched step failed; its requests ended with an error: "
+                           f"{type(e).__name__}: {e}") from e
+
+    def _fail_running(self, e: BaseException) -> None:
+        """A failed forward (or a failed put-back of this engine's parked rows) leaves the
+        rows' model state unknown: end them all, and start the caches afresh for the next
+        requests (a new owner has nothing to restore)."""
+        for req in self._scheduler.drafting() + self._scheduler.continuing():
+            self._end(req, "error", e if isinstance(e, Exception) else WSDError(
+                f"the step was interrupted ({type(e).__name__})"))
+        self._owner.release()
+        self._owner = CacheOwner()
 
     def _run_rows(self, drafting: list[Request], continuing: list[Request]) -> None:
         t0 = time.perf_counter()
