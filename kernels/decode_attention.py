@@ -34,6 +34,15 @@ the new key, writes it and the new value into the cache (no other program reads 
 and folds the token into its softmax as one more key. RoPE, the cache write and the
 attention are then one launch.
 
+Rows (`decode_attention_rows`, a batched decode step): B requests, one new token each, each
+in its own slot of a [n_slots, n_kv, max_seq, hd] cache. The same kernel with a third grid
+axis: program (kv head, piece, row b) first moves its base pointers to row b (q, k_new,
+v_new, out, the length = positions[b] + 1, its workspace rows b * n_q + head, its arrival
+counter b * n_kv + kv head) and, after the PDL wait, to the cache slab of slots[b]; from there
+it is the single-sequence append-mode program. Each row picks its own n_act from its own
+length, so a short row next to a long one uses few pieces. Rows have distinct slots, so
+piece 0 of row b writing (slots[b], positions[b]) races with no other program.
+
 PDL (`pdl=True`, sm_90+, see `pdl.py`): the kernel waits for its predecessor (the qkv
 projection that wrote q / k_new / v_new) before its first load and then lets the next kernel
 launch, so the next projection's programs are resident and streaming their weights while
@@ -51,12 +60,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import (LOG2E, check_cache_heads, check_device_scalar, check_dtype_device,
+                      check_ranks, check_rope_tables, check_row_vector, dot, round_to,
+                      rotate_half, softmax_update)
 from ._device import num_sms
 from .pdl import pdl_wait_then_release, prefetch_l2, use_pdl
-from .rms_norm import _round_to
-
-_LOG2E = 1.4426950408889634
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # decode_attention(fused_combine=None) uses this. False until a GPU measurement shows the
 # one-launch variant wins (benchmarks/bench_attention.py: "triton_fused" vs "triton").
@@ -86,28 +94,6 @@ def split_counters(device: torch.device, n_kv: int) -> torch.Tensor:
     if cnt is None:
         cnt = _SPLIT_COUNTERS[key] = torch.zeros(n_kv, dtype=torch.int32, device=device)
     return cnt
-
-
-@triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
-    # fp32 operands: exact fp32 products ("ieee", not tf32) -- the CPU interpreter path and
-    # fp32 models; otherwise bf16/fp16 tensor-core operands with fp32 accumulation.
-    if FP32_DOT:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
-@triton.jit
-def _softmax_update(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
-    """One online-softmax step. s [R, N] scores in log2 units (masked = -inf), v [N, HD]."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))                               # [R]; m_i starts at -1e30
-    alpha = tl.exp2(m_i - m_new)                                        # [R]
-    p = tl.exp2(s - m_new[:, None])                                     # [R, N]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)       # [R, HD]
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -188,6 +174,9 @@ def _decode_attention_kernel(
     stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs, stride_oh, stride_po, stride_pl,
     kn_ptr, vn_ptr, stride_knh, stride_vnh,   # [n_kv, HD] the new token's k, v (APPEND)
     cos_ptr, sin_ptr, stride_tab,             # [max_seq, HD] fp32 RoPE tables (ROPE)
+    # ROWS: row b = program_id(2) of a batch; its q / k_new / v_new / out at b * stride_*b,
+    # its cache slab at slot[b] * stride_kcb / stride_vcb, its length at len_ptr + b
+    slot_ptr, n_slots, stride_qb, stride_ob, stride_knb, stride_vnb, stride_kcb, stride_vcb,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, LEN_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
     FUSED: tl.constexpr = False, G_PAD: tl.constexpr = 1, S_PAD: tl.constexpr = 1,
@@ -195,17 +184,41 @@ def _decode_attention_kernel(
     APPEND: tl.constexpr = False, ROPE: tl.constexpr = False, MIN_PIECE: tl.constexpr = 0,
     PDL: tl.constexpr = False, LEN_OFFSET: tl.constexpr = 0,
     PREFETCH_TILES: tl.constexpr = 0, LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64,
+    ROWS: tl.constexpr = False,
 ):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
-    kc_base = kc_ptr + kvh * stride_kch
-    vc_base = vc_ptr + kvh * stride_vch
+    if ROWS:   # move every per-row base pointer to row b; the rest of the kernel is unchanged
+        row = tl.program_id(2).to(tl.int64)
+        n_kv = tl.num_programs(0)
+        q_ptr += row * stride_qb
+        out_ptr += row * stride_ob
+        kn_ptr += row * stride_knb
+        vn_ptr += row * stride_vnb
+        len_ptr += row
+        # workspace rows b * n_q + head (as `combine_splits` reads an [B, n_q, hd] output)
+        o_part_ptr += row * (GROUP * n_kv * HEAD_DIM)
+        lse_part_ptr += row * (GROUP * n_kv)
+        cnt_ptr += row * n_kv                 # one arrival counter per (row, kv head)
     if PREFETCH_TILES > 0:   # PDL only: an L2 hint for this piece's first blocks, pre-wait
+        kc_pre = kc_ptr
+        vc_pre = vc_ptr
+        if ROWS:   # the slot as read before the wait, clamped into the cache: a hint only
+            slot_pre = tl.minimum(tl.maximum(tl.load(slot_ptr + row).to(tl.int64), 0),
+                                  n_slots - 1)
+            kc_pre += slot_pre * stride_kcb
+            vc_pre += slot_pre * stride_vcb
         _, _, _, lo0, hi0 = _piece_range(len_ptr, len_val, max_seq, split, LEN_FROM_PTR,
                                          LEN_OFFSET, APPEND, MIN_PIECE, NUM_SPLITS, BLOCK_N)
-        _prefetch_piece(kc_base, vc_base, stride_kcs, stride_vcs, lo0, hi0, PREFETCH_TILES,
-                        BLOCK_N, LINES, LINE_ELEMS)
+        _prefetch_piece(kc_pre + kvh * stride_kch, vc_pre + kvh * stride_vch, stride_kcs,
+                        stride_vcs, lo0, hi0, PREFETCH_TILES, BLOCK_N, LINES, LINE_ELEMS)
     pdl_wait_then_release(PDL)   # q, k_new, v_new (and the length) come from earlier kernels
+    if ROWS:   # int64: slot * stride_kcb passes 2^31 elements in a large cache
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        kc_ptr += slot * stride_kcb
+        vc_ptr += slot * stride_vcb
+    kc_base = kc_ptr + kvh * stride_kch
+    vc_base = vc_ptr + kvh * stride_vch
     seq_len, n_cached, n_act, lo, hi = _piece_range(
         len_ptr, len_val, max_seq, split, LEN_FROM_PTR, LEN_OFFSET, APPEND, MIN_PIECE,
         NUM_SPLITS, BLOCK_N)
@@ -225,7 +238,7 @@ def _decode_attention_kernel(
         sign = tl.where(offs_d < HEAD_DIM // 2, -1.0, 1.0)
         q_r = tl.load(q_ptrs + offs_r[None, :], mask=h_ok[:, None] & live,
                       other=0.0).to(tl.float32)
-        q = _round_to(q.to(tl.float32) * c[None, :] + sign[None, :] * q_r * sn[None, :],
+        q = round_to(q.to(tl.float32) * c[None, :] + sign[None, :] * q_r * sn[None, :],
                       q_ptr.dtype.element_ty)
     if FP32_DOT:
         q = q.to(tl.float32)                                            # [H, HD]
@@ -243,9 +256,9 @@ def _decode_attention_kernel(
         if FP32_DOT:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, kt, FP32_DOT) * qk_scale                            # [H, N]
+        s = dot(q, kt, FP32_DOT) * qk_scale                            # [H, N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
 
     if APPEND:
         if split == 0:   # the new token: into the cache, and into this piece's softmax
@@ -254,7 +267,7 @@ def _decode_attention_kernel(
             vn = tl.load(vn_ptr + kvh * stride_vnh + offs_d)
             if ROPE:
                 kn_r = tl.load(kn_ptr + kvh * stride_knh + offs_r).to(tl.float32)
-                kn = _round_to(kn.to(tl.float32) * c + sign * kn_r * sn, kn_ptr.dtype.element_ty)
+                kn = round_to(kn.to(tl.float32) * c + sign * kn_r * sn, kn_ptr.dtype.element_ty)
             tl.store(kc_base + pos * stride_kcs + offs_d, kn)
             tl.store(vc_base + pos * stride_vcs + offs_d, vn)
             s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # [H]
@@ -394,46 +407,126 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
     rope = cos is not None or sin is not None
     if append or rope:
         _validate_append(q, k_cache, k_new, v_new, cos, sin, rope)
-    if fused_combine is None:
-        fused_combine = FUSED_COMBINE_DEFAULT
     if out is None:
         out = torch.empty((n_q, hd), dtype=q.dtype, device=q.device)   # [n_q, hd]
-    group = n_q // n_kv
     len_is_tensor = isinstance(seq_len, torch.Tensor)
-    on_gpu = q.device.type == "cuda"
-    if block_n is None:
-        block_n = 64
+    block_n = 64 if block_n is None else block_n
     if num_splits is None:
         max_len = max_seq if len_is_tensor else max(1, int(seq_len))
         num_splits = default_num_splits(n_kv, max_len, block_n, q.device)
+    _launch("decode_attention", q, k_cache, v_cache, out, 1,
+            seq_len if len_is_tensor else None, 0 if len_is_tensor else int(seq_len),
+            seq_len_offset, k_new if append else None, v_new if append else None,
+            cos if rope else None, sin if rope else None, None,
+            num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+            num_stages=num_stages, fused_combine=fused_combine, min_piece=min_piece,
+            pdl=pdl, prefetch_tiles=prefetch_tiles)
+    return out
+
+
+def decode_attention_rows(q, k_cache, v_cache, slots, positions, k_new, v_new, cos, sin,
+                          out=None, *, max_len: int | None = None, pdl: bool | None = None,
+                          num_splits=None, block_n=None, num_warps=None, num_stages=None,
+                          fused_combine: bool | None = None, min_piece: int | None = None,
+                          prefetch_tiles: int | None = None):
+    """Batched decode step: one new token per row, each row in its own cache slot.
+
+    q [B, n_q, hd] and k_new / v_new [B, n_kv, hd] unrotated (any strides with
+    stride(-1) == 1, e.g. views of a fused qkv projection); k_cache / v_cache
+    [n_slots, n_kv, max_seq, hd] (model dtype, stride(-1) == 1); slots [B] int32/int64 on
+    q's device: row b's cache slot (distinct per row: row b writes its slot); positions [B]
+    int32/int64 on q's device: the position of row b's new token; cos / sin [>= max_seq, hd]
+    fp32 RoPE tables (rotate-half layout). Per row: RoPE q and k_new at positions[b], write
+    the rotated k and v at (slots[b], positions[b]), attend over slot positions
+    [0, positions[b]] -- one launch (plus the combine kernel when fused_combine=False).
+    slots / positions are read only in the kernel (no host sync, CUDA-graph capturable; a
+    position >= max_seq is clamped to max_seq - 1, a slot is not range-checked).
+    max_len: a host bound on positions[b] + 1 over the rows (only sizes the default piece
+    count; None = max_seq). The other keywords are `decode_attention`'s; the fused combine
+    uses one counter per (row, kv head): `split_counters(device, B * n_kv)`, so make one call
+    per batch size before a CUDA-graph capture. pdl: None = PDL_DEFAULT.
+    Returns out [B, n_q, hd] in q's dtype (written into `out` when given).
+    """
+    fn = "decode_attention_rows"
+    check_ranks(fn, (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
+                     ("k_new", k_new, 3), ("v_new", v_new, 3), ("cos", cos, 2), ("sin", sin, 2)))
+    B, n_q, hd = q.shape
+    n_kv, max_seq = check_cache_heads(fn, n_q, hd, k_cache, v_cache)
+    n_slots = k_cache.shape[0]
+    check_dtype_device(fn, q, {"k_cache": k_cache, "v_cache": v_cache, "k_new": k_new,
+                               "v_new": v_new}, {"cos": cos, "sin": sin})
+    if not 1 <= B <= min(n_slots, 65535):   # 65535: the grid's third axis
+        raise ValueError(f"{fn}: {B} rows for {n_slots} cache slots (need 1 <= B <= "
+                         f"min(n_slots, 65535))")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.shape != (B, n_kv, hd):
+            raise ValueError(f"{fn}: {name} {tuple(t.shape)} must be [B, n_kv, hd] = "
+                             f"{(B, n_kv, hd)}")
+    check_rope_tables(fn, cos, sin, max_seq, hd, q.device)
+    check_row_vector(fn, "slots", slots, B, q.device)
+    check_row_vector(fn, "positions", positions, B, q.device)
+    if out is None:
+        out = torch.empty((B, n_q, hd), dtype=q.dtype, device=q.device)   # [B, n_q, hd]
+    elif (out.shape != (B, n_q, hd) or out.dtype != q.dtype or out.device != q.device
+          or out.stride(-1) != 1):
+        raise ValueError(f"{fn}: out must be {(B, n_q, hd)} {q.dtype} on {q.device} with unit "
+                         f"last-dim stride, got {tuple(out.shape)} {out.dtype}")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                or max_len < 1):
+        raise ValueError(f"{fn}: max_len must be an int >= 1 or None, got {max_len!r}")
+    block_n = 64 if block_n is None else block_n
+    if num_splits is None:   # B * n_kv programs per piece share the SMs
+        num_splits = default_num_splits(B * n_kv, min(max_len or max_seq, max_seq), block_n,
+                                        q.device)
+    _launch(fn, q, k_cache, v_cache, out, B, positions, 0, 1, k_new, v_new, cos, sin, slots,
+            num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+            num_stages=num_stages, fused_combine=fused_combine, min_piece=min_piece,
+            pdl=pdl, prefetch_tiles=prefetch_tiles)
+    return out
+
+
+def _launch(fn, q, k_cache, v_cache, out, n_rows, len_t, len_val, len_offset, k_new, v_new,
+            cos, sin, slots, *, num_splits, block_n, num_warps, num_stages, fused_combine,
+            min_piece, pdl, prefetch_tiles):
+    """Launch `_decode_attention_kernel` on validated inputs: one sequence (slots None; q
+    [n_q, hd], cache [n_kv, S, hd]) or n_rows rows (q [B, n_q, hd], cache [n_slots, n_kv, S,
+    hd], len_t = the positions tensor). len_t: the length tensor (None: len_val is it)."""
+    rows = slots is not None
+    n_q, hd = q.shape[-2], q.shape[-1]
+    n_kv, max_seq = k_cache.shape[-3], k_cache.shape[-2]
+    group = n_q // n_kv
+    on_gpu = q.device.type == "cuda"
+    if fused_combine is None:
+        fused_combine = FUSED_COMBINE_DEFAULT
     if num_splits < 1:
-        raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
+        raise ValueError(f"{fn}: num_splits must be >= 1, got {num_splits}")
     if min_piece is None:
         min_piece = MIN_PIECE_DEFAULT
     if isinstance(min_piece, bool) or not isinstance(min_piece, int) or min_piece < 0:
-        raise ValueError(f"decode_attention: min_piece must be an int >= 0 (0 = every piece), "
+        raise ValueError(f"{fn}: min_piece must be an int >= 0 (0 = every piece), "
                          f"got {min_piece!r}")
     pdl = use_pdl(pdl, q.device)
     if prefetch_tiles is None:
         prefetch_tiles = 2
     if isinstance(prefetch_tiles, bool) or not isinstance(prefetch_tiles, int) \
             or prefetch_tiles < 0:
-        raise ValueError(f"decode_attention: prefetch_tiles must be an int >= 0, got "
-                         f"{prefetch_tiles!r}")
+        raise ValueError(f"{fn}: prefetch_tiles must be an int >= 0, got {prefetch_tiles!r}")
     line_elems = 128 // q.element_size()                  # elements per 128-byte line
     if num_warps is None:
         num_warps = 4
     if num_stages is None:   # sm_90 compile, bf16, hd=128, 64 keys: 70 KB smem, 89 regs
         num_stages = 3 if q.dtype != torch.float32 else 2
     fused = bool(fused_combine) and num_splits > 1
-    if num_splits > 1:
-        o_part = torch.empty((num_splits, n_q, hd), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((num_splits, n_q), dtype=torch.float32, device=q.device)
+    if num_splits > 1:   # rows b * n_q + head: what combine_splits reads for [B, n_q, hd]
+        o_part = torch.empty((num_splits, n_rows * n_q, hd), dtype=torch.float32,
+                             device=q.device)
+        lse_part = torch.empty((num_splits, n_rows * n_q), dtype=torch.float32,
+                               device=q.device)
     else:
         o_part = lse_part = out   # unused
     fused_meta = {}
     if fused:
-        cnt = split_counters(q.device, n_kv)
+        cnt = split_counters(q.device, n_rows * n_kv)   # [(row,) kv head]
         g_pad = triton.next_power_of_2(group)
         s_pad = triton.next_power_of_2(num_splits)
         # merge tile [BLOCK_S, G_PAD, hd] fp32: ~8K elements on a GPU (registers of the last
@@ -443,80 +536,43 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                           BLOCK_S=max(1, min(s_pad, budget // (g_pad * hd))))
     else:
         cnt = q   # unused
+    append = k_new is not None
+    rope = cos is not None
     kn, vn = (k_new, v_new) if append else (q, q)                      # unused unless append
     tc, ts = (cos, sin) if rope else (o_part, o_part)                  # unused unless rope
-    _decode_attention_kernel[(n_kv, num_splits)](
+    if rows:
+        row_args = (slots, k_cache.shape[0], q.stride(0), out.stride(0), kn.stride(0),
+                    vn.stride(0), k_cache.stride(0), v_cache.stride(0))
+    else:
+        row_args = (q, 1, 0, 0, 0, 0, 0, 0)                             # unused
+    _decode_attention_kernel[(n_kv, num_splits, n_rows)](
         q, k_cache, v_cache, out, o_part, lse_part,
-        seq_len if len_is_tensor else q, cnt, 0 if len_is_tensor else int(seq_len), max_seq,
-        _LOG2E / math.sqrt(hd),
-        q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), n_q * hd, n_q,
-        kn, vn, kn.stride(0), vn.stride(0), tc, ts, tc.stride(0) if rope else 0,
+        len_t if len_t is not None else q, cnt, len_val, max_seq,
+        LOG2E / math.sqrt(hd),
+        q.stride(-2), k_cache.stride(-3), k_cache.stride(-2), v_cache.stride(-3),
+        v_cache.stride(-2), out.stride(-2), n_rows * n_q * hd, n_rows * n_q,
+        kn, vn, kn.stride(-2), vn.stride(-2), tc, ts, tc.stride(0) if rope else 0,
+        *row_args,
         APPEND=append, ROPE=rope, MIN_PIECE=min_piece if num_splits > 1 else 0,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_is_tensor,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, LEN_FROM_PTR=len_t is not None,
         FP32_DOT=(q.dtype == torch.float32 or not on_gpu),   # interpreter: no bf16 dots
         num_warps=num_warps, num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
-        LEN_OFFSET=seq_len_offset, PREFETCH_TILES=prefetch_tiles if pdl else 0,
-        LINES=triton.cdiv(hd, line_elems), LINE_ELEMS=line_elems, **fused_meta,
+        LEN_OFFSET=len_offset, PREFETCH_TILES=prefetch_tiles if pdl else 0,
+        LINES=triton.cdiv(hd, line_elems), LINE_ELEMS=line_elems, ROWS=rows, **fused_meta,
     )
     if num_splits > 1 and not fused:
         combine_splits(o_part, lse_part, out, n_q)
-    return out
-
-
-def _check_dtype_device(fn, ref, same_dtype: dict, fp32: dict) -> None:
-    if ref.dtype not in _DTYPES:
-        raise ValueError(f"{fn}: dtype {ref.dtype} not supported (use one of {_DTYPES})")
-    for name, t in {**same_dtype, **fp32}.items():
-        if t.device != ref.device:
-            raise ValueError(f"{fn}: {name} is on {t.device}, q on {ref.device}; "
-                             f"move them to one device")
-    for name, t in same_dtype.items():
-        if t.dtype != ref.dtype:
-            raise ValueError(f"{fn}: {name} is {t.dtype}, q is {ref.dtype}; "
-                             f"all activations and the cache must share the model dtype")
-
-
-def _check_ranks(fn: str, tensors) -> None:
-    """(name, tensor, ndim) triples: right rank and a unit last-dim stride, else ValueError."""
-    for name, t, nd in tensors:
-        if not isinstance(t, torch.Tensor) or t.dim() != nd:
-            raise ValueError(f"{fn}: {name} must be a {nd}-D tensor, got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{fn}: {name} needs a unit last-dim stride "
-                             f"(got strides {t.stride()}); call .contiguous()")
-
-
-def _check_cache_heads(fn: str, n_q: int, hd: int, k_cache, v_cache) -> tuple[int, int]:
-    """The cache layout and head shapes both attention kernels need; returns (n_kv, max_seq)."""
-    n_kv, max_seq = k_cache.shape[0], k_cache.shape[1]
-    if v_cache.shape != k_cache.shape or k_cache.shape[2] != hd:
-        raise ValueError(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache "
-                         f"{tuple(v_cache.shape)} must both be [n_kv, max_seq, hd={hd}]")
-    if n_q % n_kv != 0:
-        raise ValueError(f"{fn}: n_q={n_q} is not a multiple of n_kv={n_kv}")
-    if hd < 16 or hd & (hd - 1):
-        raise ValueError(f"{fn}: head_dim={hd} must be a power of two >= 16")
-    return n_kv, max_seq
-
-
-def _check_device_scalar(fn: str, name: str, t: torch.Tensor, device) -> None:
-    """A position / length given as a tensor: one int32/int64 element on `device`."""
-    if t.numel() != 1 or t.dtype not in (torch.int32, torch.int64) or t.device != device:
-        raise ValueError(f"{fn}: a tensor {name} must be one int32/int64 element on {device}, "
-                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
 def _validate(q, k_cache, v_cache, seq_len, out):
-    _check_ranks("decode_attention", (("q", q, 2), ("k_cache", k_cache, 3),
+    check_ranks("decode_attention", (("q", q, 2), ("k_cache", k_cache, 3),
                                       ("v_cache", v_cache, 3)))
     n_q, hd = q.shape
-    n_kv, max_seq = _check_cache_heads("decode_attention", n_q, hd, k_cache, v_cache)
-    _check_dtype_device("decode_attention", q, {"k_cache": k_cache, "v_cache": v_cache}, {})
+    n_kv, max_seq = check_cache_heads("decode_attention", n_q, hd, k_cache, v_cache)
+    check_dtype_device("decode_attention", q, {"k_cache": k_cache, "v_cache": v_cache}, {})
     if isinstance(seq_len, torch.Tensor):
-        _check_device_scalar("decode_attention", "seq_len", seq_len, q.device)
+        check_device_scalar("decode_attention", "seq_len", seq_len, q.device)
     elif not 1 <= int(seq_len) <= max_seq:
         raise ValueError(f"decode_attention: seq_len={seq_len} must be in [1, {max_seq}]")
     if out is not None and (out.shape != (n_q, hd) or out.dtype != q.dtype
@@ -558,6 +614,33 @@ def decode_attention_ref(q, k_cache, v_cache, seq_len, out=None):
     o = torch.nn.functional.scaled_dot_product_attention(
         q.float()[:, None, :], keys, vals)                              # [n_q, 1, hd]
     o = o[:, 0].to(q.dtype)                                             # [n_q, hd]
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+def decode_attention_rows_ref(q, k_cache, v_cache, slots, positions, k_new, v_new, cos, sin,
+                              out=None):
+    """Pure torch, all rows at once: fp32 RoPE of q / k_new at positions[b] (cast to the
+    model dtype, as the kernel rounds them), k / v written at (slots[b], positions[b]) in
+    place, then masked SDPA (fp32) of each row over its slot's positions [0, positions[b]].
+    Shapes as `decode_attention_rows`; returns [B, n_q, hd] in q's dtype."""
+    B, n_q, hd = q.shape
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    sl, pos = slots.long(), positions.long()                            # [B]
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]                   # [B, 1, hd] fp32
+    q_rot = (q.float() * c + rotate_half(q.float()) * s).to(q.dtype)    # [B, n_q, hd]
+    k_rot = (k_new.float() * c + rotate_half(k_new.float()) * s).to(k_cache.dtype)
+    k_cache[sl, :, pos] = k_rot                                         # [B, n_kv, hd]
+    v_cache[sl, :, pos] = v_new.to(v_cache.dtype)
+    keys, vals = k_cache[sl].float(), v_cache[sl].float()              # [B, n_kv, S, hd]
+    mask = torch.arange(S, device=q.device)[None, :] <= pos[:, None]    # [B, S]
+    # GQA as a batch dim: the group's query heads are the "sequence" of their kv head
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q_rot.float().view(B, n_kv, n_q // n_kv, hd), keys, vals,
+        attn_mask=mask[:, None, None, :])                               # [B, n_kv, group, hd]
+    o = o.reshape(B, n_q, hd).to(q.dtype)                               # [B, n_q, hd]
     if out is not None:
         out.copy_(o)
         return out

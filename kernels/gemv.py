@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import pdl as _pdl
 from .pdl import pdl_wait_then_release, prefetch_l2, use_pdl
-from .rms_norm import _round_to
+from ._common import round_to
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRE_MODES = {"none": 0, "rmsnorm": 1, "swiglu": 2}
@@ -46,16 +46,16 @@ def _activation(x_ptr, r_ptr, nw_ptr, offs, m, K, rstd, dtype: tl.constexpr,
     if PRE == 2:
         g = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + K + offs, mask=m, other=0.0).to(tl.float32)
-        a = _round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u, dtype).to(tl.float32)
+        a = round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u, dtype).to(tl.float32)
     else:
         a = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if PRE == 1:
             if HAS_RES:
                 r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                a = _round_to(a + r, dtype).to(tl.float32)
+                a = round_to(a + r, dtype).to(tl.float32)
             nw = tl.load(nw_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            a = _round_to(a * rstd, dtype).to(tl.float32)
-            a = _round_to(nw * a, dtype).to(tl.float32)
+            a = round_to(a * rstd, dtype).to(tl.float32)
+            a = round_to(nw * a, dtype).to(tl.float32)
     return a
 
 
@@ -100,7 +100,7 @@ def _gemv_kernel(
             a = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             if HAS_RES:
                 r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                a = _round_to(a + r, dtype).to(tl.float32)              # HF adds in the dtype
+                a = round_to(a + r, dtype).to(tl.float32)              # HF adds in the dtype
                 tl.store(h_ptr + offs, a.to(dtype), mask=m & (pid == 0))
             ss += a * a
         var = tl.math.div_rn(tl.sum(ss, axis=0), K_f)
@@ -122,7 +122,7 @@ def _gemv_kernel(
     y = tl.sum(acc, axis=1)                                             # [BN] fp32
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
-    y = _round_to(y, dtype)
+    y = round_to(y, dtype)
     if LOGITS:
         tl.store(y_ptr + rows, y.to(tl.float32), mask=r_mask)
     else:

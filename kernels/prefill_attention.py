@@ -14,6 +14,15 @@ NUM_SPLITS pieces (flash-decoding); the partial results are merged by the combin
 of `decode_attention.py` (a second launch). The split count never depends on start_pos'
 value, so a device-tensor start_pos lets a CUDA graph replay at new positions.
 
+Rows (`prefill_attention_rows`, a batch step's varlen chunks): B segments of new tokens,
+segment b appended to its own slot of a [n_slots, n_kv, max_seq, hd] cache at its own start.
+The same kernel with the segments folded into the first grid axis (B x the token tiles of
+the longest segment, max_q): a program first moves its base pointers to segment b (its first
+token row cu_seqlens[b], its start, its cache slab) and is then the single-sequence program;
+a tile past its segment's end does nothing. Segments write distinct slots, so the one-launch
+argument above holds per segment. The split workspace is indexed by global token row, so the
+same combine kernel merges it.
+
 Numerics: RoPE in fp32 (HF "rotate_half" layout), the rotated q and k rounded to the model
 dtype (as stored in the cache; HF applies RoPE in the model dtype for bf16 -- our ref does
 the fp32 math then casts, and so does the kernel), softmax and accumulation in fp32.
@@ -26,19 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import (LOG2E, check_cache_heads, check_device_scalar, check_dtype_device,
+                      check_ranks, check_rope_tables, check_row_vector, dot, rope_rotate,
+                      rotate_half, softmax_update)
 from ._device import num_sms
-from .decode_attention import (_check_cache_heads, _check_device_scalar, _check_dtype_device,
-                               _check_ranks, _dot,
-                               _softmax_update, combine_splits)
-
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _rope(x, x_partner, cos, sin, offs_d, HALF: tl.constexpr):
-    """x_rot = x*cos + rotate_half(x)*sin; x_partner[..., d] = x[..., (d + HALF) % HD]."""
-    sign = tl.where(offs_d < HALF, -1.0, 1.0)                          # [HD]
-    return x * cos + x_partner * sign[None, :] * sin
+from .decode_attention import combine_splits
 
 
 @triton.jit(do_not_specialize=["pos_val"])
@@ -49,18 +50,38 @@ def _prefill_attention_kernel(
     stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh,
     stride_kch, stride_kcs, stride_vch, stride_vcs, stride_cos,
     stride_ol, stride_oh, stride_po, stride_pl,
+    # ROWS: segment b = program_id(0) // tiles_per_row; tokens cu[b]..cu[b+1]-1 of q/k/v/out,
+    # positions pos_ptr[b].., cache slab slot_ptr[b] (stride_kcb / stride_vcb apart)
+    cu_ptr, slot_ptr, tiles_per_row, stride_kcb, stride_vcb,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, POS_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
+    ROWS: tl.constexpr = False,
 ):
-    pid_t = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     HALF: tl.constexpr = HEAD_DIM // 2
-    if POS_FROM_PTR:
-        start = tl.load(pos_ptr).to(tl.int32)
+    if ROWS:   # move every base pointer to segment b; below, it is a single-sequence program
+        seg = tl.program_id(0) // tiles_per_row
+        pid_t = tl.program_id(0) % tiles_per_row
+        base = tl.load(cu_ptr + seg).to(tl.int64)                      # its first token row
+        n_tokens = (tl.load(cu_ptr + seg + 1) - base).to(tl.int32)
+        start = tl.load(pos_ptr + seg).to(tl.int32)
+        slot = tl.load(slot_ptr + seg).to(tl.int64)   # int64: slot * stride_kcb may pass 2^31
+        q_ptr += base * stride_ql
+        k_ptr += base * stride_kl
+        v_ptr += base * stride_vl
+        out_ptr += base * stride_ol
+        o_part_ptr += base * n_q_heads * HEAD_DIM     # workspace row (token * n_q + head)
+        lse_part_ptr += base * n_q_heads
+        kc_ptr += slot * stride_kcb
+        vc_ptr += slot * stride_vcb
     else:
-        start = pos_val
+        pid_t = tl.program_id(0)
+        if POS_FROM_PTR:
+            start = tl.load(pos_ptr).to(tl.int32)
+        else:
+            start = pos_val
     model_dtype = kc_ptr.dtype.element_ty
 
     offs_d = tl.arange(0, HEAD_DIM)                                     # [HD]
@@ -80,7 +101,7 @@ def _prefill_attention_kernel(
     cs_off = q_pos[:, None] * stride_cos + offs_d[None, :]               # [R, HD]
     cos_q = tl.load(cos_ptr + cs_off, mask=row_ok[:, None], other=0.0)
     sin_q = tl.load(sin_ptr + cs_off, mask=row_ok[:, None], other=0.0)
-    q = _rope(q, q2, cos_q, sin_q, offs_d, HALF).to(model_dtype)         # [R, HD] as HF/cache
+    q = rope_rotate(q, q2, cos_q, sin_q, offs_d, HALF).to(model_dtype)   # [R, HD] as HF/cache
     if FP32_DOT:
         q = q.to(tl.float32)
 
@@ -95,7 +116,7 @@ def _prefill_attention_kernel(
         ct_off = t_pos[:, None] * stride_cos + offs_d[None, :]
         cos_t = tl.load(cos_ptr + ct_off, mask=t_ok, other=0.0)
         sin_t = tl.load(sin_ptr + ct_off, mask=t_ok, other=0.0)
-        k_rot = _rope(kx, k2, cos_t, sin_t, offs_d, HALF)                # [T, HD]
+        k_rot = rope_rotate(kx, k2, cos_t, sin_t, offs_d, HALF)          # [T, HD]
         tl.store(kc_ptr + kvh * stride_kch + t_pos[:, None] * stride_kcs + offs_d[None, :],
                  k_rot.to(model_dtype), mask=t_ok)
         vx = tl.load(v_ptr + offs_t[:, None] * stride_vl + kvh * stride_vh + offs_d[None, :],
@@ -106,6 +127,8 @@ def _prefill_attention_kernel(
     # ---- key range of this program: [lo, hi) in absolute positions ----------------------
     t_end = tl.minimum(n_tokens, (pid_t + 1) * BLOCK_T)                 # causal bound of the tile
     kv_end = tl.minimum(start + t_end, pos_limit)
+    if ROWS:   # a tile past its segment's end (the grid is sized for the longest): no keys
+        kv_end = tl.where(pid_t * BLOCK_T < n_tokens, kv_end, 0)
     if NUM_SPLITS == 1:
         lo = 0
         hi = kv_end
@@ -133,9 +156,9 @@ def _prefill_attention_kernel(
         if FP32_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
+        s = dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
 
     # new tokens [max(lo, start), hi): raw k/v inputs, k rotated here, causal mask
     j_lo = tl.maximum(lo, start) - start
@@ -153,16 +176,16 @@ def _prefill_attention_kernel(
         cj_off = (start + offs_j)[:, None] * stride_cos + offs_d[None, :]
         cos_j = tl.load(cos_ptr + cj_off, mask=j_ok[:, None], other=0.0)
         sin_j = tl.load(sin_ptr + cj_off, mask=j_ok[:, None], other=0.0)
-        k = _rope(kx, k2, cos_j, sin_j, offs_d, HALF).to(model_dtype)    # [N, HD] as cached
+        k = rope_rotate(kx, k2, cos_j, sin_j, offs_d, HALF).to(model_dtype)  # [N, HD] as cached
         v = tl.load(v_ptr + offs_j[:, None] * stride_vl + kvh * stride_vh + offs_d[None, :],
                     mask=j_ok[:, None], other=0.0).to(model_dtype)      # [N, HD]
         if FP32_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
+        s = dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
         visible = j_ok[None, :] & (offs_j[None, :] <= tok[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
 
     # ---- epilogue ---------------------------------------------------------------------
     if NUM_SPLITS == 1:
@@ -234,6 +257,80 @@ def prefill_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None, 
     L, n_q, hd, n_kv, max_seq = _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [L, n_q, hd]
+    pos_is_tensor = isinstance(start_pos, torch.Tensor)
+    key_bound = max_seq if pos_is_tensor else start_pos + L
+    _launch("prefill_attention", q, k, v, k_cache, v_cache, cos, sin, out, L, 1,
+            start_pos if pos_is_tensor else None, 0 if pos_is_tensor else int(start_pos),
+            None, None, key_bound, num_splits=num_splits, block_r=block_r, block_n=block_n,
+            num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def prefill_attention_rows(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, seg_slots,
+                           seg_starts, max_q: int, out=None, *, num_splits=None, block_r=None,
+                           block_n=None, num_warps=None, num_stages=None):
+    """Varlen prefill / chunk scoring: B segments of new tokens, each appended to its own slot.
+
+    q [T, n_q, hd], k / v [T, n_kv, hd] unrotated (any strides with stride(-1) == 1, e.g.
+    views of a fused qkv projection); segment b is token rows cu_seqlens[b]..cu_seqlens[b+1]-1
+    (cu_seqlens [B+1] int32/int64 on q's device, cu_seqlens[0] = 0, cu_seqlens[B] = T,
+    non-decreasing), at positions seg_starts[b] + i (seg_starts [B] int32/int64) of cache
+    slot seg_slots[b] (seg_slots [B] int32/int64; distinct per segment: segment b writes its
+    slot); k_cache / v_cache [n_slots, n_kv, max_seq, hd] (model dtype, stride(-1) == 1, slot
+    positions [0, seg_starts[b]) filled); cos / sin [>= max_seq, hd] fp32 RoPE tables.
+    Per token: RoPE q and k, k / v written into the cache, causal attention over its slot's
+    positions [0, its position]. max_q: a host bound on the longest segment (sizes the grid:
+    B * cdiv(max_q, BLOCK_T) token tiles x n_kv; longer segments lose their tail tokens).
+    Device values are read only by the kernel (no host sync, CUDA-graph capturable; positions
+    past the cache / tables are skipped, not checked). Segments of length 0 are allowed.
+    The keywords are `prefill_attention`'s. Returns out [T, n_q, hd] in q's dtype.
+    """
+    fn = "prefill_attention_rows"
+    check_ranks(fn, (("q", q, 3), ("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4),
+                     ("v_cache", v_cache, 4), ("cos", cos, 2), ("sin", sin, 2)))
+    T, n_q, hd = q.shape
+    n_kv, max_seq = check_cache_heads(fn, n_q, hd, k_cache, v_cache)
+    if T < 1:
+        raise ValueError(f"{fn}: q has no tokens (T == 0)")
+    if k.shape != (T, n_kv, hd) or v.shape != (T, n_kv, hd):
+        raise ValueError(f"{fn}: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+                         f"[T, n_kv, hd] = {(T, n_kv, hd)}")
+    check_dtype_device(fn, q, {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache},
+                       {"cos": cos, "sin": sin})
+    check_rope_tables(fn, cos, sin, 1, hd, q.device)   # rows past the table are skipped
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(f"{fn}: cu_seqlens must be a [B+1] int tensor on {q.device}")
+    B = cu_seqlens.shape[0] - 1
+    if B < 1:
+        raise ValueError(f"{fn}: cu_seqlens {tuple(cu_seqlens.shape)} holds no segment")
+    check_row_vector(fn, "cu_seqlens", cu_seqlens, B + 1, q.device)
+    check_row_vector(fn, "seg_slots", seg_slots, B, q.device)
+    check_row_vector(fn, "seg_starts", seg_starts, B, q.device)
+    if B > k_cache.shape[0]:
+        raise ValueError(f"{fn}: {B} segments for {k_cache.shape[0]} cache slots")
+    if isinstance(max_q, bool) or not isinstance(max_q, int) or not 1 <= max_q <= T:
+        raise ValueError(f"{fn}: max_q must be an int in [1, T={T}], got {max_q!r}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [T, n_q, hd]
+    elif (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+          or out.stride(-1) != 1):
+        raise ValueError(f"{fn}: out must be {tuple(q.shape)} {q.dtype} on {q.device} with "
+                         f"unit last-dim stride, got {tuple(out.shape)} {out.dtype}")
+    _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, max_q, B, seg_starts, 0,
+            cu_seqlens, seg_slots, max_seq, num_splits=num_splits, block_r=block_r,
+            block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, L, n_seg, pos_t, pos_val,
+            cu_seqlens, seg_slots, key_bound, *, num_splits, block_r, block_n, num_warps,
+            num_stages):
+    """Launch `_prefill_attention_kernel` on validated inputs: one sequence of L tokens
+    (cu_seqlens None; cache [n_kv, S, hd]) or n_seg segments of <= L tokens (cache
+    [n_slots, n_kv, S, hd]). pos_t: the start position tensor(s) (None: pos_val is it)."""
+    rows = cu_seqlens is not None
+    T, n_q, hd = q.shape
+    n_kv, max_seq = k_cache.shape[-3], k_cache.shape[-2]
     group = n_q // n_kv
     g_pad = triton.next_power_of_2(group)
     cfg = prefill_config(L, group, hd, q.dtype, q.device)
@@ -243,48 +340,48 @@ def prefill_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None, 
     num_stages = num_stages or cfg["num_stages"]
     if block_r < max(16, g_pad) or block_r & (block_r - 1) or block_n < 16 \
             or block_n & (block_n - 1):
-        raise ValueError(f"prefill_attention: block_r={block_r} / block_n={block_n} must be powers "
+        raise ValueError(f"{fn}: block_r={block_r} / block_n={block_n} must be powers "
                          f"of two >= 16 (block_r >= the padded GQA group {g_pad})")
     block_t = block_r // g_pad
-    n_tiles = triton.cdiv(L, block_t)
-    pos_is_tensor = isinstance(start_pos, torch.Tensor)
+    n_tiles = triton.cdiv(L, block_t)                   # token tiles per sequence / segment
     pos_limit = min(max_seq, cos.shape[0])
     if num_splits is None:
-        key_bound = max_seq if pos_is_tensor else start_pos + L
-        num_splits = _choose_splits(n_tiles * n_kv, key_bound, block_n, q.device)
+        num_splits = _choose_splits(n_seg * n_tiles * n_kv, key_bound, block_n, q.device)
     if num_splits < 1:
-        raise ValueError(f"prefill_attention: num_splits must be >= 1, got {num_splits}")
-    if num_splits > 1:
-        o_part = torch.empty((num_splits, L * n_q, hd), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((num_splits, L * n_q), dtype=torch.float32, device=q.device)
+        raise ValueError(f"{fn}: num_splits must be >= 1, got {num_splits}")
+    if num_splits > 1:   # rows token * n_q + head of all T tokens: what combine_splits reads
+        o_part = torch.empty((num_splits, T * n_q, hd), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, T * n_q), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out   # unused
-    pos_ptr = start_pos if pos_is_tensor else cos
-    pos_val = 0 if pos_is_tensor else int(start_pos)
-    qk_scale = _LOG2E / math.sqrt(hd)
-    _prefill_attention_kernel[(n_tiles, n_kv, num_splits)](
-        q, k, v, k_cache, v_cache, cos, sin, out, o_part, lse_part, pos_ptr,
-        pos_val, L, pos_limit, n_q, qk_scale,
+    if rows:
+        row_args = (cu_seqlens, seg_slots, n_tiles, k_cache.stride(0), v_cache.stride(0))
+    else:
+        row_args = (cos, cos, 1, 0, 0)                                  # unused
+    _prefill_attention_kernel[(n_seg * n_tiles, n_kv, num_splits)](
+        q, k, v, k_cache, v_cache, cos, sin, out, o_part, lse_part,
+        pos_t if pos_t is not None else cos,
+        pos_val, L, pos_limit, n_q, LOG2E / math.sqrt(hd),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), cos.stride(0),
-        out.stride(0), out.stride(1), L * n_q * hd, L * n_q,
+        k_cache.stride(-3), k_cache.stride(-2), v_cache.stride(-3), v_cache.stride(-2),
+        cos.stride(0), out.stride(0), out.stride(1), T * n_q * hd, T * n_q,
+        *row_args,
         GROUP=group, G_PAD=g_pad, HEAD_DIM=hd, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, POS_FROM_PTR=pos_is_tensor,
+        NUM_SPLITS=num_splits, POS_FROM_PTR=pos_t is not None,
         # CPU tensors run only under the interpreter, whose bf16 dots are wrong: fp32 there.
         FP32_DOT=(q.dtype == torch.float32 or q.device.type != "cuda"),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, ROWS=rows,
     )
     if num_splits > 1:
         combine_splits(o_part, lse_part, out, n_q)
-    return out
 
 
 def _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out):
-    _check_ranks("prefill_attention", (("q", q, 3), ("k", k, 3), ("v", v, 3),
+    check_ranks("prefill_attention", (("q", q, 3), ("k", k, 3), ("v", v, 3),
                                        ("k_cache", k_cache, 3), ("v_cache", v_cache, 3),
                                        ("cos", cos, 2), ("sin", sin, 2)))
     L, n_q, hd = q.shape
-    n_kv, max_seq = _check_cache_heads("prefill_attention", n_q, hd, k_cache, v_cache)
+    n_kv, max_seq = check_cache_heads("prefill_attention", n_q, hd, k_cache, v_cache)
     if L < 1:
         raise ValueError("prefill_attention: q has no tokens (L == 0)")
     if k.shape != (L, n_kv, hd) or v.shape != (L, n_kv, hd):
@@ -295,11 +392,11 @@ def _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out):
             or sin.dtype != torch.float32:
         raise ValueError(f"prefill_attention: cos {tuple(cos.shape)} {cos.dtype} and sin "
                          f"{tuple(sin.shape)} {sin.dtype} must be fp32 [max_seq, hd={hd}]")
-    _check_dtype_device("prefill_attention", q, {"k": k, "v": v, "k_cache": k_cache,
+    check_dtype_device("prefill_attention", q, {"k": k, "v": v, "k_cache": k_cache,
                                                  "v_cache": v_cache}, {"cos": cos, "sin": sin})
     limit = min(max_seq, cos.shape[0])
     if isinstance(start_pos, torch.Tensor):
-        _check_device_scalar("prefill_attention", "start_pos", start_pos, q.device)
+        check_device_scalar("prefill_attention", "start_pos", start_pos, q.device)
     else:
         start_pos = int(start_pos)
         if start_pos < 0 or start_pos + L > limit:
@@ -312,10 +409,6 @@ def _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out):
     return L, n_q, hd, n_kv, max_seq
 
 
-def _rotate_half(x):
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
-
-
 def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None):
     """Pure torch: fp32 RoPE (cast to the model dtype), cache write, SDPA with a bool mask."""
     L, n_q, hd = q.shape
@@ -324,8 +417,8 @@ def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=No
     end = start + L
     c = cos[start:end, None, :]                                         # [L, 1, hd]
     s = sin[start:end, None, :]
-    q_rot = (q.float() * c + _rotate_half(q.float()) * s).to(q.dtype)   # [L, n_q, hd]
-    k_rot = (k.float() * c + _rotate_half(k.float()) * s).to(k_cache.dtype)
+    q_rot = (q.float() * c + rotate_half(q.float()) * s).to(q.dtype)   # [L, n_q, hd]
+    k_rot = (k.float() * c + rotate_half(k.float()) * s).to(k_cache.dtype)
     k_cache[:, start:end] = k_rot.transpose(0, 1)                       # [n_kv, L, hd]
     v_cache[:, start:end] = v.to(v_cache.dtype).transpose(0, 1)
     keys = k_cache[:, :end].float().repeat_interleave(n_q // n_kv, dim=0)    # [n_q, end, hd]
@@ -335,6 +428,38 @@ def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=No
     o = torch.nn.functional.scaled_dot_product_attention(
         q_rot.float().transpose(0, 1), keys, vals, attn_mask=mask)      # [n_q, L, hd]
     o = o.transpose(0, 1).to(q.dtype)                                   # [L, n_q, hd]
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+def prefill_attention_rows_ref(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, seg_slots,
+                               seg_starts, max_q: int | None = None, out=None):
+    """Pure torch, all tokens at once: token t of segment b sits at position
+    seg_starts[b] + (t - cu_seqlens[b]) of slot seg_slots[b]. fp32 RoPE (cast to the model
+    dtype), every k / v written into the cache in place, then SDPA (fp32) of each token over
+    its slot's positions [0, its position] (a [T, max_seq] bool mask). max_q is unused (the
+    kernel's grid bound). Shapes as `prefill_attention_rows`; returns [T, n_q, hd]."""
+    T, n_q, hd = q.shape
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]                                             # [B]
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens)   # [T]
+    pos = seg_starts.long()[seg] + torch.arange(T, device=q.device) - cu[:-1][seg]  # [T]
+    slot = seg_slots.long()[seg]                                        # [T]
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]                   # [T, 1, hd]
+    q_rot = (q.float() * c + rotate_half(q.float()) * s).to(q.dtype)    # [T, n_q, hd]
+    k_rot = (k.float() * c + rotate_half(k.float()) * s).to(k_cache.dtype)
+    k_cache[slot, :, pos] = k_rot                                       # [T, n_kv, hd]
+    v_cache[slot, :, pos] = v.to(v_cache.dtype)
+    keys, vals = k_cache[slot].float(), v_cache[slot].float()          # [T, n_kv, S, hd]
+    mask = torch.arange(S, device=q.device)[None, :] <= pos[:, None]    # [T, S]
+    # GQA as a batch dim: the group's query heads are the "sequence" of their kv head
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q_rot.float().view(T, n_kv, n_q // n_kv, hd), keys, vals,
+        attn_mask=mask[:, None, None, :])                               # [T, n_kv, group, hd]
+    o = o.reshape(T, n_q, hd).to(q.dtype)                               # [T, n_q, hd]
     if out is not None:
         out.copy_(o)
         return out

@@ -6,7 +6,7 @@ HF (`LlamaRMSNorm` and the decoder layer) computes, in this order:
     y   = h.float() * rsqrt(mean(h.float()**2) + eps)
     out = weight * y.to(input_dtype)          # product in the input dtype (one rounding)
 
-The kernel does the same roundings. For bf16 it rounds to nearest-even itself (`_rne_bf16`)
+The kernel does the same roundings. For bf16 it rounds to nearest-even itself (`rne_bf16` of `_common`)
 instead of relying on the fp32->bf16 cast, because the Triton CPU interpreter truncates on
 that cast; on a GPU the two are identical for finite values, and the extra integer ops are
 free in this memory-bound kernel. Remaining differences with torch are the order of the
@@ -18,24 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import round_to
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _rne_bf16(x):
-    """fp32 -> fp32 holding the nearest-even bf16 value (exact under any later bf16 cast)."""
-    b = x.to(tl.uint32, bitcast=True)
-    b = b + 0x7FFF + ((b >> 16) & 1)
-    b = (b >> 16) << 16
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """Round fp32 x to `dtype` (returned as `dtype`), round-to-nearest-even."""
-    if dtype == tl.bfloat16:
-        x = _rne_bf16(x)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -55,13 +40,13 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * x_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * r_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        h = _round_to(x + r, dtype)                          # HF adds in the input dtype
+        h = round_to(x + r, dtype)                          # HF adds in the input dtype
         tl.store(h_ptr + row * h_row_stride + offs, h, mask=mask)
         x = h.to(tl.float32)
     var = tl.math.div_rn(tl.sum(x * x, axis=0), D_f)      # IEEE divide, like torch's mean
-    y = _round_to(x * tl.math.rsqrt(var + eps), dtype).to(tl.float32)
+    y = round_to(x * tl.math.rsqrt(var + eps), dtype).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * y_row_stride + offs, _round_to(w * y, dtype), mask=mask)
+    tl.store(y_ptr + row * y_row_stride + offs, round_to(w * y, dtype), mask=mask)
 
 
 def _check_2d(name, t, like=None):

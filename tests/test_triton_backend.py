@@ -230,3 +230,21 @@ def test_set_decode_kernels(ckpt):
     w = WSD(load_model(ckpt, backend="triton"), load_model(ckpt, backend="triton"),
             fused_gemv=True, pdl=True)
     assert all(m.ops.fused_gemv and m.ops.pdl for m in (w.pilot, w.base))
+
+
+def test_batched_wsd_on_the_triton_kernels_equals_torch(tmp_path):
+    """The batched engine on the triton backend (per-row decode / varlen prefill attention,
+    the per-row switch_score kernel with the float64 rule) gives the torch engine's rows."""
+    from wsd_engine import load_model
+    from wsd_engine.synthetic import make_wsd_pair
+    pair = make_wsd_pair(str(tmp_path), sharpen=100.0, damp=0.02, perturb=0.05)
+    prompts = ["Tell me about the quick brown fox.", "Why is the sky blue?", "Hi there"]
+    qs = [WSDParams(draft_max_tokens=12, max_new_tokens=16, chunk=c, window=w, threshold=t)
+          for c, w, t in ((3, 4, 0.8), (5, 3, 0.3), (4, 2, 0.95))]
+    tri = WSD(load_model(pair[0], backend="triton", max_batch_size=2),
+              load_model(pair[1], backend="triton", max_batch_size=2))
+    got = tri.generate(prompts, qs)
+    want = [WSD.from_pretrained(*pair).generate(p, q) for p, q in zip(prompts, qs)]
+    assert [(r.token_ids, r.switch_index) for r in got] == \
+        [(r.token_ids, r.switch_index) for r in want]
+    assert any(r.switched for r in want)

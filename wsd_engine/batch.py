@@ -22,7 +22,6 @@ import torch
 
 from .request import Request, ScoreJob
 from .runner import Model
-from .switch import first_pass_rows
 
 
 def _index(values, device) -> torch.Tensor:
@@ -115,8 +114,8 @@ class BatchRunner:
         at = _index([r.slot * S1 + job.start + j for r, job in jobs for j in range(len(job.ids))],
                     dev)                                                           # [T]
         self.hidden[at + 1] = h                  # hidden[s, start + 1 + j]: after token j
-        logp = self.base.draft_logprobs(self.hidden[at], ids)                     # [T] fp32
-        first = first_pass_rows(logp, counts, *self._rule_rows([r for r, _ in jobs]))
+        logp, first = self.base.score_switch(self.hidden[at], ids, counts,
+                                             *self._rule_rows([r for r, _ in jobs]))
         logp_host, first_host = logp.tolist(), first.tolist()
         out, t0 = [], 0
         for n, f in zip(counts, first_host):
@@ -130,7 +129,8 @@ class BatchRunner:
         dev = self.base.device
         W1 = max(r.switch.window for r in reqs) - 1
         carry = [[0.0] * (W1 - len(c)) + c for c in (r.switch.carried for r in reqs)]
-        return (torch.tensor(carry, dtype=torch.float64).reshape(len(reqs), W1).to(dev),
+        return (torch.tensor(carry, dtype=torch.float64).reshape(len(reqs), W1).to(dev)
+                .contiguous(),
                 _index([r.switch.n_scored for r in reqs], dev),
                 _index([r.switch.window for r in reqs], dev),
                 torch.tensor([r.switch.log_gamma for r in reqs], dtype=torch.float64,

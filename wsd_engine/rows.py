@@ -77,6 +77,12 @@ class RowBatch:
         return max(p + n for p, n in zip(self.host_starts, self.host_counts))
 
     @property
+    def max_len_hint(self) -> int | None:
+        """max_len when known on the host (None in a graph-captured step, whose rows'
+        positions are only on the device)."""
+        return self.max_len if self.host_starts else None
+
+    @property
     def is_decode(self) -> bool:
         """One new token per row."""
         return self.max_q == 1

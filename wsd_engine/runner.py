@@ -19,6 +19,7 @@ from .memory import check_fits
 from .model import TorchOps, forward, forward_rows, rope_tables
 from .rows import RowBatch
 from .sharing import CacheOwner, CacheResidency
+from .switch import first_pass_rows
 from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
 
 BACKENDS = ("torch", "triton")
@@ -107,11 +108,6 @@ class Model:
     def has_graphs(self) -> bool:
         """Whether any CUDA graph is captured on this model."""
         return bool(self._graphs)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """[V, d] the output projection (the WSD scoring kernel applies it itself)."""
-        return self.weights["lm_head"]
 
     @property
     def tokenizer(self):
@@ -284,16 +280,27 @@ class Model:
         self.cache.reset(slot)
 
     @torch.inference_mode()
-    def draft_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """log p of tokens under this model: final hidden states [T, d] (row j predicts
-        ids[j]) -> [T] fp32. The triton backend reads the lm_head once for all rows and
-        never writes the [T, V] logits (the switch_score kernel)."""
+    def score_switch(self, hidden: torch.Tensor, ids: torch.Tensor, counts: list[int],
+                     carry: torch.Tensor, n_prev: torch.Tensor, window: torch.Tensor,
+                     log_gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of draft tokens under this model and the WSD rule for several rows, on the
+        device: final hidden states [T, d] (token j predicts ids[j]; row b owns counts[b]
+        consecutive tokens), the rule's per-row state (see `switch.first_pass_rows`:
+        carry [B, W-1] float64, n_prev, window, log_gamma float64 [B]). Returns (log p [T]
+        fp32, first [B] int64: the index in the row's chunk of the token completing its
+        first passing window, or -1). The triton backend does it in the switch_score
+        kernels (the lm_head read once for all rows, the [T, V] logits never written, the
+        rule in float64 in the kernel); the torch backend with log_softmax and the same
+        float64 rule."""
         if self.backend == "triton":
-            from .kernels.switch_score import switch_score
-            carry = torch.zeros(0, dtype=torch.float32, device=hidden.device)
-            return switch_score(hidden, self.weights["lm_head"], ids, carry, 0, 1, 0.0).logp
+            from .kernels.switch_score import switch_score_rows
+            cu = torch.tensor([0] + list(counts), device=hidden.device).cumsum(0)
+            out = switch_score_rows(hidden, self.weights["lm_head"], ids, cu, carry, n_prev,
+                                    window, log_gamma)
+            return out.logp, out.first
         logits = self.logits(hidden)                                     # [T, V] fp32
-        return torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
+        logp = torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
+        return logp, first_pass_rows(logp, counts, carry, n_prev, window, log_gamma)
 
     # ---- one-token kernel options (triton backend) ------------------------------------
     def set_decode_kernels(self, fused_gemv: bool | None = None, pdl: bool | None = None) -> None:

@@ -31,10 +31,10 @@ class TritonOps(TorchOps):
             raise ConfigError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 set "
                               "before import, for tests on CPU); use backend='torch' on CPU")
         try:
-            from .kernels.decode_attention import decode_attention
+            from .kernels.decode_attention import decode_attention, decode_attention_rows
             from .kernels.gemv import gemv
             from .kernels.pdl import PDL_DEFAULT
-            from .kernels.prefill_attention import prefill_attention
+            from .kernels.prefill_attention import prefill_attention, prefill_attention_rows
             from .kernels.rms_norm import rms_norm
             from .kernels.rope import rope
             from .kernels.swiglu import swiglu
@@ -43,6 +43,8 @@ class TritonOps(TorchOps):
                               "backend='torch'") from e
         super().__init__(cfg)
         self._decode_attention, self._prefill_attention = decode_attention, prefill_attention
+        self._decode_attention_rows = decode_attention_rows
+        self._prefill_attention_rows = prefill_attention_rows
         self._rms_norm, self._rope, self._swiglu, self._gemv = rms_norm, rope, swiglu, gemv
         self.fused_gemv = FUSED_GEMV_DEFAULT
         # programmatic dependent launch for the one-token kernels (gemv, decode attention):
@@ -75,20 +77,15 @@ class TritonOps(TorchOps):
         return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
 
     def attention_rows(self, q, k, v, cache: StaticKVCache, layer: int, rb, cos, sin):
-        """Several rows, each in its own cache slot (see TorchOps.attention_rows): the
-        single-sequence kernels row by row on the slots' slabs."""
-        outs = []
-        for b, (slot, p0, n) in enumerate(zip(rb.host_slots, rb.host_starts, rb.host_counts)):
-            t0 = sum(rb.host_counts[:b])
-            kc, vc = cache.slot_k(layer, slot), cache.slot_v(layer, slot)
-            qs, ks, vs = q[t0:t0 + n], k[t0:t0 + n], v[t0:t0 + n]
-            if n == 1:
-                outs.append(self._decode_attention(qs[0], kc, vc, p0, k_new=ks[0], v_new=vs[0],
-                                                   cos=cos, sin=sin, pdl=self.pdl,
-                                                   seq_len_offset=1)[None])
-            else:
-                outs.append(self._prefill_attention(qs, ks, vs, kc, vc, cos, sin, p0))
-        return torch.cat(outs)
+        """Several rows, each in its own cache slot (see TorchOps.attention_rows): one
+        launch for the batch, reading the rows' slots and positions on the device (a decode
+        batch reads nothing on the host: it can be graph-captured)."""
+        kc, vc = cache.k[layer], cache.v[layer]                         # [n_slots, nkv, S, hd]
+        if rb.is_decode:
+            return self._decode_attention_rows(q, kc, vc, rb.slots, rb.positions, k, v, cos,
+                                               sin, max_len=rb.max_len_hint, pdl=self.pdl)
+        return self._prefill_attention_rows(q, k, v, kc, vc, cos, sin, rb.cu_seqlens, rb.slots,
+                                            rb.starts, rb.max_q)               # [T, nq, hd]
 
     def swiglu(self, gate_up):
         return self._swiglu(gate_up)

@@ -1,0 +1,155 @@
+"""Helpers shared by several kernel modules (the one place they import each other's pieces from).
+
+A kernel module imports shared Triton helpers and argument checks from here, never private
+names from another kernel module, so each module can change its internals freely.
+
+Triton (@triton.jit, called from kernels):
+  rne_bf16, round_to   fp32 -> bf16 round-to-nearest-even (the interpreter truncates on casts)
+  dot                  tl.dot with exact fp32 products for fp32 operands ("ieee")
+  softmax_update       one online-softmax step (scores in log2 units)
+  rope_rotate          rotate-half RoPE of a tile given its partner half
+Host (launchers and references):
+  check_ranks, check_dtype_device, check_cache_heads, check_device_scalar, check_row_vector,
+  check_rope_tables
+  rotate_half          the torch references' RoPE helper
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # model dtypes the kernels take
+
+
+# ---- Triton helpers -----------------------------------------------------------------------
+@triton.jit
+def rne_bf16(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value (exact under any later bf16 cast)."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    b = (b >> 16) << 16
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """Round fp32 x to `dtype` (returned as `dtype`), round-to-nearest-even. The Triton CPU
+    interpreter truncates on the fp32 -> bf16 cast; on a GPU the two agree for finite x."""
+    if dtype == tl.bfloat16:
+        x = rne_bf16(x)
+    return x.to(dtype)
+
+
+@triton.jit
+def dot(a, b, FP32_DOT: tl.constexpr):
+    # fp32 operands: exact fp32 products ("ieee", not tf32) -- the CPU interpreter path and
+    # fp32 models; otherwise bf16/fp16 tensor-core operands with fp32 accumulation.
+    if FP32_DOT:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def softmax_update(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
+    """One online-softmax step. s [R, N] scores in log2 units (masked = -inf), v [N, HD]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))                               # [R]; m_i starts at -1e30
+    alpha = tl.exp2(m_i - m_new)                                        # [R]
+    p = tl.exp2(s - m_new[:, None])                                     # [R, N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32_DOT)        # [R, HD]
+    return m_new, l_i, acc
+
+
+@triton.jit
+def rope_rotate(x, x_partner, cos, sin, offs_d, HALF: tl.constexpr):
+    """x_rot = x*cos + rotate_half(x)*sin; x_partner[..., d] = x[..., (d + HALF) % HD]."""
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)                          # [HD]
+    return x * cos + x_partner * sign[None, :] * sin
+
+
+# ---- host-side checks ---------------------------------------------------------------------
+def check_dtype_device(fn, ref, same_dtype: dict, fp32: dict) -> None:
+    """`ref` (q) has a model dtype; every tensor is on its device; `same_dtype` share it."""
+    if ref.dtype not in DTYPES:
+        raise ValueError(f"{fn}: dtype {ref.dtype} not supported (use one of {DTYPES})")
+    for name, t in {**same_dtype, **fp32}.items():
+        if t.device != ref.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, q on {ref.device}; "
+                             f"move them to one device")
+    for name, t in same_dtype.items():
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{fn}: {name} is {t.dtype}, q is {ref.dtype}; "
+                             f"all activations and the cache must share the model dtype")
+
+
+def check_ranks(fn: str, tensors) -> None:
+    """(name, tensor, ndim) triples: right rank and a unit last-dim stride, else ValueError."""
+    for name, t, nd in tensors:
+        if not isinstance(t, torch.Tensor) or t.dim() != nd:
+            raise ValueError(f"{fn}: {name} must be a {nd}-D tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{fn}: {name} needs a unit last-dim stride "
+                             f"(got strides {t.stride()}); call .contiguous()")
+
+
+def check_cache_heads(fn: str, n_q: int, hd: int, k_cache, v_cache) -> tuple[int, int]:
+    """The cache layout and head shapes the attention kernels need: the last three dims of
+    k_cache / v_cache are [n_kv, max_seq, hd] (a single-sequence slab, or the slabs of a
+    slotted [n_slots, n_kv, max_seq, hd] cache); returns (n_kv, max_seq)."""
+    n_kv, max_seq = k_cache.shape[-3], k_cache.shape[-2]
+    if v_cache.shape != k_cache.shape or k_cache.shape[-1] != hd:
+        lead = "n_slots, " if k_cache.dim() == 4 else ""
+        raise ValueError(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache "
+                         f"{tuple(v_cache.shape)} must both be [{lead}n_kv, max_seq, hd={hd}]")
+    if n_q % n_kv != 0:
+        raise ValueError(f"{fn}: n_q={n_q} is not a multiple of n_kv={n_kv}")
+    if hd < 16 or hd & (hd - 1):
+        raise ValueError(f"{fn}: head_dim={hd} must be a power of two >= 16")
+    return n_kv, max_seq
+
+
+def check_device_scalar(fn: str, name: str, t: torch.Tensor, device) -> None:
+    """A position / length given as a tensor: one int32/int64 element on `device`."""
+    if t.numel() != 1 or t.dtype not in (torch.int32, torch.int64) or t.device != device:
+        raise ValueError(f"{fn}: a tensor {name} must be one int32/int64 element on {device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def check_row_vector(fn: str, name: str, t, n: int, device, dtypes=(torch.int32, torch.int64)
+                     ) -> None:
+    """A per-row device tensor: 1-D, n elements, contiguous, one of `dtypes`, on `device`.
+    Its values are read only by the kernels (no host sync), so they are not checked here."""
+    if (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != n
+            or t.dtype not in dtypes or t.device != device or not t.is_contiguous()):
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{fn}: {name} must be a contiguous {names} [{n}] tensor on {device}, "
+                         f"got {getattr(t, 'dtype', type(t).__name__)} "
+                         f"{tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}")
+
+
+def check_rope_tables(fn: str, cos, sin, max_seq: int, hd: int, device) -> None:
+    """cos / sin: contiguous fp32 [>= max_seq, hd] tables on `device` (the batched kernels
+    index them with positions read on the device, so every cache position must have a row)."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < max_seq
+                or t.shape[1] != hd or t.dtype != torch.float32 or t.device != device
+                or not t.is_contiguous()):
+            raise ValueError(f"{fn}: {name} must be a contiguous fp32 [>= {max_seq}, {hd}] "
+                             f"table on {device}, got {getattr(t, 'dtype', None)} "
+                             f"{tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}")
+
+
+# ---- torch references ---------------------------------------------------------------------
+def rotate_half(x):
+    """HF rotate_half: cat(-x2, x1) over the last dim (the references' RoPE)."""
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+
+__all__ = ["LOG2E", "DTYPES", "rne_bf16", "round_to", "dot", "softmax_update", "rope_rotate",
+           "check_dtype_device", "check_ranks", "check_cache_heads", "check_device_scalar",
+           "check_row_vector", "check_rope_tables", "rotate_half"]
