@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 
 from .request import Request, ScoreJob
+from .rows import to_device
 from .runner import Model
 
 
 def _index(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    return to_device(values, device)
 
 
 class BatchRunner:
@@ -129,12 +130,11 @@ class BatchRunner:
         dev = self.base.device
         W1 = max(r.switch.window for r in reqs) - 1
         carry = [[0.0] * (W1 - len(c)) + c for c in (r.switch.carried for r in reqs)]
-        return (torch.tensor(carry, dtype=torch.float64).reshape(len(reqs), W1).to(dev)
-                .contiguous(),
+        flat = [x for c in carry for x in c]
+        return (to_device(flat, dev, torch.float64).reshape(len(reqs), W1),
                 _index([r.switch.n_scored for r in reqs], dev),
                 _index([r.switch.window for r in reqs], dev),
-                torch.tensor([r.switch.log_gamma for r in reqs], dtype=torch.float64,
-                             device=dev))
+                to_device([r.switch.log_gamma for r in reqs], dev, torch.float64))
 
     # ---- the switch -------------------------------------------------------------------
     @torch.inference_mode()

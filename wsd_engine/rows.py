@@ -13,6 +13,16 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(values, device, dtype=torch.int64) -> torch.Tensor:
+    """Host numbers -> a device tensor without waiting for the device: on CUDA through
+    pinned memory and an asynchronous copy (a plain copy from pageable memory would wait
+    for every queued kernel: one host sync per forward)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(eq=False)
 class RowBatch:
     slots: torch.Tensor            # [B] int64 cache slot of each row
@@ -50,9 +60,8 @@ class RowBatch:
             tidx.extend(range(n))
             padded.append(list(range(p0, p0 + n)) + [p0] * (max_q - n))
         # one host->device copy for the whole description
-        flat = torch.tensor([*slots, *starts, *cu, *pos, *tslot, *trow, *tidx,
-                             *(c - 1 for c in cu[1:]), *(x for r in padded for x in r)],
-                            dtype=torch.int64).to(device)
+        flat = to_device([*slots, *starts, *cu, *pos, *tslot, *trow, *tidx,
+                          *(c - 1 for c in cu[1:]), *(x for r in padded for x in r)], device)
         T = cu[-1]
         parts = torch.split(flat, [B, B, B + 1, T, T, T, T, B, B * max_q])
         return cls(*parts[:8], parts[8].view(B, max_q), tuple(slots), tuple(starts),

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from wsd_engine.errors import RequestError, WSDError
+from wsd_engine.rows import to_device
 
 ArrayLike = Union[torch.Tensor, Sequence[float]]
 
@@ -207,9 +208,10 @@ def first_pass_rows(logp: torch.Tensor, counts: list[int], carry: torch.Tensor,
     B, W1 = carry.shape
     Q = max(counts)
     dev = logp.device
-    rows = torch.repeat_interleave(torch.arange(B, device=dev),
-                                   torch.tensor(counts, device=dev))           # [T]
-    starts = torch.tensor([0] + counts[:-1], device=dev).cumsum(0)             # [B]
+    n_t = to_device(counts, dev)                                               # [B]
+    rows = torch.repeat_interleave(torch.arange(B, device=dev), n_t,
+                                   output_size=logp.shape[0])                  # [T]
+    starts = n_t.cumsum(0) - n_t                                               # [B]
     idx = torch.arange(logp.shape[0], device=dev) - starts[rows]               # [T]
     buf = torch.zeros(B, W1 + Q, dtype=torch.float64, device=dev)             # [B, W-1+Q]
     buf[:, :W1] = carry
@@ -222,7 +224,7 @@ def first_pass_rows(logp: torch.Tensor, counts: list[int], carry: torch.Tensor,
         use = (o < window)[:, None]
         acc = torch.where(use, term if o == 0 else acc + term, acc)
     means = acc / window[:, None].double()
-    valid = (i[None, :] < torch.tensor(counts, device=dev)[:, None]) & \
+    valid = (i[None, :] < n_t[:, None]) & \
         ((n_prev[:, None] + i[None, :] + 1) >= window[:, None])
     hit = valid & (means >= log_gamma[:, None])
     first = torch.where(hit, i[None, :].expand(B, Q), Q).min(1).values
