@@ -4,10 +4,6 @@ the other rows do: early / late / never switches, pilot EOS, the draft cap, diff
 prompt lengths, windows, thresholds, chunk sizes and budgets per row, sampled rows, rows
 admitted while others are half done, rows aborted mid-way, two tokenizers. Each test
 checks that its mix really contains what it claims, so none passes vacuously."""
-import json
-import os
-import shutil
-
 import pytest
 
 from wsd_engine import ConfigError, RequestError, WSDError
@@ -114,16 +110,8 @@ def test_sampled_rows_equal_their_solo_runs(pair, solo):
 def test_pilot_eos_rows_in_a_batch(pair, tmp_path):
     """A pilot whose EOS is a token it drafts for the first prompt: that row's draft ends
     there (no window passed), the other rows go on; each equals the reference."""
-    ref0 = _reference(pair, PROMPTS[0], dict(threshold=1.0))
-    d = ref0.draft_ids
-    pos = next(j for j in range(8, 30) if d[j] not in d[:j])
-    pilot = str(tmp_path / "pilot_eos")
-    shutil.copytree(pair[0], pilot)
-    path = os.path.join(pilot, "generation_config.json")
-    gen = json.load(open(path))
-    gen["eos_token_id"] = [gen.get("eos_token_id", 2), d[pos]]
-    json.dump(gen, open(path, "w"))
-    eos_pair = (pilot, pair[1])
+    from test_wsd import _pilot_with_eos     # its prompt is PROMPTS[0]
+    eos_pair, pos = _pilot_with_eos(pair, tmp_path, 8, 30)
     kws = [dict(threshold=1.0), dict(), dict(window=3, threshold=0.3), dict(threshold=1.0)]
     refs = [_reference(eos_pair, p, kw) for p, kw in zip(PROMPTS[:4], kws)]
     assert refs[0].switch_index == pos and not refs[0].switched
