@@ -309,3 +309,31 @@ def test_generate_ids_batches(tmp_path_factory, tok):
     assert alone[0].switch_index == 5
     with pytest.raises(RequestError, match="same length"):
         one.generate_ids(p_ids, b_ids[:2])
+
+
+def test_a_stream_dropped_inside_a_step_is_aborted_after_it(pair, solo, monkeypatch):
+    """A stream finalized while this thread is inside a step (the garbage collector can
+    run anywhere): its request ends when the step is over, never in the middle of it, and
+    the other row is exact."""
+    q = _params({})
+    wsd = _engine(pair, 2)
+    a, b = wsd.stream(PROMPTS[0], q), wsd.stream(PROMPTS[1], q)
+    first = [next(a), next(b)]
+    from wsd_engine.batch import BatchRunner
+    real, dropped = BatchRunner.decode_blocks, []
+
+    def drop_b(self, drafting, continuing):
+        if not dropped:
+            dropped.append(len(drafting) + len(continuing))
+            b.close()                          # runs b's finally: abort inside the step
+            assert wsd.num_running == 2        # not yet
+        return real(self, drafting, continuing)
+    monkeypatch.setattr(BatchRunner, "decode_blocks", drop_b)
+    pieces = [first[0]]
+    try:
+        while True:
+            pieces.append(next(a))
+    except StopIteration as done:
+        r = done.value
+    assert dropped == [2] and "".join(pieces) == r.text and _key(r) == _key(solo.generate(PROMPTS[0], q))
+    assert wsd.num_running == 0 and not wsd.has_unfinished_requests()

@@ -108,6 +108,8 @@ class WSD:
         self._runner = BatchRunner(pilot, base, self.max_batch_size)
         self._lock = threading.RLock()       # one step at a time; re-entrant for drivers
         self._owner = CacheOwner()           # this engine's rows in the models' caches
+        self._in_step = False                # aborts from inside a step wait for its end
+        self._aborts: list[Request] = []
         self._setup_kernels(cuda_graphs, graph_chunks, step_graphs, fused_gemv, pdl,
                             tune_kernels, prefill_buckets)
 
@@ -218,7 +220,7 @@ class WSD:
             req = self._scheduler.get(request_id)
             if req is None or req.internal or req.phase is Phase.FINISHED:
                 return False
-            self._end(req, "abort")
+            self._end_now_or_after_step(req)
             return True
 
     def step(self) -> list[RequestOutput]:
@@ -330,14 +332,23 @@ class WSD:
         """End one of this engine's requests (a stream closed early, a driver interrupted)."""
         with self._lock:
             if req.phase is not Phase.FINISHED:
-                self._end(req, "abort")
+                self._end_now_or_after_step(req)
             self._scheduler.forget(req)
+
+    def _end_now_or_after_step(self, req: Request) -> None:
+        """Abort; from inside a step (a stream finalized by the garbage collector while
+        this thread steps) only once the step is over, so a step never loses a row."""
+        if self._in_step:
+            self._aborts.append(req)
+        else:
+            self._end(req, "abort")
 
     # ---- one step: schedule, run, post-process -------------------------------------------
     def _has_work(self) -> bool:
         return self._scheduler.n_running > 0 or self._scheduler.n_waiting > 0
 
     def _step(self) -> None:
+        self._in_step = True
         try:
             with self._hold():
                 admitted = self._scheduler.admit()
@@ -352,6 +363,12 @@ class WSD:
                 raise
             raise WSDError(f"a batched step failed; its requests ended with an error: "
                            f"{type(e).__name__}: {e}") from e
+        finally:
+            self._in_step = False
+            while self._aborts:
+                req = self._aborts.pop()
+                if req.phase is not Phase.FINISHED:
+                    self._end(req, "abort")
 
     def _fail_running(self, e: BaseException) -> None:
         """A failed forward (or a failed put-back of this engine's parked rows) leaves the
