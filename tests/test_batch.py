@@ -337,3 +337,16 @@ def test_a_stream_dropped_inside_a_step_is_aborted_after_it(pair, solo, monkeypa
         r = done.value
     assert dropped == [2] and "".join(pieces) == r.text and _key(r) == _key(solo.generate(PROMPTS[0], q))
     assert wsd.num_running == 0 and not wsd.has_unfinished_requests()
+
+
+def test_batch_edge_inputs(pair):
+    wsd = _engine(pair, 2)
+    q = _params({})
+    assert wsd.generate([], q) == [] and wsd.step() == [] and not wsd.abort("nobody")
+    with pytest.raises(RequestError, match="token_ids must be"):
+        wsd.add_request("y", ([1, 2], "abc"), q)         # a pair is ids, checked as ids
+    with pytest.raises(RequestError, match="2 prompts but 1 params"):
+        wsd.generate(PROMPTS[:2], [q])
+    with pytest.raises(RequestError, match="params must be a WSDParams"):
+        wsd.generate(PROMPTS[:2], [q, 3])                 # nothing queued: all checked first
+    assert wsd.num_waiting == wsd.num_running == 0

@@ -160,6 +160,8 @@ class WSD:
         """One prompt (str or messages) -> WSDResult; a list of prompts -> list, in order,
         run together as a batch (params: one WSDParams for all, or a list, one per prompt).
         Every prompt is checked before any runs."""
+        if isinstance(prompt, list) and not prompt:
+            return []                                  # an empty batch
         if is_prompt_list(prompt):
             plist = self._params_list(params, len(prompt))
             return self._run_all([self._new_request(None, p, q, None, internal=True)
@@ -527,6 +529,6 @@ def _is_id_batch(x) -> bool:
 
 
 def _is_id_pair(x) -> bool:
-    """(pilot prompt ids, base prompt ids) for `add_request`."""
-    return (isinstance(x, tuple) and len(x) == 2
-            and all(isinstance(r, list) or hasattr(r, "dim") for r in x))
+    """(pilot prompt ids, base prompt ids) for `add_request`: a pair (tuple) of anything
+    but messages (the ids are checked after)."""
+    return isinstance(x, tuple) and len(x) == 2 and not any(isinstance(r, dict) for r in x)
