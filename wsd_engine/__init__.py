@@ -5,14 +5,14 @@ draft token by token, takes over once its windowed confidence passes a threshold
 writes the rest. `import wsd_engine` needs neither a GPU nor Triton.
 """
 from .config import ModelConfig
-from .engine import WSD, WSDParams, WSDResult
+from .engine import WSD, RequestOutput, WSDParams, WSDResult
 from .errors import (ConfigError, ContextOverflowError, ModelLoadError, RequestError,
                      TokenizerError, UnsupportedModelError, WSDError)
 from .runner import Model, load_model
 from .sampling import SamplingParams
 from .switch import switch_index
 
-__all__ = ["load_model", "Model", "WSD", "WSDParams", "WSDResult", "SamplingParams",
+__all__ = ["load_model", "Model", "WSD", "WSDParams", "WSDResult", "RequestOutput", "SamplingParams",
            "switch_index", "ModelConfig", "WSDError", "RequestError", "ContextOverflowError",
            "ConfigError", "UnsupportedModelError", "ModelLoadError", "TokenizerError"]
 __version__ = "0.1.0"
