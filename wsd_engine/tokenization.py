@@ -244,6 +244,13 @@ def find_stop(text: str, stops, start: int = 0) -> int:
 
 
 def decode(tok, ids) -> str:
+    """Text of ids, special tokens skipped, no clean-up: for a fast tokenizer the Rust
+    decoder straight away (what transformers' decode calls, without its per-call Python
+    conversions: they were half the host time of a batched step in text mode)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode(ids if isinstance(ids, list) else list(ids),
+                              skip_special_tokens=True)
     return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
