@@ -71,22 +71,32 @@ class BatchRunner:
                 [row[:n] for row, (_, n, _) in zip(b_host, b_plan)])
 
     def _block(self, model: Model, pool: torch.Tensor, plan, feed_last) -> torch.Tensor | None:
-        """Tokens [rows, max n] (-1 past a row's n) chosen from `pool` and fed back."""
+        """Tokens [rows, max n] (-1 past a row's n) chosen from `pool` and fed back. The
+        common case, every row active at a position, builds no index at all."""
         if not plan:
             return None
         dev = model.device
-        width = max(n for _, n, _ in plan)
-        toks = torch.full((len(plan), width), -1, dtype=torch.int64, device=dev)
-        for i in range(width):
-            active = [j for j, (_, n, _) in enumerate(plan) if i < n]
-            slots = [plan[j][0].slot for j in active]
-            chosen = self._choose(pool[_index(slots, dev)], [plan[j][2] for j in active])
-            toks[_index(active, dev), i] = chosen
-            fed = [a for a, j in enumerate(active) if i < plan[j][1] - 1 or feed_last[j]]
-            if fed:
-                fed_slots = [slots[a] for a in fed]
-                pool[_index(fed_slots, dev)] = model.decode_rows(chosen[_index(fed, dev)],
-                                                                 fed_slots)
+        ns = [n for _, n, _ in plan]
+        slots = [r.slot for r, _, _ in plan]
+        samplers = [s for _, _, s in plan]
+        slots_t = _index(slots, dev)                                        # [rows]
+        toks = torch.full((len(plan), max(ns)), -1, dtype=torch.int64, device=dev)
+        for i in range(max(ns)):
+            active = [j for j, n in enumerate(ns) if i < n]
+            act_t = None if len(active) == len(plan) else _index(active, dev)
+            act_slots = slots_t if act_t is None else slots_t[act_t]
+            chosen = self._choose(pool.index_select(0, act_slots), [samplers[j] for j in active])
+            if act_t is None:
+                toks[:, i] = chosen
+            else:
+                toks[act_t, i] = chosen
+            fed = [a for a, j in enumerate(active) if i < ns[j] - 1 or feed_last[j]]
+            if len(fed) == len(active):
+                pool[act_slots] = model.decode_rows(chosen, [slots[j] for j in active])
+            elif fed:
+                fed_t = _index(fed, dev)
+                pool[act_slots[fed_t]] = model.decode_rows(chosen[fed_t],
+                                                           [slots[active[a]] for a in fed])
         return toks
 
     @staticmethod
