@@ -133,4 +133,45 @@ def make_plots(R: dict, out_dir: str) -> list[str]:
         msgs.append(_save(plt, fig, out_dir, "wsd.png"))
     else:
         msgs.append("wsd.png: no WSD numbers to plot")
+    if R.get("batch"):
+        msgs.append(_batch_plot(plt, R, out_dir, title_dev))
     return msgs
+
+
+def _batch_plot(plt, R: dict, out_dir: str, title_dev: str) -> str:
+    """batch.png: output-token throughput against batch size (left) and as a ratio to
+    batch 1 with the ideal (linear) line (right), one line per CPU pair and the GPU run."""
+    B = R["batch"]
+    series = {}
+    for name, e in (B.get("cpu") or {}).items():
+        if e and e.get("by_size"):
+            series[f"CPU {name} ({e['threads']} thr), groups of b"] = e["by_size"]
+        if e and e.get("by_size_capped"):
+            series[f"CPU {name} ({e['threads']} thr), at most b running"] = e["by_size_capped"]
+    g = B.get("gpu") or {}
+    if g.get("by_size"):
+        series[f"GPU {g['pilot']} + {g['base']}"] = g["by_size"]
+    series = {k: [(int(b), r) for b, r in v.items() if _ok(r.get("tok_s"))]
+              for k, v in series.items()}
+    series = {k: sorted(v, key=lambda x: x[0]) for k, v in series.items() if v}
+    if not series:
+        return "batch.png: no batch numbers to plot"
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    top = 1
+    for label, pts in series.items():
+        xs = [b for b, _ in pts]
+        ax.plot(xs, [r["tok_s"] for _, r in pts], marker="o", label=label)
+        if any("ratio_to_1" in r for _, r in pts):
+            ax2.plot(xs, [r.get("ratio_to_1", float("nan")) for _, r in pts], marker="o",
+                     label=label)
+        top = max(top, max(xs))
+    ax2.plot([1, top], [1, top], "k--", linewidth=0.8, label="ideal (linear)")
+    for a_ in (ax, ax2):
+        a_.set_xscale("log", base=2)
+        a_.set_yscale("log")
+        a_.set_xlabel("batch size (requests running together)")
+        a_.legend(fontsize=7)
+    ax.set_ylabel("output tokens / s")
+    ax2.set_ylabel("throughput / throughput at batch 1")
+    fig.suptitle(f"WSD throughput by batch size \u2014 {title_dev}", fontsize=10)
+    return _save(plt, fig, out_dir, "batch.png")

@@ -59,6 +59,8 @@ def render_md(R: dict) -> str:
             L += _checkpoints_table(ck)
     if R["kernels"]:
         L += _kernels_section(R["kernels"])
+    if R.get("batch"):
+        L += _batch_section(R["batch"])
     if R["skipped"]:
         L += ["## Skipped", ""] + [f"- {s['task']}: {s['reason']}" for s in R["skipped"]] + [""]
     if R["errors"]:
@@ -265,4 +267,86 @@ def _kernels_section(kernels: dict) -> list[str]:
             L.append(f"| {case} | {r.get('impl')} | {_f(us, '{:.1f}')} | "
                      f"{_f(fc * 100 if fc is not None else None, '{:.1f}%')} |")
         L.append("")
+    return L
+
+
+def _batch_section(B: dict) -> list[str]:
+    """The batch suite: CPU pairs (together vs one after another, by batch size) and the
+    GPU run (by batch size, engine vs reference) or why it was skipped."""
+    L = ["## Batch: many requests in one engine", ""]
+    cpu = {k: v for k, v in (B.get("cpu") or {}).items() if v}
+    if cpu:
+        L += ["### CPU (torch backend; real measurements at the stated shapes, not the smoke's "
+              "stand-ins)", "",
+              "| pair | params pilot / base | threads | requests x tokens | switch points | "
+              "together tok/s | one after another tok/s | ratio (target >= 4x) | "
+              "token-identical |", "|---|---|---:|---|---|---:|---:|---:|---|"]
+        for name, e in cpu.items():
+            if "error" in e:
+                L.append(f"| {name} | error: {short_err(e['error'])} | | | | | | | |")
+                continue
+            ks = e["switch_points"]
+            L.append(f"| {name} | {e['pilot_params'] / 1e6:.1f}M / {e['base_params'] / 1e6:.1f}M "
+                     f"| {e['threads']} | {e['requests']} x {e['max_new_tokens']} | "
+                     f"{ks[0]}..{ks[-1]} | {e['batched_tok_s']:.0f} | "
+                     f"{e['sequential_tok_s']:.0f} | {e['ratio']:.2f}x | "
+                     f"{'yes' if e['identical'] else 'NO'} |")
+        L.append("")
+        sizes = sorted({int(b) for e in cpu.values() for b in e.get("by_size", {})})
+        if sizes:
+            L += ["Throughput by batch size, the same requests (ratio to batch 1); groups of "
+                  "b: `generate` of b prompts at a time (rows start together); at most b "
+                  "running: a finished row is replaced at once (drafting and continuing rows "
+                  "mix):", "",
+                  "| pair | how | " + " | ".join(f"b={b}" for b in sizes) + " |",
+                  "|---|---|" + "---:|" * len(sizes)]
+            for name, e in cpu.items():
+                for key, how in (("by_size", "groups of b"),
+                                 ("by_size_capped", "at most b running")):
+                    bs = e.get(key)
+                    if not bs:
+                        continue
+                    L.append(f"| {name} | {how} | " + " | ".join(
+                        f"{bs[str(b)]['tok_s']:.0f} tok/s ({bs[str(b)]['ratio_to_1']:.2f}x)"
+                        if str(b) in bs else "\u2014" for b in sizes) + " |")
+            L.append("")
+    g = B.get("gpu")
+    if g:
+        L += ["### GPU", ""]
+        if "skipped" in g:
+            L += [f"skipped: {g['skipped']}", ""]
+        elif "error" in g:
+            L += [f"error: {short_err(g['error'], 300)}", ""]
+        else:
+            L += [f"{g['pilot']} + {g['base']}, random weights, {g['dtype']}, {g['backend']}; "
+                  f"prompts {g['prompt_len']}, responses {g['response']}, switch points "
+                  f"spread over {g['switch_range'][0]}..{g['switch_range'][1]}. {g['note']}.", "",
+                  "| batch | s | tok/s | ratio to batch 1 |", "|---:|---:|---:|---:|"]
+            for b, r in g["by_size"].items():
+                if "tok_s" in r:
+                    L.append(f"| {b} | {r['s']:.2f} | {r['tok_s']:.0f} | "
+                             f"{_f(r.get('ratio_to_1'))} |")
+                else:
+                    L.append(f"| {b} | {r.get('skipped') or short_err(r.get('error', '?'))} "
+                             "| | |")
+            L.append("")
+            if "meets_16_10x" in g:
+                L += [f"Batch 16 >= 10x batch 1: {'met' if g['meets_16_10x'] else 'NOT met'}.", ""]
+            eng, ref = g.get("engine_batch", {}), g.get("reference", {})
+            if "tok_s" in eng:
+                L.append(f"Engine, {eng['prompts']} prompts (at most {eng['max_running']} at a "
+                         f"time): {eng['s']:.2f} s, {eng['tok_s']:.0f} tok/s.")
+            elif eng.get("skipped"):
+                L.append(f"Engine, {eng['prompts']} prompts: skipped ({eng['skipped']}).")
+            if "tok_s_extrapolated" in ref:
+                L.append(f"Reference (`wsd_engine.reference`): {ref['note']}: "
+                         f"{ref['mean_s_per_prompt']:.2f} s per prompt, "
+                         f"{ref['extrapolated_s']:.1f} s for {ref['prompts']} prompts, "
+                         f"{ref['tok_s_extrapolated']:.0f} tok/s; engine "
+                         f"{speed(ref.get('engine_speedup'), digits=1)}.")
+            elif "error" in ref:
+                L.append(f"Reference: error \u2014 {short_err(ref['error'], 300)}")
+            elif ref.get("skipped"):
+                L.append(f"Reference: skipped ({ref['skipped']}).")
+            L.append("")
     return L

@@ -4,6 +4,7 @@
     python -m benchmarks.run --suite decode,wsd --time-budget 480 --out bench_out
     python -m benchmarks.run --pilot DIR --base DIR            # + the reference oracle
     python -m benchmarks.run --cpu-smoke                       # tiny shapes on CPU, < 60 s
+    python -m benchmarks.run --suite batch                     # many requests in one engine
     wsd-engine bench ...                                       # the same, from a checkout
 
 Every timing is reported against the floor of the model it runs: the weight bytes one
@@ -19,8 +20,13 @@ Suites, most important numbers first (with --time-budget the rest is skipped and
   decode of the first preset (ours + HF eager) -> WSD 1B+8B -> HF compile of the first
   preset -> WSD 3B+8B -> checkpoints + reference -> the other presets -> kernels.
 
+The batch suite (only when named: `--suite batch`, see benchmarks/batch.py) runs 8 WSD
+requests together vs one after another on CPU (the demo pair and a ~30M-parameter
+synthetic pair) and, with CUDA, throughput by batch size at real shapes and a 64-prompt
+batch against `wsd_engine.reference`.
+
 Writes into --out: results.json (everything; rewritten after each step, so a killed run
-still leaves what it measured), results.md (tables), decode.png / wsd.png (matplotlib).
+still leaves what it measured), results.md (tables), decode.png / wsd.png / batch.png (matplotlib).
 """
 from __future__ import annotations
 
@@ -44,7 +50,8 @@ from benchmarks.suite import Bench  # noqa: E402
 
 PRESET_ORDER = ("llama3.1-8b", "llama3.2-1b", "llama3.2-3b", "qwen2.5-7b")
 PAIRS = (("llama3.2-1b", "llama3.1-8b"), ("llama3.2-3b", "llama3.1-8b"))
-SUITES = ("kernels", "decode", "wsd")
+SUITES = ("kernels", "decode", "wsd", "batch")
+DEFAULT_SUITES = ("kernels", "decode", "wsd")     # `batch` runs when named (--suite batch)
 
 
 # ------------------------------------------------------------------------- tasks
@@ -52,6 +59,7 @@ SUITES = ("kernels", "decode", "wsd")
 def build_tasks(b: Bench) -> list:
     a = b.a
     decode, wsd, kern = ("decode" in a.suites), ("wsd" in a.suites), ("kernels" in a.suites)
+    batch = "batch" in a.suites
     presets = list(a.presets)
     t = [("copy bandwidth (1 GiB D2D copy)" if not b.smoke else "copy bandwidth (CPU)",
           b.copy_bandwidth)]
@@ -78,6 +86,15 @@ def build_tasks(b: Bench) -> list:
     if kern:
         for k in ("switch_score", "attention", "layers", "gemv"):
             t.append((f"kernels {k}", lambda k=k: b.kernel(k)))
+    if batch:
+        from benchmarks import batch as bb
+        # the GPU part first: on a GPU machine its device time is the scarce part (it
+        # records "skipped: no CUDA" at once elsewhere)
+        t.append(("batch gpu: throughput by batch size, engine vs reference",
+                  lambda: bb.gpu_task(b)))
+        for name in a.batch_cpu_pairs:
+            t.append((f"batch cpu {name}: {a.batch_requests} requests together vs one after "
+                      "another, by batch size", lambda n=name: bb.cpu_task(b, n)))
     return t
 
 
@@ -87,8 +104,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run",
                                  description="wsd_engine end-to-end benchmarks: kernels, "
                                              "decode, WSD")
-    ap.add_argument("--suite", default=",".join(SUITES),
-                    help="comma list of kernels, decode, wsd (default: all)")
+    ap.add_argument("--suite", default=",".join(DEFAULT_SUITES),
+                    help="comma list of kernels, decode, wsd, batch (default: kernels,decode,"
+                         "wsd; batch runs when named)")
     ap.add_argument("--preset", nargs="+", default=None,
                     help=f"decode presets, most important first (default: {' '.join(PRESET_ORDER)})")
     ap.add_argument("--pairs", default=None,
@@ -132,6 +150,37 @@ def parse_args(argv):
                          "without --fused-gemv / --pdl, each model's are timed on the GPU "
                          "and the fastest kept, as the engine does by default)")
     ap.add_argument("--no-plots", action="store_true")
+    g = ap.add_argument_group("batch suite (--suite batch)")
+    g.add_argument("--batch-cpu-pairs", default=None,
+                   help="CPU pairs, comma list of demo, 30m, tiny, or none (default demo,30m; "
+                        "explicit --cpu-smoke: demo)")
+    g.add_argument("--batch-requests", type=int, default=None,
+                   help="CPU: requests run together vs one after another (default 8)")
+    g.add_argument("--batch-max-new", type=int, default=None,
+                   help="CPU: max_new_tokens of each request (default 128; smoke 32)")
+    g.add_argument("--batch-draft", type=int, default=None,
+                   help="CPU: draft_max_tokens (default 64; smoke 16)")
+    g.add_argument("--batch-cpu-ks", default=None,
+                   help="CPU: LO,HI forced switch points spread over the requests "
+                        "(default 8,64; smoke 4,16)")
+    g.add_argument("--batch-cpu-sizes", default=None,
+                   help="CPU: batch sizes of the throughput ratios (default 1,2,4,8; "
+                        "smoke 1,2,4)")
+    g.add_argument("--batch-threads", type=int, default=1,
+                   help="CPU: torch threads during the batch CPU runs (default 1)")
+    g.add_argument("--batch-reps", type=int, default=None,
+                   help="CPU: repetitions, medians (default --reps)")
+    g.add_argument("--batch-gpu-sizes", default="1,4,16,32",
+                   help="GPU: batch sizes (default 1,4,16,32)")
+    g.add_argument("--batch-gpu-ks", default="8,256",
+                   help="GPU: LO,HI forced switch points (default 8,256)")
+    g.add_argument("--batch-gpu-prompts", type=int, default=64,
+                   help="GPU: prompts of the engine-vs-reference batch (default 64)")
+    g.add_argument("--batch-ref-prompts", type=int, default=2,
+                   help="GPU: of those, how many the reference (one prompt at a time) runs; "
+                        "the rest is extrapolated (default 2)")
+    g.add_argument("--batch-gpu-reps", type=int, default=1,
+                   help="GPU: timed runs per batch size after its warm-up (default 1)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.argv = list(argv)
@@ -139,6 +188,7 @@ def parse_args(argv):
     a.out = os.path.abspath(a.out)              # child processes run in the repository root
     if a.worker:
         return a
+    smoke_asked = a.cpu_smoke
     if not a.cpu_smoke and not torch.cuda.is_available():
         a.cpu_smoke = True
         a.notes.append("no CUDA device: ran the CPU smoke (tiny shapes; timings are not "
@@ -179,7 +229,54 @@ def parse_args(argv):
         ap.error(f"--ks and --ref-k must lie in [0, --response={a.response}]")
     if bool(a.pilot) != bool(a.base):
         ap.error("give both --pilot and --base (or neither)")
+    _batch_args(ap, a, smoke_asked)
     return a
+
+
+def _int_list(ap, flag: str, text: str, n: int | None = None) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1 or (n is not None and len(out) != n):
+        ap.error(f"{flag} takes " + (f"{n} " if n else "") + f"comma-separated ints >= 1, "
+                 f"got {text!r}")
+    return out
+
+
+def _batch_args(ap, a, smoke_asked: bool) -> None:
+    """The batch suite's settings (an explicit --cpu-smoke shrinks the CPU defaults)."""
+    from benchmarks.batch import CPU_PAIRS
+    q = smoke_asked
+    pairs = a.batch_cpu_pairs or ("demo" if q else "demo,30m")
+    a.batch_cpu_pairs = [] if pairs == "none" else [p for p in pairs.split(",") if p]
+    bad = [p for p in a.batch_cpu_pairs if p not in CPU_PAIRS]
+    if bad:
+        ap.error(f"--batch-cpu-pairs: unknown {bad}; choose from {', '.join(CPU_PAIRS)} "
+                 "or none")
+    a.batch_requests = a.batch_requests or (4 if q else 8)
+    a.batch_max_new = a.batch_max_new or (32 if q else 128)
+    a.batch_draft = a.batch_draft or (16 if q else 64)
+    a.batch_cpu_ks = _int_list(ap, "--batch-cpu-ks", a.batch_cpu_ks or ("4,16" if q else "8,64"), 2)
+    a.batch_cpu_sizes = _int_list(ap, "--batch-cpu-sizes",
+                                  a.batch_cpu_sizes or ("1,2,4" if q else "1,2,4,8"))
+    a.batch_reps = a.batch_reps or a.reps
+    a.batch_gpu_sizes = _int_list(ap, "--batch-gpu-sizes", a.batch_gpu_sizes)
+    a.batch_gpu_ks = _int_list(ap, "--batch-gpu-ks", a.batch_gpu_ks, 2)
+    if max(a.batch_cpu_sizes) > a.batch_requests:
+        ap.error(f"--batch-cpu-sizes: a batch size above --batch-requests "
+                 f"({a.batch_requests}) has no requests to fill it, got {a.batch_cpu_sizes}")
+    lo, hi = a.batch_cpu_ks
+    if not lo <= hi <= min(a.batch_draft, a.batch_max_new):
+        ap.error(f"--batch-cpu-ks: need 1 <= LO <= HI <= min(--batch-draft, --batch-max-new) "
+                 f"= {min(a.batch_draft, a.batch_max_new)}, got {lo},{hi}")
+    if a.batch_requests < 1 or a.batch_threads < 1 or a.batch_gpu_prompts < 1 \
+            or a.batch_ref_prompts < 1 or a.batch_gpu_reps < 1 or a.batch_reps < 1:
+        ap.error("--batch-requests, --batch-threads, --batch-gpu-prompts, --batch-ref-prompts, "
+                 "--batch-gpu-reps and --batch-reps must be >= 1")
+    glo, ghi = a.batch_gpu_ks
+    if "batch" in a.suites and not a.cpu_smoke and not glo <= ghi <= a.response:
+        ap.error(f"--batch-gpu-ks: need LO <= HI <= --response ({a.response}), got {glo},{ghi}")
 
 
 def main(argv=None) -> int:
