@@ -45,35 +45,6 @@ def measure_engine(model, ids: list[int], n: int, floor_ms: float, reps: int, de
             "method": "Model.generate: (t(N) - t(1)) / (N - 1)"}
 
 
-STEP_BLOCK = 16                 # tokens per n-step graph in the decode suite
-
-
-def measure_blocks(model, ids: list[int], n: int, floor_ms: float, reps: int, dev,
-                   block: int | None = None) -> dict:
-    """Greedy decoding in blocks of `block` steps (`Model.decode_steps`: one replay each when
-    the n-step graph is captured), one read-back at the end: the pilot's drafting path.
-    Per-token time = (t(K blocks) - t(1 block)) / ((K - 1) * block), prefill cancelling.
-    `block` defaults to STEP_BLOCK (read at call time)."""
-    block = block or STEP_BLOCK
-    t = torch.tensor(ids, device=dev)
-    K = max(2, n // block)
-
-    def run(kb: int) -> int:
-        model.cache.reset()
-        tok = torch.argmax(model.prefill(t), dim=-1).reshape(1)
-        for _ in range(kb):
-            tok = model.decode_steps(tok, block)[block:]
-        return int(tok)                                                 # the one read-back
-    run(2)                                                              # warm-up
-    t1 = statistics.median(timed(lambda: run(1), dev)[0] for _ in range(reps))
-    tk = statistics.median(timed(lambda: run(K), dev)[0] for _ in range(reps))
-    dec_ms = max(tk - t1, 1e-9) / ((K - 1) * block) * 1e3
-    return {"decode_ms_per_token": dec_ms, "tok_s": 1e3 / dec_ms,
-            "frac_of_floor": floor_ms / dec_ms, "e2e_s": tk, "e2e_tok_s": K * block / tk,
-            "block": block, "reps": reps,
-            "method": f"decode_steps blocks of {block}: (t(K) - t(1)) / ((K - 1) * {block})"}
-
-
 def measure_prefill(model, ids: list[int], floor_ms: float, reps: int, dev) -> dict:
     """Prefill of the prompt into an empty cache (logits of the last token), against one
     weight read at the copy bandwidth. Target (issue 5): the 8B at 128 tokens <= 1.5x."""
@@ -261,9 +232,8 @@ class Bench:
         a, dev = self.a, self.dev
         cfg = model_cfg(preset, self.smoke)
         e = self._decode_entry(preset)
-        # room for generate (steps) and for measure_blocks (at least 2 blocks, one more
-        # block of slack for its last read-back)
-        msl = a.prompt_len + max(a.steps, 2 * STEP_BLOCK) + STEP_BLOCK + 8
+        # room for generate (steps), with the slack the prefill buckets had before
+        msl = a.prompt_len + max(a.steps, 32) + 24
         m = random_model(cfg, dev, self.dtype, max_seq_len=msl, backend=self.backend, seed=0)
         floor_ms = self._floor(preset, m)
         e.update(floor_ms_per_token=floor_ms, floor_tok_s=1e3 / floor_ms)
@@ -283,44 +253,22 @@ class Bench:
                      "bucket graph")
 
             def prefill_graph():
-                from wsd_engine.runner import PREFILL_BUCKETS
+                from wsd_engine.graphs import PREFILL_BUCKETS
                 m.capture_prefill(PREFILL_BUCKETS)
                 return dict(measure_prefill(m, ids, floor_ms, a.reps, dev),
                             buckets=list(PREFILL_BUCKETS),
                             method="Model.prefill through the smallest captured bucket "
                                    "graph that holds the prompt (padded), median")
             self.attempt(e, "prefill_graph", prefill_graph, f"prefill {preset} graph")
-            self.log(f"    {preset}: {SYSTEMS['engine_graph_steps']}")
-
-            def steps():
-                m.capture_steps(STEP_BLOCK)
-                return measure_blocks(m, ids, a.steps, floor_ms, a.reps, dev)
-            self.attempt(sysd, "engine_graph_steps", steps,
-                         f"decode {preset} engine_graph_steps")
-            self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused']}")
-
-            def fused(pdl=False):
-                m.clear_graphs()
-                m.set_decode_kernels(fused_gemv=True, pdl=pdl)
-                try:
-                    m.capture_steps(STEP_BLOCK)
-                    return measure_blocks(m, ids, a.steps, floor_ms, a.reps, dev)
-                finally:
-                    m.clear_graphs()
-                    m.set_decode_kernels(fused_gemv=False, pdl=False)
-            self.attempt(sysd, "engine_graph_steps_fused", fused,
-                         f"decode {preset} engine_graph_steps_fused")
-            self.log(f"    {preset}: {SYSTEMS['engine_graph_steps_fused_pdl']}")
-            self.attempt(sysd, "engine_graph_steps_fused_pdl", lambda: fused(pdl=True),
-                         f"decode {preset} engine_graph_steps_fused_pdl")
             self.log(f"    {preset}: {SYSTEMS['engine_graph_tuned']}")
 
             def tuned():
                 # what an engine with CUDA graphs does by default: time the one-token
                 # kernel settings on this card, keep the fastest, decode through it
+                from wsd_engine.tuning import tune_decode_kernels
                 m.clear_graphs()
                 try:
-                    rec = m.tune_decode_kernels()
+                    rec = tune_decode_kernels(m)
                     m.capture_decode()
                     return dict(measure_engine(m, ids, a.steps, floor_ms, a.reps, dev),
                                 tuning=rec)
@@ -332,8 +280,7 @@ class Bench:
             tm = build_model(cfg, m.weights, dev, self.dtype, msl, backend="torch")
         else:
             tm = m
-            for key in ("engine_graph", "engine_graph_steps", "engine_graph_steps_fused",
-                        "engine_graph_steps_fused_pdl", "engine_graph_tuned"):
+            for key in ("engine_graph", "engine_graph_tuned"):
                 sysd[key] = {"skipped": "CPU smoke: no CUDA graphs (torch backend only)"}
         if a.no_torch_eager and not self.smoke:
             sysd["engine_torch_eager"] = {"skipped": "--no-torch-eager"}
@@ -396,8 +343,7 @@ class Bench:
         e.update(prompt_len=a.prompt_len, response=R_, chunk=c, pilot_floor_ms=fp,
                  base_floor_ms=fb, cuda_graphs=self.graphs)
         self.log(f"    {key}: engine set-up" + (" (capturing CUDA graphs)" if self.graphs else ""))
-        wsd = WSD(pilot, base, cuda_graphs=self.graphs, graph_chunks=(c,),
-                  **self.decode_kernels)
+        wsd = WSD(pilot, base, cuda_graphs=self.graphs, **self.decode_kernels)
         e["kernel_tuning"] = wsd.kernel_tuning    # per model: each setting's step ms, chosen
         e["decode_kernels"] = {n: dict(fused_gemv=bool(getattr(m.ops, "fused_gemv", False)),
                                        pdl=bool(getattr(m.ops, "pdl", False)))
@@ -441,9 +387,10 @@ class Bench:
                  f"({'graph' if self.graphs else 'eager'} decode)")
 
         def base_only() -> dict:
-            if self.graphs:   # as a user with CUDA graphs runs it: the prompt through a graph
-                from wsd_engine.runner import PREFILL_BUCKETS
+            if self.graphs:   # as a user with CUDA graphs runs it: prompt and steps in graphs
+                from wsd_engine.graphs import PREFILL_BUCKETS
                 base.capture_prefill(PREFILL_BUCKETS)
+                base.capture_decode()
             base.generate(ids, 2, stop_at_eos=False)                    # warm-up
             runs = [timed(lambda: base.generate(ids, R_, stop_at_eos=False), dev)
                     for _ in range(a.reps)]
@@ -514,7 +461,7 @@ class Bench:
             wsd = WSD.from_pretrained(a.pilot, a.base, device=dev,
                                       dtype=None if self.smoke else torch.bfloat16,
                                       backend=self.backend, cuda_graphs=self.graphs,
-                                      graph_chunks=(a.chunk,), **self.decode_kernels)
+                                      **self.decode_kernels)
             fp, fb = self._floor("ckpt pilot", wsd.pilot), self._floor("ckpt base", wsd.base)
             wsd.generate(CKPT_PROMPT, WSDParams(**dict(params, draft_max_tokens=min(R_, 16),
                                                        max_new_tokens=min(R_, 24)),

@@ -342,7 +342,9 @@ def test_a_stream_dropped_inside_a_step_is_aborted_after_it(pair, solo, monkeypa
 def test_batch_edge_inputs(pair):
     wsd = _engine(pair, 2)
     q = _params({})
-    assert wsd.generate([], q) == [] and wsd.step() == [] and not wsd.abort("nobody")
+    assert wsd.step() == [] and not wsd.abort("nobody")
+    with pytest.raises(RequestError, match="non-empty"):
+        wsd.generate([], q)                               # not an empty batch: a mistake
     with pytest.raises(RequestError, match="token_ids must be"):
         wsd.add_request("y", ([1, 2], "abc"), q)         # a pair is ids, checked as ids
     with pytest.raises(RequestError, match="2 prompts but 1 params"):

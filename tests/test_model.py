@@ -177,7 +177,7 @@ def test_chunked_prefill_equals_one_shot(ckpts, tok):
     ids = torch.tensor(_prompt(tok, 61))
     full = m.score(ids)
     m.cache.reset()
-    parts = [m.score_chunk(c, start) for c, start in
+    parts = [m.forward(c, start) for c, start in
              ((ids[:20], 0), (ids[20:21], 20), (ids[21:], 21))]
     torch.testing.assert_close(torch.cat(parts), full, atol=1e-5, rtol=0)
     assert m.cache.length == 61
@@ -188,10 +188,10 @@ def test_truncate_and_refeed_gives_same_logits(ckpts, tok):
     ids = torch.tensor(_prompt(tok, 50))
     full = m.score(ids)
     other = torch.tensor(_prompt(tok, 13))
-    m.score_chunk(other, 50)              # something else written after position 50
+    m.forward(other, 50)              # something else written after position 50
     m.truncate(30)                        # roll back to position 30 (O(1))
     assert m.cache.length == 30
-    again = m.score_chunk(ids[30:], 30)
+    again = m.forward(ids[30:], 30)
     torch.testing.assert_close(again, full[30:], atol=1e-5, rtol=0)
 
 
@@ -200,7 +200,7 @@ def test_final_hidden_states_on_request(ckpts, tok):
     ids = torch.tensor(_prompt(tok, 9))
     logits = m.score(ids)
     m.cache.reset()
-    h = m.score_chunk(ids, 0, return_hidden=True)                    # [T, d]
+    h = m.forward(ids, 0, return_hidden=True)                    # [T, d]
     assert h.shape == (9, 64)
     torch.testing.assert_close(h @ m.weights["lm_head"].T, logits, atol=1e-5, rtol=0)
 

@@ -23,7 +23,7 @@ def test_logits_and_greedy_match_torch_backend(ckpt):
     ref.cache.reset(), tri.cache.reset()
     for m in (ref, tri):
         m.prefill(ids[:20])
-    torch.testing.assert_close(tri.score_chunk(ids[20:27], 20), ref.score_chunk(ids[20:27], 20),
+    torch.testing.assert_close(tri.forward(ids[20:27], 20), ref.forward(ids[20:27], 20),
                                atol=2e-4, rtol=0)
     assert tri.generate(ids[:12], max_new_tokens=10, stop_at_eos=False) == \
         ref.generate(ids[:12], max_new_tokens=10, stop_at_eos=False)
@@ -79,8 +79,9 @@ def test_fused_gemv_decode_matches_torch_backend(tmp_path, family, pdl):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 def test_fused_gemv_on_gpu_eager_and_graphs(tmp_path, pdl):
-    """Compiled gemv path: fp32 logits as the torch backend; bf16 greedy tokens of the
-    graph-captured n-step decode equal its eager run. pdl: the graphed model launches its
+    """Compiled gemv path: fp32 logits as the torch backend; bf16 greedy tokens through the
+    captured one-sequence decode graph, and the captured one-row batched decode step (the
+    gemv path: one token), equal the eager run. pdl: the graphed model launches its
     one-token kernels with PDL, the eager one without: same tokens."""
     path = make_model(str(tmp_path / "m"), "qwen2", init_scale=5.0)
     ref = load_model(path, device="cuda", backend="torch")
@@ -89,30 +90,30 @@ def test_fused_gemv_on_gpu_eager_and_graphs(tmp_path, pdl):
     tri.ops.pdl = pdl
     ids = torch.randint(3, 320, (9,), generator=torch.Generator().manual_seed(2)).cuda()
     _decode_logits_match(ref, tri, ids)
-    eager = load_model(path, device="cuda", dtype=torch.bfloat16, backend="triton")
-    graphed = load_model(path, device="cuda", dtype=torch.bfloat16, backend="triton")
+    kw = dict(device="cuda", dtype=torch.bfloat16, backend="triton", max_batch_size=2)
+    eager, graphed = load_model(path, **kw), load_model(path, **kw)
     for m in (eager, graphed):
         m.ops.fused_gemv = True
     graphed.ops.pdl = pdl
     graphed.capture_decode()
-    graphed.capture_steps(8)
+    graphed.capture_decode_rows((1, 2))
     for n in (7, 8, 30):                         # the one-step graph, one step in flight
         assert graphed.generate(ids.tolist(), n, stop_at_eos=False) == \
             eager.generate(ids.tolist(), n, stop_at_eos=False)
-    for m in (eager, graphed):                   # the 8-step graph
-        m.cache.reset()
-        m.prefill(ids[:5])
-    first = ids[5:6]
-    for _ in range(3):
-        a, b = eager.decode_steps(first, 8), graphed.decode_steps(first, 8)
-        assert a.tolist() == b.tolist()
-        first = a[8:]
+    for m in (eager, graphed):                   # the batched step, 1 row then 2
+        m.prefill_rows([ids[:5], ids[:3]], [0, 1])
+    toks = {id(m): [ids[5:6]] for m in (eager, graphed)}
+    for slots in ([1], [1], [0, 1], [0, 1]):
+        for m in (eager, graphed):
+            t = torch.cat([toks[id(m)][-1]] * len(slots))
+            toks[id(m)].append(torch.argmax(m.decode_rows(t, slots), dim=-1)[-1:])
+    assert [int(t) for t in toks[id(eager)]] == [int(t) for t in toks[id(graphed)]]
 
 
 def test_device_position_paths_match_int_positions(ckpt):
-    """The graph bodies' forward, run eagerly: positions as a [1] device tensor (read only
-    in the kernels: decode attention adds the 1 to get the length, the n-step body takes
-    views of one position vector) give the same logits / tokens as host-int positions."""
+    """The one-sequence graph bodies' forward (`Model.forward_at`), run eagerly: positions
+    as a [1] device tensor (read only in the kernels: decode attention adds the 1 to get
+    the length) give the same logits as host-int positions."""
     ref = load_model(ckpt, backend="torch")
     tri = load_model(ckpt, backend="triton")
     torch.manual_seed(3)
@@ -121,16 +122,12 @@ def test_device_position_paths_match_int_positions(ckpt):
         m.cache.reset()
         m.prefill(ids[:9])
     pos = torch.tensor([9])
-    got = tri._forward_at(ids[9:10], pos, return_hidden=False)          # one token
+    got = tri.forward_at(ids[9:10], pos)                                 # one token
     torch.testing.assert_close(got[0], ref.decode_one_token(ids[9:10]), atol=2e-4, rtol=0)
     tri.cache.length = 10
     pos.fill_(10)
-    got = tri._forward_at(ids[10:13], pos, return_hidden=False)         # a 3-token chunk
-    torch.testing.assert_close(got, ref.score_chunk(ids[10:13], 10), atol=2e-4, rtol=0)
-    tri.cache.length = 13
-    pos.fill_(13)
-    steps = tri._greedy_steps(ids[13:14], pos, 5)                       # the n-step body
-    assert steps.tolist() == ref.decode_steps(ids[13:14], 5).tolist()
+    got = tri.forward_at(ids[10:13], pos)                                # a 3-token chunk
+    torch.testing.assert_close(got, ref.forward(ids[10:13], 10), atol=2e-4, rtol=0)
 
 
 # ops that launch no kernel: allocation, views and metadata
@@ -188,9 +185,8 @@ def test_decode_step_launch_count(ckpt, fused):
     L = tri.config.num_layers
     tri.prefill(torch.tensor([3, 4, 5, 6]))
     tok, pos = torch.tensor([7]), torch.tensor([4])
-    tri._forward_at(tok, pos, return_hidden=False)          # warm-up: one-time allocations
-    got = _count_launches(lambda: torch.argmax(tri._forward_at(tok, pos, return_hidden=False),
-                                               dim=-1))
+    tri.forward_at(tok, pos)                                # warm-up: one-time allocations
+    got = _count_launches(lambda: torch.argmax(tri.forward_at(tok, pos), dim=-1))
     if fused:
         want = {"triton:_gemv_kernel": 4 * L + 1, "triton:_decode_attention_kernel": L}
     else:
@@ -198,11 +194,6 @@ def test_decode_step_launch_count(ckpt, fused):
                 "triton:_decode_attention_kernel": L, "triton:_swiglu_kernel": L}
     want.update({"aten.embedding.default": 1, "aten.argmax.default": 1})
     assert got == want
-    # the n-step graph body: every position in one add, then n such steps and one cat
-    got = _count_launches(lambda: tri._greedy_steps(tok, pos, 3))
-    step = {k: 3 * v for k, v in want.items()}
-    step.update({"aten.arange.default": 1, "aten.add.Tensor": 1, "aten.cat.default": 1})
-    assert got == step
 
 
 def test_set_decode_kernels(ckpt):
@@ -216,7 +207,7 @@ def test_set_decode_kernels(ckpt):
     assert tri.ops.fused_gemv and tri.ops.pdl
     with pytest.raises(ConfigError, match="True, False or None"):
         tri.set_decode_kernels(pdl="on")
-    tri._graphs["decode"] = {}                       # as if a graph had been captured
+    tri.graphs["decode"] = {}                        # as if a graph had been captured
     with pytest.raises(ConfigError, match="clear_graphs"):
         tri.set_decode_kernels(fused_gemv=False)
     tri.set_decode_kernels(fused_gemv=True)          # no change: allowed

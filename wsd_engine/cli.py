@@ -256,7 +256,8 @@ def cmd_generate(a):
         m.set_decode_kernels(fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
         if a.cuda_graphs:
             if m.can_capture and not (a.no_tune or m.decode_kernels_chosen):
-                m.tune_decode_kernels()
+                from .tuning import tune_decode_kernels
+                tune_decode_kernels(m)
             m.capture_decode()
         try:
             ids = m.tokenizer.encode(a.prompt)          # with the tokenizer's BOS, if any
@@ -270,7 +271,7 @@ def cmd_generate(a):
         return 0
     wsd = WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, backend=a.backend,
-                              cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
+                              cuda_graphs=a.cuda_graphs,
                               fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
                               tune_kernels=False if a.no_tune else None)
     _show(wsd.generate(a.prompt, params), a.json)
@@ -475,7 +476,7 @@ def _run_demo(a, pilot: str, base: str, where: str) -> int:
     try:
         wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype,
                                   max_seq_len=a.max_seq_len, backend=a.backend,
-                                  cuda_graphs=a.cuda_graphs, graph_chunks=(a.chunk,),
+                                  cuda_graphs=a.cuda_graphs,
                                   fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
                                   tune_kernels=False if a.no_tune else None)
         _show(wsd.generate(a.prompt, _params(a)), a.json)

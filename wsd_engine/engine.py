@@ -28,12 +28,14 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Optional
 
+from . import tuning
 from .batch import BatchRunner
 from .errors import ConfigError, ContextOverflowError, RequestError, TokenizerError, WSDError
+from .graphs import GRAPH_BATCH_SIZES, check_sizes
 from .handoff import DraftHandoff, tokenizers_identical
 from .params import WSDParams
 from .request import Phase, Request, RequestOutput, WSDResult
-from .runner import PREFILL_BUCKETS, Model, check_buckets, load_model
+from .runner import Model, load_model
 from .sampling import Sampler
 from .scheduler import Scheduler
 from .sharing import CacheOwner
@@ -50,21 +52,19 @@ class WSD:
     """A pilot (small aligned chat model) and a base (strong base model) on one device."""
 
     def __init__(self, pilot: Model, base: Model, base_template=None, cuda_graphs: bool = False,
-                 graph_chunks=(8,), step_graphs: bool = True, fused_gemv: bool | None = None,
-                 pdl: bool | None = None, tune_kernels: bool | None = None,
-                 prefill_buckets=PREFILL_BUCKETS):
-        """cuda_graphs: capture, once per engine, each model's decode step and the base's
-        chunk-scoring forward for each size in `graph_chunks` (CUDA + triton backend);
-        other chunk sizes run eagerly. With `step_graphs` also the pilot's greedy n-step
-        decode for those sizes: a greedy drafting chunk is then one replay (sampled
-        requests replay the one-step graph; the base's continuation streams through its
-        one-step graph with the next step in flight). And both prompt prefills for each
-        length in `prefill_buckets` (a prompt runs in the smallest bucket that holds it,
-        padded; longer prompts, or `prefill_buckets=()`, prefill eagerly).
+                 graph_batch_sizes=GRAPH_BATCH_SIZES, fused_gemv: bool | None = None,
+                 pdl: bool | None = None, tune_kernels: bool | None = None):
+        """cuda_graphs: capture, once per engine, both models' batched decode step (one
+        token per row: the pilot's drafting and the base's continuation) as CUDA graphs,
+        one per batch size of `graph_batch_sizes` up to the engine's `max_batch_size`, and
+        `max_batch_size` itself when it lies between two sizes (`graphs.row_graph_sizes`;
+        CUDA + triton backend). A step of B rows replays the smallest size >= B (padded
+        with copies of its last row); larger batches, the prompt prefills and the chunk
+        scoring run eagerly.
         fused_gemv / pdl (triton backend; None keeps each model's setting): the one-token
         kernels of both models (`Model.set_decode_kernels`), set before any capture.
         tune_kernels: time the one-token kernel choices on this GPU and keep the fastest
-        per model (`Model.tune_decode_kernels`, before capture; predicted a few seconds
+        per model (`tuning.tune_decode_kernels`, before capture; predicted a few seconds
         per model, not yet measured on a GPU).
         None (default): with cuda_graphs, for each model whose kernels nobody chose (no
         fused_gemv / pdl given here, no `set_decode_kernels` on it, no graphs captured on
@@ -110,15 +110,14 @@ class WSD:
         self._owner = CacheOwner()           # this engine's rows in the models' caches
         self._in_step = False                # aborts from inside a step wait for its end
         self._aborts: list[Request] = []
-        self._setup_kernels(cuda_graphs, graph_chunks, step_graphs, fused_gemv, pdl,
-                            tune_kernels, prefill_buckets)
+        self._setup_kernels(cuda_graphs, graph_batch_sizes, fused_gemv, pdl, tune_kernels)
 
-    def _setup_kernels(self, cuda_graphs, graph_chunks, step_graphs, fused_gemv, pdl,
-                       tune_kernels, prefill_buckets) -> None:
+    def _setup_kernels(self, cuda_graphs, graph_batch_sizes, fused_gemv, pdl,
+                       tune_kernels) -> None:
         pilot, base = self.pilot, self.base
         if tune_kernels not in (None, True, False):
             raise ConfigError(f"tune_kernels must be True, False or None, got {tune_kernels!r}")
-        check_buckets(prefill_buckets)
+        check_sizes(graph_batch_sizes, "graph_batch_sizes")
         if tune_kernels and (fused_gemv is not None or pdl is not None):
             raise ConfigError("tune_kernels=True chooses fused_gemv and pdl itself; give "
                               "either those settings or tune_kernels=True, not both")
@@ -128,40 +127,29 @@ class WSD:
         for name, m in (("pilot", pilot), ("base", base)):
             if tune_kernels or (tune_kernels is None and cuda_graphs and m.can_capture
                                 and not m.decode_kernels_chosen and not m.has_graphs):
-                self.kernel_tuning[name] = m.tune_decode_kernels()
+                self.kernel_tuning[name] = tuning.tune_decode_kernels(m)
         if cuda_graphs:
-            pilot.capture_decode()
-            base.capture_decode()
-            if prefill_buckets:
-                pilot.capture_prefill(prefill_buckets, hidden=False)   # logits: 1st draft token
-                base.capture_prefill(prefill_buckets, hidden=True)     # H[0] of the rule
-            for c in graph_chunks:
-                base.capture_score(c)
-                if step_graphs:              # the pilot's greedy drafting chunks
-                    pilot.capture_steps(c)
+            for m in (pilot, base):
+                m.capture_decode_rows(graph_batch_sizes, max_rows=self.max_batch_size)
 
     @classmethod
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
                         backend="torch", base_template=None, cuda_graphs=False,
-                        graph_chunks=(8,), step_graphs=True, fused_gemv=None,
-                        pdl=None, tune_kernels=None, prefill_buckets=PREFILL_BUCKETS,
-                        max_batch_size: int = 1) -> "WSD":
+                        graph_batch_sizes=GRAPH_BATCH_SIZES, fused_gemv=None, pdl=None,
+                        tune_kernels=None, max_batch_size: int = 1) -> "WSD":
         """Load both checkpoints; `max_batch_size` requests run together (each takes a
         KV cache slot in both models, allocated now: memory grows with it)."""
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend,
                   max_batch_size=max_batch_size)
         return cls(load_model(pilot, **kw), load_model(base, **kw), base_template,
-                   cuda_graphs=cuda_graphs, graph_chunks=graph_chunks, step_graphs=step_graphs,
-                   fused_gemv=fused_gemv, pdl=pdl, tune_kernels=tune_kernels,
-                   prefill_buckets=prefill_buckets)
+                   cuda_graphs=cuda_graphs, graph_batch_sizes=graph_batch_sizes,
+                   fused_gemv=fused_gemv, pdl=pdl, tune_kernels=tune_kernels)
 
     # ---- public API: whole requests ------------------------------------------------
     def generate(self, prompt, params=None):
         """One prompt (str or messages) -> WSDResult; a list of prompts -> list, in order,
         run together as a batch (params: one WSDParams for all, or a list, one per prompt).
         Every prompt is checked before any runs."""
-        if isinstance(prompt, list) and not prompt:
-            return []                                  # an empty batch
         if is_prompt_list(prompt):
             plist = self._params_list(params, len(prompt))
             return self._run_all([self._new_request(None, p, q, None, internal=True)

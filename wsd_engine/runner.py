@@ -1,22 +1,24 @@
 """One model on one device: weights, static KV cache, RoPE tables and the phases that run
-it — `prefill`, `decode_one_token`, `decode_steps`, `score_chunk` — plus the public
-`score` / `generate`, and the CUDA graphs that replay them.
+it — `prefill` / `decode_one_token` for one sequence in slot 0, `prefill_rows` /
+`decode_rows` / `score_rows` / `score_switch` for several rows each in its own slot — plus
+the public `score` / `generate`. CUDA graphs of the phases: `graphs.py`; the one-token
+kernel choice: `tuning.py`.
 """
 from __future__ import annotations
 
 import numbers
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from . import graphs as cudagraphs
 from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg, parse_dtype
 from .errors import ConfigError, ContextOverflowError, RequestError
 from .loader import load_weights
 from .memory import check_fits
-from .model import TorchOps, forward, forward_rows, rope_tables
+from .model import TorchOps, forward, forward_rows as _forward_rows, rope_tables
 from .rows import RowBatch
 from .sharing import CacheOwner, CacheResidency
 from .switch import first_pass_rows
@@ -25,9 +27,6 @@ from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
 BACKENDS = ("torch", "triton")
 DEFAULT_MAX_SEQ_LEN = 4096
 MAX_BATCH_SIZE = 1024
-# prompt lengths with a captured prefill graph (`capture_prefill`): a prompt runs in the
-# smallest that holds it, so the padding is under 2x (weight reads dominate at these sizes)
-PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
 def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
@@ -53,11 +52,10 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     _tokenizer: object = None
-    # captured CUDA graphs and their static buffers, in one place: "decode",
-    # ("score", n_tokens) and ("steps", n_steps) -> {"graph", "token", "pos", "out"}
-    _graphs: dict = field(default_factory=dict)
+    # captured CUDA graphs by kind, each a dict of its static buffers (see graphs.py)
+    graphs: dict = field(default_factory=dict)
     # the one-token kernel choice: set by set_decode_kernels (a non-None value) or by
-    # tune_decode_kernels, whose measurements stay in decode_tuning
+    # tuning.tune_decode_kernels, whose measurements stay in decode_tuning
     _kernels_chosen: bool = False
     decode_tuning: dict | None = None
     # who may use the cache now: the lock, the resident sequence, parked ones
@@ -107,7 +105,7 @@ class Model:
     @property
     def has_graphs(self) -> bool:
         """Whether any CUDA graph is captured on this model."""
-        return bool(self._graphs)
+        return bool(self.graphs)
 
     @property
     def tokenizer(self):
@@ -169,77 +167,50 @@ class Model:
         return forward(self.config, self.weights, self.ops, tokens, start, self.cache,
                        self.cos, self.sin, return_hidden=return_hidden, rows=rows)
 
+    def forward_at(self, tokens: torch.Tensor, pos: torch.Tensor, return_hidden: bool = False,
+                   rows=None) -> torch.Tensor:
+        """`forward` from a device start position pos [1] int64 (a graph body: nothing is
+        read on the host, and the caller keeps the cache length)."""
+        return forward(self.config, self.weights, self.ops, tokens, pos, self.cache, self.cos,
+                       self.sin, return_hidden=return_hidden, rows=rows)
+
+    @torch.inference_mode()
+    def forward_rows(self, tokens: torch.Tensor, rb: RowBatch, return_hidden: bool = False,
+                     rows=None) -> torch.Tensor:
+        """One forward over the rows `rb` describes (see `model.forward_rows`): writes their
+        K/V, the caller keeps the slots' lengths. A decode batch whose RowBatch lives on the
+        device only (graphs.py) reads nothing on the host."""
+        return _forward_rows(self.config, self.weights, self.ops, tokens, rb, self.cache,
+                             self.cos, self.sin, return_hidden=return_hidden, rows=rows)
+
     def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Fill the cache with a prompt (from position `start`); logits of the last token [V].
+        """Fill slot 0 with a prompt (from position `start`); logits of the last token [V].
         Through a captured prefill graph when one fits (`capture_prefill`), else eagerly."""
-        return self._prefill_last(tokens, start, hidden=False)
-
-    def prefill_hidden(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """As `prefill`, returning the last token's final-normed hidden state [d] instead
-        (the WSD base: its scoring kernel applies the lm_head itself)."""
-        return self._prefill_last(tokens, start, hidden=True)
-
-    def _prefill_last(self, tokens: torch.Tensor, start: int, hidden: bool) -> torch.Tensor:
-        n = tokens.shape[0]
-        g = self._prefill_graph(n, start, hidden)
-        if g is None:
-            return self.forward(tokens, start, return_hidden=hidden, last_only=True)[0]
-        # the graph runs b >= n tokens: the prompt, then copies of its last token. Their
-        # K/V land in cache positions [start + n, start + b), past the length the replay
-        # sets (start + n): never attended to (a position is written again before it is read)
-        b = g["token"].shape[0]
-        g["row"].fill_(n - 1)
-        padded = torch.cat([tokens, tokens[-1:].expand(b - n)])
-        out = self._replay(g, padded, start, advance=n)
-        return out[0].clone()               # the static buffer is the next replay's output
-
-    def _prefill_graph(self, n: int, start: int, hidden: bool):
-        """The smallest captured prefill graph of this kind for n tokens at `start` (its
-        b tokens must fit the cache), or None."""
-        fits = [(key[1], g) for key, g in self._graphs.items()
-                if isinstance(key, tuple) and key[0] == "prefill" and key[2] == hidden
-                and n <= key[1] and start + key[1] <= self.max_seq_len]
-        return min(fits, key=lambda bg: bg[0])[1] if fits else None
+        if start > self.cache.length:
+            raise ValueError(f"start {start} is past the cache length {self.cache.length}")
+        self.cache.check_fits(start, tokens.shape[0])
+        out = cudagraphs.replay_prefill(self, tokens, start)
+        if out is None:
+            return self.forward(tokens, start, last_only=True)[0]
+        self.cache.length = start + tokens.shape[0]
+        return out
 
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
-        """One token [1] at the current cache length; its logits [V] (a view of a static
-        buffer when the step is graph-captured: use it before the next step)."""
-        g = self._graphs.get("decode")
-        if g is None:
-            return self.forward(token, self.cache.length)[0]
-        return self._replay(g, token, self.cache.length)[0]
-
-    def decode_steps(self, token: torch.Tensor, n: int) -> torch.Tensor:
-        """Greedy decoding of n steps with no host sync (the pilot's drafting chunks): feeds
-        `token` [1] at the cache length, then each step's argmax. Returns [n + 1] int64 on the device: `token` and
-        its n greedy successors (the last one is chosen but not fed; the cache grows by n).
-        One graph replay when an n-step graph was captured (`capture_steps(n)`), else n
-        decode steps (each a replay when the decode step was captured)."""
+        """One token [1] at slot 0's length; its logits [V] (a view of a static buffer when
+        the step is graph-captured, `capture_decode`: use it before the next step)."""
         start = self.cache.length
-        self.cache.check_fits(start, n)
-        g = self._graphs.get(("steps", n))
-        if g is not None:
-            return self._replay(g, token, start, advance=n).clone()
-        toks = [token.reshape(1)]
-        for _ in range(n):
-            toks.append(torch.argmax(self.decode_one_token(toks[-1]), dim=-1).reshape(1))
-        return torch.cat(toks)
-
-    def score_chunk(self, tokens: torch.Tensor, start: int, return_hidden: bool = False):
-        """A chunk of another model's tokens appended at `start` (the cross-model prefix
-        prefill): writes their K/V, returns logits [T, V] (or final hidden states [T, d];
-        a static graph buffer when a graph for T tokens was captured)."""
-        g = self._graphs.get(("score", tokens.shape[0])) if return_hidden else None
-        if g is None:
-            return self.forward(tokens, start, return_hidden=return_hidden)
-        return self._replay(g, tokens, start)
+        self.cache.check_fits(start, 1)
+        out = cudagraphs.replay_decode(self, token, start)
+        if out is None:
+            return self.forward(token, start)[0]
+        self.cache.length = start + 1
+        return out[0]
 
     # ---- batched phases: several sequences, each in its own cache slot ---------------
-    @torch.inference_mode()
     def run_rows(self, tokens: torch.Tensor, slots, counts, return_hidden: bool = False,
                  last_only: bool = False) -> torch.Tensor:
-        """One forward over several rows: row b appends counts[b] tokens (consecutive in
-        `tokens` [T]) to cache slot slots[b] at its current length. Returns fp32 logits
+        """One eager forward over several rows: row b appends counts[b] tokens (consecutive
+        in `tokens` [T]) to cache slot slots[b] at its current length. Returns fp32 logits
         (or final-normed hidden states) of every token [T, .], or of each row's last token
         [B, .] (`last_only`). ContextOverflowError (nothing written) if a row does not fit."""
         lengths = self.cache.lengths
@@ -247,9 +218,8 @@ class Model:
         for p0, n in zip(starts, counts):
             self.cache.check_fits(p0, n)
         rb = RowBatch.build(slots, starts, counts, self.device)
-        out = forward_rows(self.config, self.weights, self.ops, tokens, rb, self.cache,
-                           self.cos, self.sin, return_hidden=return_hidden,
-                           rows=rb.last if last_only else None)
+        out = self.forward_rows(tokens, rb, return_hidden=return_hidden,
+                                rows=rb.last if last_only else None)
         for s, p0, n in zip(slots, starts, counts):
             lengths[s] = p0 + n
         return out
@@ -263,8 +233,20 @@ class Model:
                              return_hidden=hidden, last_only=True)
 
     def decode_rows(self, tokens: torch.Tensor, slots) -> torch.Tensor:
-        """One token per row (tokens [B] on the device) at each slot's length: logits [B, V]."""
-        return self.run_rows(tokens, slots, [1] * len(slots))
+        """One token per row (tokens [B] on the device) at each slot's length: logits
+        [B, V]. Replays the smallest batched decode graph of >= B rows when one is captured
+        (`capture_decode_rows`; then a view of its static output: copy it before the next
+        step), else one eager forward."""
+        lengths = self.cache.lengths
+        starts = [lengths[s] for s in slots]
+        for p0 in starts:
+            self.cache.check_fits(p0, 1)
+        out = cudagraphs.replay_rows(self, tokens, slots, starts)
+        if out is None:
+            return self.run_rows(tokens, slots, [1] * len(slots))
+        for s, p0 in zip(slots, starts):
+            lengths[s] = p0 + 1
+        return out
 
     def score_rows(self, tokens: torch.Tensor, slots, counts) -> torch.Tensor:
         """Chunks of another model's tokens, one per row, appended to the rows' slots (the
@@ -302,14 +284,23 @@ class Model:
         logp = torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
         return logp, first_pass_rows(logp, counts, carry, n_prev, window, log_gamma)
 
-    # ---- one-token kernel options (triton backend) ------------------------------------
-    def set_decode_kernels(self, fused_gemv: bool | None = None, pdl: bool | None = None) -> None:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head)."""
+        return torch.nn.functional.linear(hidden, self.weights["lm_head"]).float()
+
+    def truncate(self, length: int) -> None:
+        self.cache.truncate(length)
+
+    # ---- one-token kernel options (triton backend; chosen on the GPU by tuning.py) -----
+    def set_decode_kernels(self, fused_gemv: bool | None = None, pdl: bool | None = None,
+                           *, chosen: bool = True) -> None:
         """Choose the one-token (decode) kernels of the triton backend; None leaves a
         setting as it is. fused_gemv: every one-token matmul through the `gemv` kernel with
         the RMSNorm / SwiGLU / logits fused in (5 launches per layer). pdl: launch them with
         programmatic dependent launch (sm_90+ GPUs; a no-op elsewhere). Captured graphs keep
         the kernels they were captured with, so set this before capturing (ConfigError
-        otherwise: call `clear_graphs()` first)."""
+        otherwise: call `clear_graphs()` first). chosen=False: a trial (tuning), which
+        leaves `decode_kernels_chosen` as it is."""
         for name, v in (("fused_gemv", fused_gemv), ("pdl", pdl)):
             if v is not None and not isinstance(v, bool):
                 raise ConfigError(f"{name} must be True, False or None, got {v!r}")
@@ -321,254 +312,50 @@ class Model:
                 raise ConfigError(f"{', '.join(k for k, v in want.items() if v)} needs "
                                   f"backend='triton' (this model: {self.backend})")
             return
-        if self._graphs and any(getattr(self.ops, k) != v for k, v in want.items()):
+        if self.graphs and any(getattr(self.ops, k) != v for k, v in want.items()):
             raise ConfigError("this model has captured CUDA graphs, which keep the kernels "
                               "they were captured with; call clear_graphs() first, then "
                               "capture again")
         for k, v in want.items():
             setattr(self.ops, k, v)
-        self._kernels_chosen = True
+        self._kernels_chosen = self._kernels_chosen or chosen
 
+    @property
+    def decode_kernels(self) -> dict:
+        """The one-token kernel settings now: {"fused_gemv": bool, "pdl": bool}."""
+        return {k: bool(getattr(self.ops, k, False)) for k in ("fused_gemv", "pdl")}
+
+    @property
+    def decode_kernels_chosen(self) -> bool:
+        """Whether the one-token kernels were set (`set_decode_kernels` with a value, or
+        `tuning.tune_decode_kernels`): an engine with `tune_kernels=None` leaves such a
+        model as it is."""
+        return self._kernels_chosen
+
+    # ---- CUDA graphs (graphs.py) ---------------------------------------------------------
     @property
     def can_capture(self) -> bool:
         """CUDA graphs (and kernel tuning) need a CUDA device and the triton backend."""
         return self.device.type == "cuda" and self.backend == "triton"
 
-    @property
-    def decode_kernels_chosen(self) -> bool:
-        """Whether the one-token kernels were set (`set_decode_kernels` with a value, or
-        `tune_decode_kernels`): an engine with `tune_kernels=None` leaves such a model as it is."""
-        return self._kernels_chosen
+    def capture_decode(self) -> None:
+        """Capture the one-sequence decode step (`decode_one_token`). Resets the cache."""
+        cudagraphs.capture_decode(self)
 
-    def tuning_candidates(self) -> list[dict]:
-        """The one-token kernel settings `tune_decode_kernels` times on this device, the
-        plain path first: cuBLAS matmuls with the norm / SwiGLU kernels apart, then the
-        fused gemv, and with programmatic dependent launch where the GPU has it (sm_90+)."""
-        cands = [dict(fused_gemv=False, pdl=False), dict(fused_gemv=True, pdl=False)]
-        if self.can_capture:
-            from .kernels.pdl import pdl_supported
-            if pdl_supported(self.device):
-                cands += [dict(fused_gemv=True, pdl=True), dict(fused_gemv=False, pdl=True)]
-        return cands
+    def capture_prefill(self, buckets=cudagraphs.PREFILL_BUCKETS) -> None:
+        """Capture the one-sequence prompt prefill per bucket length (`prefill`). Resets
+        the cache."""
+        cudagraphs.capture_prefill(self, buckets)
 
-    def tune_decode_kernels(self, context: int | None = None, replays: int = 20,
-                            candidates: list[dict] | None = None,
-                            min_gain: float = 0.03) -> dict:
-        """Time the graph-captured decode step with each one-token kernel setting
-        (`tuning_candidates()` by default) on this GPU and keep the fastest: the step at
-        `context` tokens (default min(512, max_seq_len)) after a prefill of random tokens,
-        `replays` back-to-back replays, median of 3. The plain path (the first candidate)
-        is kept unless another is faster by more than `min_gain` (3%): a near tie always
-        resolves the same way. All candidates compute the same math (the fused gemv rounds
-        in another order, as any kernel choice may). A candidate that fails is recorded
-        with its error and skipped; so is one whose logits are not finite or differ from
-        the first working candidate's by more than bf16 rounding can explain
-        (`_logits_disagree`): tuning never trades correctness for speed. Run before
-        capturing graphs (it captures and drops its own); resets the cache. Returns the
-        record, also kept in `decode_tuning`: {"context", "replays", "rows": [{fused_gemv,
-        pdl, ms | error (+ ms_rejected)}], "chosen", "ms"}."""
-        with self.reserved():
-            return self._tune_decode_kernels(context, replays, candidates, min_gain)
-
-    def _tune_decode_kernels(self, context, replays, candidates, min_gain) -> dict:
-        if not self.can_capture:
-            raise ConfigError("tuning the decode kernels needs device='cuda' and "
-                              f"backend='triton' (this model: {self.device}, {self.backend})")
-        if self._graphs:
-            raise ConfigError("this model has captured CUDA graphs, which keep the kernels they "
-                              "were captured with; tune before capturing (or clear_graphs() "
-                              "first)")
-        cands = self.tuning_candidates() if candidates is None else list(candidates)
-        if not cands or any(not isinstance(c, dict) or set(c) != {"fused_gemv", "pdl"}
-                            or not all(isinstance(v, bool) for v in c.values())
-                            for c in cands):
-            raise ConfigError("candidates must be a non-empty list of "
-                              "{'fused_gemv': bool, 'pdl': bool} dicts, got "
-                              f"{candidates!r}")
-        context = min(512, self.max_seq_len) if context is None else context
-        if not isinstance(context, int) or not 1 <= context <= self.max_seq_len:
-            raise ConfigError(f"context must be an int in [1, max_seq_len={self.max_seq_len}], "
-                              f"got {context!r}")
-        if not isinstance(replays, int) or replays < 1:
-            raise ConfigError(f"replays must be an int >= 1, got {replays!r}")
-        before = dict(fused_gemv=self.ops.fused_gemv, pdl=self.ops.pdl)
-        chosen_before = self._kernels_chosen
-        rows = []
-        ref = None          # logits of the first candidate that ran: the others must agree
-        for c in cands:
-            row = dict(c)
-            try:
-                self.set_decode_kernels(**c)
-                ms, logits = self._time_decode_step(context, replays)
-                bad = _logits_disagree(ref, logits)
-                if bad:
-                    row["error"] = f"rejected: {bad}"
-                    row["ms_rejected"] = ms
-                else:
-                    row["ms"] = ms
-                    ref = logits if ref is None else ref
-            except Exception as e:  # noqa: BLE001 - recorded; the other candidates go on
-                row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-            finally:
-                self.clear_graphs()
-                self.cache.reset()
-            rows.append(row)
-        ok = [r for r in rows if "ms" in r]
-        if not ok:
-            self.set_decode_kernels(**before)
-            self._kernels_chosen = chosen_before
-            raise RuntimeError("every decode kernel candidate failed: "
-                               + "; ".join(f"{r['fused_gemv'], r['pdl']}: {r['error']}"
-                                           for r in rows))
-        best = min(ok, key=lambda r: r["ms"])
-        chosen = best if best["ms"] < ok[0]["ms"] * (1.0 - min_gain) else ok[0]
-        self.set_decode_kernels(fused_gemv=chosen["fused_gemv"], pdl=chosen["pdl"])
-        self.decode_tuning = {"context": context, "replays": replays, "min_gain": min_gain,
-                              "rows": rows, "ms": chosen["ms"],
-                              "chosen": dict(fused_gemv=chosen["fused_gemv"],
-                                             pdl=chosen["pdl"])}
-        return self.decode_tuning
-
-    def _time_decode_step(self, context: int, replays: int) -> tuple[float, torch.Tensor]:
-        """ms per replay of the captured decode step at position context - 1, after an
-        eager prefill of context - 1 random tokens (real cache contents, never zeros), and
-        the step's fp32 logits (the same tokens for every candidate: comparable)."""
-        self.capture_decode()
-        g = self._graphs["decode"]
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, self.config.vocab_size, (context,), generator=gen)
-        ids = ids.to(self.device)
-        if context > 1:
-            self.forward(ids[:-1], 0)
-        logits = self._replay(g, ids[-1:], context - 1).float().clone()
-        torch.cuda.synchronize(self.device)
-        times = []
-        for _ in range(3):
-            t0 = torch.cuda.Event(enable_timing=True)
-            t1 = torch.cuda.Event(enable_timing=True)
-            t0.record()
-            for _ in range(replays):
-                g["graph"].replay()
-            t1.record()
-            t1.synchronize()
-            times.append(t0.elapsed_time(t1) / replays)
-        return sorted(times)[1], logits
+    def capture_decode_rows(self, buckets=cudagraphs.GRAPH_BATCH_SIZES,
+                            max_rows: int | None = None) -> list[int]:
+        """Capture the batched decode step per batch size (`decode_rows`); returns the
+        sizes captured (`graphs.row_graph_sizes`). Resets the cache."""
+        return cudagraphs.capture_decode_rows(self, buckets, max_rows)
 
     def clear_graphs(self) -> None:
-        """Drop every captured CUDA graph (and its memory pool); calls run eagerly until
-        the next capture."""
-        self._graphs.clear()
-
-    # ---- CUDA graphs ---------------------------------------------------------------
-    def capture_decode(self) -> None:
-        """Capture one decode step as a CUDA graph; later `decode_one_token` calls replay
-        it. Triton backend on CUDA only. Resets the cache (capture writes positions 0..)."""
-        self._graphs["decode"] = self._capture(
-            1, lambda tok, pos: self._forward_at(tok, pos, return_hidden=False))
-
-    def capture_score(self, n_tokens: int) -> None:
-        """Capture the chunk-scoring forward of `n_tokens` tokens (final hidden states) as a
-        CUDA graph; `score_chunk(..., return_hidden=True)` with that many tokens replays it.
-        Resets the cache."""
-        self._graphs[("score", n_tokens)] = self._capture(
-            n_tokens, lambda tok, pos: self._forward_at(tok, pos, return_hidden=True))
-
-    def capture_prefill(self, buckets=PREFILL_BUCKETS, hidden: bool = False) -> None:
-        """Capture the prompt prefill for each bucket size b (those that fit the cache):
-        b tokens at a device start position, the logits (or, `hidden`, the final-normed
-        hidden state) of one row chosen through a static index. `prefill` (`prefill_hidden`)
-        of n tokens then replays the smallest bucket b >= n, the prompt padded with copies
-        of its last token (whose K/V, past the prompt, are never read): one launch instead
-        of ~10 per layer from Python. Longer prompts run eagerly. Resets the cache."""
-        check_buckets(buckets)
-        if not buckets:
-            raise ConfigError("buckets is empty: give at least one prompt length")
-        for b in sorted(set(buckets)):
-            if b > self.max_seq_len:
-                continue
-            row = torch.zeros(1, dtype=torch.int64, device=self.device)
-            g = self._capture(b, lambda tok, pos, row=row: forward(
-                self.config, self.weights, self.ops, tok, pos, self.cache, self.cos, self.sin,
-                return_hidden=hidden, rows=row))
-            g["row"] = row
-            self._graphs[("prefill", b, hidden)] = g
-
-    def capture_steps(self, n_steps: int) -> None:
-        """Capture n greedy decode steps (forward, argmax, feed back) as ONE CUDA graph;
-        `decode_steps(token, n_steps)` replays it: one launch and no host work per token.
-        Resets the cache."""
-        if not isinstance(n_steps, int) or n_steps < 1:
-            raise ConfigError(f"n_steps must be an int >= 1, got {n_steps!r}")
-
-        self._graphs[("steps", n_steps)] = self._capture(
-            1, lambda tok, pos: self._greedy_steps(tok, pos, n_steps), n_cache=n_steps)
-
-    def _greedy_steps(self, tok: torch.Tensor, pos: torch.Tensor, n_steps: int) -> torch.Tensor:
-        """The body of `capture_steps`: n greedy steps from token [1] at device position
-        pos [1]; returns [n + 1] (tok and its successors). Nothing is read on the host."""
-        toks = [tok]
-        # every step's position in one kernel; each step reads a [1] view of it
-        all_pos = pos + torch.arange(n_steps, device=pos.device)                  # [n]
-        for i in range(n_steps):
-            logits = self._forward_at(toks[-1], all_pos[i:i + 1], return_hidden=False)
-            toks.append(torch.argmax(logits, dim=-1))                               # [1]
-        return torch.cat(toks)                                                      # [n+1]
-
-    def _forward_at(self, tok: torch.Tensor, pos: torch.Tensor, return_hidden: bool):
-        """The forward with a device-tensor start position (nothing read on the host)."""
-        return forward(self.config, self.weights, self.ops, tok, pos, self.cache,
-                       self.cos, self.sin, return_hidden=return_hidden)
-
-    def _capture(self, n_tokens: int, body, n_cache: int | None = None) -> dict:
-        """Capture body(token_buffer [n_tokens], pos [1]) -> output as a CUDA graph over
-        static input buffers; it may write cache positions [0, n_cache)."""
-        if not self.can_capture:
-            raise ConfigError("CUDA graphs need device='cuda' and backend='triton' "
-                              f"(this model: {self.device}, {self.backend})")
-        with self.reserved():
-            return self._capture_reserved(n_tokens, body, n_cache)
-
-    def _capture_reserved(self, n_tokens: int, body, n_cache: int | None) -> dict:
-        self.cache.check_fits(0, n_tokens if n_cache is None else n_cache)
-        tok = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
-        pos = torch.zeros(1, dtype=torch.int64, device=self.device)   # start, a device scalar
-
-        with torch.inference_mode():
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):       # warm up: compile kernels, settle allocations
-                for _ in range(2):
-                    body(tok, pos)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            # its own memory pool: a shared pool could hand one graph's freed intermediates
-            # to another graph's output, which the first graph's replay would overwrite
-            with torch.cuda.graph(graph):
-                out = body(tok, pos)
-        self.cache.reset()
-        return {"graph": graph, "token": tok, "pos": pos, "out": out}
-
-    def _replay(self, g: dict, tokens: torch.Tensor, start: int,
-                advance: int | None = None) -> torch.Tensor:
-        """Replay a captured graph on `tokens` at `start`; the cache grows by `advance`
-        positions (default: the number of input tokens)."""
-        n = g["token"].shape[0]
-        advance = n if advance is None else advance
-        if start > self.cache.length:
-            raise ValueError(f"start {start} is past the cache length {self.cache.length}")
-        self.cache.check_fits(start, advance)
-        g["token"].copy_(tokens.reshape(n))
-        g["pos"].fill_(start)                # a fill kernel: no host sync
-        g["graph"].replay()
-        self.cache.length = start + advance
-        return g["out"]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head)."""
-        return torch.nn.functional.linear(hidden, self.weights["lm_head"]).float()
-
-    def truncate(self, length: int) -> None:
-        self.cache.truncate(length)
+        """Drop every captured CUDA graph; calls run eagerly until the next capture."""
+        cudagraphs.clear_graphs(self)
 
     # ---- public API -------------------------------------------------------------------
     def score(self, token_ids) -> torch.Tensor:
@@ -663,38 +450,6 @@ class Model:
         ev.synchronize()
         yield int(host[n - 1])
 
-
-def check_buckets(buckets) -> None:
-    """Prefill bucket sizes: a list / tuple of positive ints (empty: none)."""
-    if (not isinstance(buckets, (list, tuple))
-            or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in buckets)):
-        raise ConfigError("prefill buckets must be a list or tuple of positive ints (prompt "
-                          f"lengths), got {buckets!r}")
-
-
-# 4%: about three times the measured bf16 difference of two correct paths (1.3%, below)
-TUNING_MAX_REL_RMS = 0.04
-
-
-def _logits_disagree(ref: torch.Tensor | None, out: torch.Tensor) -> str | None:
-    """Why a tuning candidate's decode-step logits cannot be the same math as the first
-    candidate's, or None. The candidates round differently in bf16: the plain and fused
-    paths of an 8-layer random-weight bf16 model differ by 1.3% relative RMS (CPU
-    interpreter, whose bf16 stores truncate; each is ~1.5% from fp32), more layers add
-    some. A broken kernel on this card or driver (a race, a stale read) gives NaN / inf or
-    errors far beyond that: a relative RMS difference above TUNING_MAX_REL_RMS (4%) is
-    rejected, so tuning never picks it."""
-    if not bool(torch.isfinite(out).all()):
-        return "non-finite logits"
-    if ref is None:
-        return None
-    if out.shape != ref.shape:
-        return f"logits of shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
-    rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    if rel > TUNING_MAX_REL_RMS:
-        return (f"logits disagree with the first candidate's (relative RMS difference "
-                f"{rel:.3g} > {TUNING_MAX_REL_RMS})")
-    return None
 
 
 def parse_device(device) -> torch.device:
@@ -812,3 +567,4 @@ def random_model(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, max_seq_l
         raw[name] = t.to(dtype)
     return build_model(cfg, _fuse(raw, cfg), device, dtype, max_seq_len, backend,
                        max_batch_size=max_batch_size)
+
