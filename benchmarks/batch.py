@@ -258,9 +258,9 @@ def measure_gpu(log, dev, dtype, backend: str, pilot_name: str, base_name: str, 
     e = {"pilot": pilot_name, "base": base_name, "device": str(dev), "dtype": str(dtype),
          "backend": backend, "prompt_len": prompt_len, "response": response, "chunk": chunk,
          "switch_range": list(ks), "sizes": sizes, "max_batch_size": slots, "reps": reps,
-         "cuda_graphs": False,
-         "note": "batched steps run eagerly (the row-batch forwards have no CUDA graphs); "
-                 "b requests at batch b, switch points spread evenly over the range (batch "
+         "cuda_graphs": dev.type == "cuda" and backend == "triton",
+         "note": "decode positions replay the row graphs of the smallest batch bucket that "
+                 "holds the rows (scoring and prefill eager); b requests at batch b, switch points spread evenly over the range (batch "
                  "1: the middle); each size warmed up first (kernel compiles)",
          "by_size": {}}
 
@@ -273,7 +273,9 @@ def measure_gpu(log, dev, dtype, backend: str, pilot_name: str, base_name: str, 
                          max_batch_size=slots)
     base = random_model(bc, dev, dtype, max_seq_len=msl, backend=backend, seed=1,
                         max_batch_size=slots)
-    wsd = WSD(pilot, base, cuda_graphs=False, **(decode_kernels or {}))
+    graphs = dev.type == "cuda" and backend == "triton"
+    wsd = WSD(pilot, base, cuda_graphs=graphs, graph_batch_sizes=tuple(sizes),
+              **(decode_kernels or {}))
     e["setup_s"] = time.perf_counter() - t0
     e["pilot_params"], e["base_params"] = n_params(pilot), n_params(base)
     vocab = min(pc.vocab_size, bc.vocab_size)

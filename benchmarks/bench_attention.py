@@ -135,7 +135,7 @@ class Setup:
 
 
 def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False, rows=None, checkpoint=None):
-    from wsd_engine.kernels.rope import rope as rope_k, rope_ref, rope_tables
+    from wsd_engine.kernels._common import rope_ref, rope_tables
     rows = [] if rows is None else rows
     on_gpu = su.device == "cuda"
     for ctx in ctxs:
@@ -154,7 +154,7 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False, rows=None, checkp
             "ref_fp32": lambda i: dec.decode_attention_ref(q, cache[i, 0], cache[i, 1], ctx),
         }
         # the decode step's append mode: q / new k unrotated, RoPE + cache write + attention
-        # in one launch, against the rope kernel's cache write followed by attention
+        # in one launch, against torch RoPE + cache write followed by attention
         cos, sin = rope_tables(su.hd, ctx, base=500000.0, device=su.device)
         kn = torch.randn(su.n_kv, su.hd, device=su.device, dtype=su.dtype)
         vn = torch.randn(su.n_kv, su.hd, device=su.device, dtype=su.dtype)
@@ -166,12 +166,12 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False, rows=None, checkp
         del ref0
 
         def rope_write_then_attend(i):
-            q2, _ = rope_k(q[None], kn[None], cos, sin, p_t, k_cache=cache[i, 0], v=vn[None],
-                           v_cache=cache[i, 1])
+            q2, k2 = rope_ref(q[None], kn[None], cos, sin, p_t)
+            cache[i, 0][:, ctx - 1], cache[i, 1][:, ctx - 1] = k2[0], vn
             return dec.decode_attention(q2[0], cache[i, 0], cache[i, 1], n_t)
         impls["triton_append (one launch)"] = lambda i: dec.decode_attention(
             q, cache[i, 0], cache[i, 1], n_t, k_new=kn, v_new=vn, cos=cos, sin=sin)
-        impls["rope+write kernel, then triton"] = rope_write_then_attend
+        impls["torch rope+write, then triton"] = rope_write_then_attend
         # the engine's cache is longer than the context: its graph-captured step launches
         # the piece count of the whole cache (32 on a 132-SM card) at every length; min_piece
         # decides how many of those pieces a short context uses (0 = all of them)
@@ -192,7 +192,7 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False, rows=None, checkp
                     q, cache[i, 0], cache[i, 1], n_t, k_new=kn, v_new=vn, cos=cos, sin=sin,
                     num_splits=eng_splits, pdl=True, prefetch_tiles=pf))
         appends = tuple(n for n in impls if n.startswith("triton_append")) + (
-            "rope+write kernel, then triton",)
+            "torch rope+write, then triton",)
         if on_gpu and (sweep or ctx in COMPILE_CTX):   # inductor on CPU: minutes; GPU only
             compiled = torch.compile(dec.decode_attention_ref, dynamic=False)
             impls["compile(ref)"] = lambda i: compiled(q, cache[i, 0], cache[i, 1], ctx)
@@ -234,7 +234,7 @@ def bench_decode(dec, su: Setup, copy_gbps, ctxs, sweep=False, rows=None, checkp
 def bench_prefill(pre, su: Setup, Ls, prefix, sweep=False, rows=None, checkpoint=None):
     from torch.nn.attention.bias import causal_lower_right
 
-    from wsd_engine.kernels.rope import rope_tables
+    from wsd_engine.kernels._common import rope_tables
     rows = [] if rows is None else rows
     dev = su.device
     max_seq = prefix + max(Ls)

@@ -1,11 +1,12 @@
-"""Benchmark: rms_norm (+ fused residual), swiglu and rope kernels vs torch refs vs torch.compile.
+"""Benchmark: rms_norm (+ fused residual) and swiglu kernels vs torch refs vs torch.compile.
 
     python benchmarks/bench_layers.py --out layers.json        # CUDA, Llama-3.1-8B shapes
     python benchmarks/bench_layers.py --cpu-smoke              # interpreter, tiny shapes
 
-Shapes (bf16): rms_norm T=1/64, d=4096; swiglu T=1/64, I=14336; rope T=1/64, 32 q heads,
-8 kv heads, head_dim 128. GB/s counts the bytes each op must read + write. At T=1 these
-ops move tens of kilobytes, so launch latency, not bandwidth, sets their time.
+Shapes (bf16): rms_norm T=1/64, d=4096; swiglu T=1/64, I=14336. GB/s counts the bytes
+each op must read + write. At T=1 these ops move tens of kilobytes, so launch latency, not
+bandwidth, sets their time. (RoPE has no kernel of its own: the attention kernels apply it;
+bench_attention.py times that.)
 """
 from __future__ import annotations
 
@@ -37,48 +38,30 @@ def main(argv=None):
 
     device = setup_backend(args.cpu_smoke)
     from wsd_engine.kernels.rms_norm import rms_norm, rms_norm_ref
-    from wsd_engine.kernels.rope import rope, rope_ref, rope_tables
     from wsd_engine.kernels.swiglu import swiglu, swiglu_ref
 
     smoke = device.type == "cpu"
     dt = torch.bfloat16
-    d, inter, n_q, n_kv, hd = (96, 200, 4, 2, 64) if smoke else (4096, 14336, 32, 8, 128)
+    d, inter = (96, 200) if smoke else (4096, 14336)
     Ts = (1, 7) if smoke else (1, 64)
     eps = 1e-5
     use_compile = not (args.no_compile or smoke)
-    c_rms, c_swiglu, c_rope = (maybe_compile(f, use_compile)
-                               for f in (rms_norm_ref, swiglu_ref, rope_ref))
+    c_rms, c_swiglu = (maybe_compile(f, use_compile) for f in (rms_norm_ref, swiglu_ref))
     copy_gbps = copy_bandwidth_gbps(device)
     torch.manual_seed(0)
-    cos, sin = rope_tables(hd, 8192, base=500000.0, device=device)     # [8192, hd] fp32
     rows = []
     for T in Ts:
         x = torch.randn(T, d, device=device).to(dt)                    # [T, d]
         res = torch.randn(T, d, device=device).to(dt)
         w = (1 + 0.1 * torch.randn(d, device=device)).to(dt)           # [d]
         gate_up = torch.randn(T, 2 * inter, device=device).to(dt)      # [T, 2I]
-        q = torch.randn(T, n_q, hd, device=device).to(dt)              # [T, n_q, hd]
-        k = torch.randn(T, n_kv, hd, device=device).to(dt)             # [T, n_kv, hd]
-        pos = torch.randperm(8192, device=device)[:T]                  # distinct positions
-        v = torch.randn(T, n_kv, hd, device=device).to(dt)
-        kc = torch.randn(n_kv, 8192, hd, device=device).to(dt)         # one layer's cache slab
-        vc = torch.randn(n_kv, 8192, hd, device=device).to(dt)
-
-        def rope_then_copy():      # the decode step before the fused write: three launches
-            qo_, ko_ = rope(q, k, cos, sin, pos)
-            kc.index_copy_(1, pos, ko_.transpose(0, 1))
-            vc.index_copy_(1, pos, v.transpose(0, 1))
 
         # validate before timing
         y, h = rms_norm(x, w, eps, residual=res)
         y_ref, h_ref = rms_norm_ref(x, w, eps, residual=res)
-        qo, ko = rope(q, k, cos, sin, pos)
-        qr, kr = rope_ref(q, k, cos, sin, pos)
         errs = {
             "rms_norm": (y.float() - y_ref.float()).abs().max().item(),
             "swiglu": (swiglu(gate_up).float() - swiglu_ref(gate_up).float()).abs().max().item(),
-            "rope": max((qo.float() - qr.float()).abs().max().item(),
-                        (ko.float() - kr.float()).abs().max().item()),
         }
         print(f"T={T} max abs error vs ref: " + ", ".join(f"{k_}={v:.1e}" for k_, v in errs.items()))
 
@@ -96,15 +79,6 @@ def main(argv=None):
                 "triton": lambda: swiglu(gate_up),
                 "torch_ref": lambda: swiglu_ref(gate_up),
                 "torch.compile(ref)": (lambda: c_swiglu(gate_up)) if c_swiglu else None}),
-            (f"rope T={T} {n_q}/{n_kv}x{hd}", 2 * T * (n_q + n_kv) * hd * e + 2 * T * hd * 4 * 2, {
-                "triton": lambda: rope(q, k, cos, sin, pos),
-                "triton inplace": lambda: rope(q, k, cos, sin, pos, inplace=True),
-                "torch_ref": lambda: rope_ref(q, k, cos, sin, pos),
-                "torch.compile(ref)": (lambda: c_rope(q, k, cos, sin, pos)) if c_rope else None}),
-            (f"rope+kv cache write T={T} {n_q}/{n_kv}x{hd}",
-             2 * T * (n_q + 2 * n_kv) * hd * e + 2 * T * hd * 4 * 2, {
-                 "triton fused": lambda: rope(q, k, cos, sin, pos, k_cache=kc, v=v, v_cache=vc),
-                 "triton rope + 2 index_copy": rope_then_copy}),
         ]
         for case, nbytes, impls in cases:
             run_case(rows, case, impls, nbytes, copy_gbps, device)

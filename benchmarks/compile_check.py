@@ -73,7 +73,7 @@ def configs():
     from wsd_engine.kernels import decode_attention as dec
     from wsd_engine.kernels import gemv as gemv_mod
     from wsd_engine.kernels import prefill_attention as pre
-    from wsd_engine.kernels import rms_norm, rope, sampling, swiglu
+    from wsd_engine.kernels import rms_norm, swiglu
     from wsd_engine.kernels import switch_score as sw
 
     import torch
@@ -166,14 +166,6 @@ def configs():
             add(f"{tag} rms_norm residual={res}", rms_norm._rms_norm_kernel,
                 dict(HAS_RESIDUAL=res, BLOCK_D=block_d), {}, {"D_f", "eps"},
                 min(16, max(1, block_d // 512)), 3, dt, {"D": d})
-        half = hd // 2
-        bh = _next_pow2(half)
-        for to_cache in (False, True):
-            add(f"{tag} rope to_cache={to_cache}", rope._rope_kernel,
-                dict(HALF=half, BLOCK_HALF=bh, BLOCK_H=max(1, min(_next_pow2(n_q), 4096 // bh)),
-                     TO_CACHE=to_cache),
-                {"cos_ptr": "fp32", "sin_ptr": "fp32", "pos_ptr": "i64"}, set(), 4, 3, dt,
-                {"n_q": n_q, "n_kv": n_kv})
         for block in (256, 1024):
             add(f"{tag} swiglu block={block}", swiglu._swiglu_kernel, dict(BLOCK=block), {},
                 set(), 4, 3, dt, {"I": inter})
@@ -198,16 +190,6 @@ def configs():
                  "lse_ptr": "fp32", "argmax_ptr": "i64", "mean_ptr": "fp32",
                  "first_ptr": "i32"},
                 {"window_f", "log_gamma"}, 4, 3, "fp32", {"C": c})
-    # sampling (fp32 logits): greedy, temperature, top-k + top-p, seed from a device tensor
-    for greedy, top_k, top_p, seed_ptr in ((True, False, False, False),
-                                           (False, False, False, True),
-                                           (False, True, True, False)):
-        add(f"sample greedy={greedy} top_k={top_k} top_p={top_p} seed_ptr={seed_ptr}",
-            sampling._sample_kernel,
-            dict(GREEDY=greedy, TOP_K=top_k, TOP_P=top_p, SEED_IS_PTR=seed_ptr,
-                 OFFSET_IS_PTR=seed_ptr, BLOCK_R=1, BLOCK_V=4096),
-            {"x_ptr": "fp32", "out_ptr": "i64", "seed_ptr": "i64", "offset_ptr": "i64"},
-            {"temperature", "top_p"}, 8, 3, "fp32", {"V": 128256, "B": 1})
     return out
 
 
@@ -252,8 +234,7 @@ def compile_one(label, fn, consts, ptr_types, float_args, num_warps, num_stages,
                  if p.is_constexpr and p.name not in consts}, **consts}
     sig, attrs = _signature(fn, consts, ptr_types, float_args, dtype, ints or {})
     # a scalar like n_prev is a pointer only when its *_IS_PTR flag says so
-    for flag, arg in (("N_PREV_IS_PTR", "n_prev"), ("SEED_IS_PTR", "seed"),
-                      ("OFFSET_IS_PTR", "offset")):
+    for flag, arg in (("N_PREV_IS_PTR", "n_prev"),):
         if arg in sig and consts.get(flag):
             sig[arg] = "*i64"
     t0 = time.perf_counter()

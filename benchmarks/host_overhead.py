@@ -9,7 +9,8 @@ of every row: on a GPU the device waits for that part, so it is on the critical 
 
 This script measures it on the CPU: every engine step (`WSD._step`) is timed, and inside it
 every model call — `Model.run_rows` (prefill, decode and scoring forwards),
-`Model.score_switch` (log p + the rule; `draft_logprobs` in older engines), `Model.logits`
+`Model.decode_rows` (a graph replay when captured), `Model.score_switch` (log p + the rule),
+`Model.logits`
 and the token choice (`BatchRunner._choose`: argmax / sampling) — is timed and subtracted:
 host time = step wall time - model time. On a CPU device everything is synchronous, so
 the split is exact. Small tensor ops that are not a model call (index tensors, buffer
@@ -48,15 +49,15 @@ import torch
 
 PRESETS = ("llama3.2-1b", "llama3.1-8b")
 # per model, outermost only; whichever of them the engine has (`score_switch`: log p and
-# the rule in one device call; older engines: `draft_logprobs`, the rule apart)
-MODEL_CALLS = ("run_rows", "draft_logprobs", "score_switch", "logits")
+# the rule in one device call)
+MODEL_CALLS = ("run_rows", "decode_rows", "score_switch", "logits")
 SECTIONS = ("prefill", "decode_blocks", "score", "switch")   # BatchRunner calls of a step
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
 class Probe:
     """Times each engine step, the runner sections inside it and every model call
-    (outermost only: a `logits` inside `draft_logprobs` counts once)."""
+    (outermost only: a `run_rows` inside `decode_rows` counts once)."""
 
     def __init__(self):
         self.steps: list[dict] = []
@@ -333,7 +334,7 @@ def profile_batched(wsd, run_b, B: int, top: int = 25) -> dict:
     rows = [r for r in rows if "host_overhead.py" not in r["function"]]
     return {"batch": B, "steps": n_steps,
             "note": "cProfile with a clock that stops inside model calls (run_rows, "
-                    "draft_logprobs, logits, the token choice): host time only; the "
+                    "decode_rows, score_switch, logits, the token choice): host time only; the "
                     "profiler itself inflates small Python calls",
             "top": rows[:top]}
 

@@ -12,6 +12,8 @@ Host (launchers and references):
   check_ranks, check_dtype_device, check_cache_heads, check_device_scalar, check_row_vector,
   check_rope_tables
   rotate_half          the torch references' RoPE helper
+  rope_ref             HF apply_rotary_pos_emb in fp32 (the RoPE reference of tests, benchmarks)
+  rope_tables          plain (unscaled) HF cos/sin tables, for tests and benchmarks
 """
 from __future__ import annotations
 
@@ -150,6 +152,28 @@ def rotate_half(x):
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
 
 
+def rope_ref(q, k, cos, sin, positions):
+    """HF apply_rotary_pos_emb, in fp32, returning new tensors in the input dtype.
+    q [T, n_q, hd], k [T, n_kv, hd], cos / sin [max_seq, hd] fp32 tables, positions [T]."""
+    c = cos[positions.long()][:, None, :]                          # [T, 1, hd]
+    s = sin[positions.long()][:, None, :]
+
+    def rot(x):
+        x32 = x.float()
+        return (x32 * c + rotate_half(x32) * s).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def rope_tables(head_dim, max_seq, base=10000.0, device=None):
+    """Plain (unscaled) HF cos/sin tables [max_seq, head_dim] fp32, for tests and benchmarks."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+                               / head_dim))
+    freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 __all__ = ["LOG2E", "DTYPES", "rne_bf16", "round_to", "dot", "softmax_update", "rope_rotate",
            "check_dtype_device", "check_ranks", "check_cache_heads", "check_device_scalar",
-           "check_row_vector", "check_rope_tables", "rotate_half"]
+           "check_row_vector", "check_rope_tables", "rotate_half", "rope_ref", "rope_tables"]

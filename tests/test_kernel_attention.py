@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from wsd_engine.kernels import decode_attention as decode_mod
+from wsd_engine.kernels._common import rope_ref
+from wsd_engine.kernels._common import rope_tables as rope_tables_hd
 from wsd_engine.kernels.decode_attention import (decode_attention, decode_attention_ref,
                                                  split_counters)
 from wsd_engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
-from wsd_engine.kernels.rope import rope_ref
-from wsd_engine.kernels.rope import rope_tables as rope_tables_hd
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
        # bf16: the interpreter rounds fp32->bf16 by truncation, so the rotated q/k can be 1 ulp

@@ -14,13 +14,13 @@ import math
 import pytest
 import torch
 
+from wsd_engine.kernels._common import rope_ref, rope_tables
 from wsd_engine.kernels.decode_attention import (decode_attention, decode_attention_ref,
                                                  decode_attention_rows,
                                                  decode_attention_rows_ref, split_counters)
 from wsd_engine.kernels.prefill_attention import (prefill_attention, prefill_attention_ref,
                                                   prefill_attention_rows,
                                                   prefill_attention_rows_ref)
-from wsd_engine.kernels.rope import rope_ref, rope_tables
 from wsd_engine.kernels.switch_score import (SwitchScoreRows, switch_score, switch_score_ref,
                                              switch_score_rows, switch_score_rows_ref,
                                              switch_window_ref, switch_window_rows,

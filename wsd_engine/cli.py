@@ -107,9 +107,9 @@ def _add_common(p):
                    help="torch (runs anywhere) or triton (the fused kernels; for a GPU) "
                         "(default: %(default)s)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="capture the decode steps (and the chunk scoring) as CUDA graphs "
-                        "once, replay them per token; needs --device cuda --backend triton "
-                        "(default: off)")
+                   help="capture both models' batched decode step as CUDA graphs (one per "
+                        "batch-size bucket) once, replay them per token; needs --device cuda "
+                        "--backend triton (default: off)")
     p.add_argument("--fused-gemv", action="store_true",
                    help="triton backend: one-token matmuls through the gemv kernel with the "
                         "norm / SwiGLU fused in (default: off)")

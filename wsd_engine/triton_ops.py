@@ -2,7 +2,8 @@
 `wsd_engine.kernels`. Same data flow and cache layout as `model.TorchOps`. Matmuls are
 cuBLAS (`F.linear`), or, for one token with `fused_gemv` on, the `gemv` kernel with the
 RMSNorm / SwiGLU before it fused in (three fewer launches per layer; off by default; with
-CUDA graphs an engine times both on the card, `Model.tune_decode_kernels`). Imported lazily (it imports Triton): `load_model(backend="triton")`.
+CUDA graphs an engine times both on the card, `tuning.tune_decode_kernels`). Imported
+lazily (it imports Triton): `load_model(backend="triton")`.
 On a machine without CUDA the kernels run only under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -36,7 +37,6 @@ class TritonOps(TorchOps):
             from .kernels.pdl import PDL_DEFAULT
             from .kernels.prefill_attention import prefill_attention, prefill_attention_rows
             from .kernels.rms_norm import rms_norm
-            from .kernels.rope import rope
             from .kernels.swiglu import swiglu
         except ImportError as e:
             raise ConfigError(f"backend='triton' needs Triton: {e}; `pip install triton` or use "
@@ -45,7 +45,7 @@ class TritonOps(TorchOps):
         self._decode_attention, self._prefill_attention = decode_attention, prefill_attention
         self._decode_attention_rows = decode_attention_rows
         self._prefill_attention_rows = prefill_attention_rows
-        self._rms_norm, self._rope, self._swiglu, self._gemv = rms_norm, rope, swiglu, gemv
+        self._rms_norm, self._swiglu, self._gemv = rms_norm, swiglu, gemv
         self.fused_gemv = FUSED_GEMV_DEFAULT
         # programmatic dependent launch for the one-token kernels (gemv, decode attention):
         # on an sm_90+ GPU each starts while its predecessor finishes (kernels/pdl.py);
