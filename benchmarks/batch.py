@@ -251,7 +251,7 @@ def measure_gpu(log, dev, dtype, backend: str, pilot_name: str, base_name: str, 
     time; the n_prompts time is extrapolated). `remaining()`: seconds left (None: no
     budget); what would start after it ran out is recorded as skipped."""
     from wsd_engine.engine import WSD, WSDParams
-    from wsd_engine.runner import random_model
+    from wsd_engine.loading import random_model
     sizes = sorted(set(sizes))
     slots = max(sizes)
     msl = prompt_len + response + 64

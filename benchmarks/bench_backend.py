@@ -35,7 +35,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     dev = setup_backend(a.cpu_smoke)
     from wsd_engine.config import preset_config
-    from wsd_engine.runner import build_model, random_model
+    from wsd_engine.loading import build_model, random_model
 
     cfg = preset_config(a.preset)
     dtype = torch.bfloat16

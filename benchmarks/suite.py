@@ -228,7 +228,7 @@ class Bench:
         return self.R["decode"].setdefault(preset, {"systems": {}})
 
     def decode_engine(self, preset: str) -> None:
-        from wsd_engine.runner import build_model, random_model
+        from wsd_engine.loading import build_model, random_model
         a, dev = self.a, self.dev
         cfg = model_cfg(preset, self.smoke)
         e = self._decode_entry(preset)
@@ -329,7 +329,7 @@ class Bench:
 
     def wsd_pair(self, pilot_name: str, base_name: str) -> None:
         from wsd_engine.engine import WSD, WSDParams
-        from wsd_engine.runner import random_model
+        from wsd_engine.loading import random_model
         a, dev = self.a, self.dev
         key = f"{pilot_name} + {base_name}"
         e = self.R["wsd"].setdefault(key, {"pilot": pilot_name, "base": base_name, "runs": []})

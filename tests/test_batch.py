@@ -10,7 +10,7 @@ from wsd_engine import ConfigError, RequestError, WSDError
 from wsd_engine.engine import WSD, WSDParams
 from wsd_engine.reference import ReferenceWSD
 from wsd_engine.request import Request
-from wsd_engine.runner import load_model
+from wsd_engine.loading import load_model
 from wsd_engine.sampling import SamplingParams
 from wsd_engine.synthetic import make_tokenizer, make_wsd_pair
 

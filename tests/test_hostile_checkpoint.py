@@ -564,7 +564,7 @@ def test_available_memory_cuda_counts_torch_cache(monkeypatch):
 
 def test_refused_when_the_device_memory_is_short(good, monkeypatch, data_reads):
     from wsd_engine import memory
-    from wsd_engine.runner import build_model
+    from wsd_engine.loading import build_model
     m = load_model(good, max_seq_len=64)
     data_reads.clear()
     monkeypatch.setattr(memory, "available_bytes", lambda device: 100_000)

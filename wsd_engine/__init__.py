@@ -8,7 +8,8 @@ from .config import ModelConfig
 from .engine import WSD, RequestOutput, WSDParams, WSDResult
 from .errors import (ConfigError, ContextOverflowError, ModelLoadError, RequestError,
                      TokenizerError, UnsupportedModelError, WSDError)
-from .runner import Model, load_model
+from .loading import load_model
+from .runner import Model
 from .sampling import SamplingParams
 from .switch import switch_index
 

@@ -246,7 +246,7 @@ def cmd_generate(a):
         return 2
     _check_request(a)
     from .engine import WSD
-    from .runner import load_model
+    from .loading import load_model
     # a bad value fails before any loading; with --model the WSD-only options are unused,
     # but every value given is still checked (a --threshold of 5 is an error either way)
     params = _params(a)

@@ -35,7 +35,8 @@ from .graphs import GRAPH_BATCH_SIZES, check_sizes
 from .handoff import DraftHandoff, tokenizers_identical
 from .params import WSDParams
 from .request import Phase, Request, RequestOutput, WSDResult
-from .runner import Model, load_model
+from .loading import load_model
+from .runner import Model
 from .sampling import Sampler
 from .scheduler import Scheduler
 from .sharing import CacheOwner

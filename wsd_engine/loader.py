@@ -242,7 +242,7 @@ def load_weights(path: str, cfg: ModelConfig, device: torch.device | str,
             with _open(shard.path) as f:
                 for name in wanted[shard.name]:
                     raw[name] = _read(f, name, shard.path).to(device=device, dtype=dtype)
-    return _fuse(raw, cfg)
+    return fuse_weights(raw, cfg)
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
@@ -315,7 +315,7 @@ def _shape(shape: tuple[int, ...]) -> str:
     return f"({', '.join(map(str, shape[:4]))}, … {len(shape)} dimensions)"
 
 
-def _fuse(raw: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def fuse_weights(raw: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     w: dict[str, torch.Tensor] = {"embed": raw.pop("model.embed_tokens.weight"),
                                   "norm": raw.pop("model.norm.weight")}
     w["lm_head"] = w["embed"] if cfg.tie_word_embeddings else raw.pop("lm_head.weight")

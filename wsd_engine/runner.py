@@ -7,36 +7,19 @@ kernel choice: `tuning.py`.
 from __future__ import annotations
 
 import numbers
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import graphs as cudagraphs
 from .cache import StaticKVCache
-from .config import ModelConfig, describe_arg, parse_dtype
+from .config import ModelConfig, describe_arg
 from .errors import ConfigError, ContextOverflowError, RequestError
-from .loader import load_weights
-from .memory import check_fits
-from .model import TorchOps, forward, forward_rows as _forward_rows, rope_tables
+from .model import forward, forward_rows as _forward_rows
 from .rows import RowBatch
 from .sharing import CacheOwner, CacheResidency
 from .switch import first_pass_rows
 from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
-
-BACKENDS = ("torch", "triton")
-DEFAULT_MAX_SEQ_LEN = 4096
-MAX_BATCH_SIZE = 1024
-
-
-def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
-    if backend == "torch":
-        return TorchOps(cfg)
-    if backend == "triton":
-        from .triton_ops import TritonOps  # lazy: imports Triton
-        return TritonOps(cfg, device)
-    raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
 
 @dataclass(eq=False)
 class Model:
@@ -449,122 +432,3 @@ class Model:
             ev = nxt
         ev.synchronize()
         yield int(host[n - 1])
-
-
-
-def parse_device(device) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or a torch.device of those types, usable here."""
-    try:
-        dev = torch.device(device) if isinstance(device, (str, torch.device)) else None
-    except (RuntimeError, ValueError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {describe_arg(device)}: use 'cpu', 'cuda' or "
-                          "'cuda:N'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but CUDA is not available; use "
-                              "device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {str(dev)!r}: this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend, max_batch_size=1):
-    device = parse_device(device)
-    dtype = cfg.dtype if dtype is None else parse_dtype(dtype)
-    if max_seq_len is None:
-        max_seq_len = min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        if cfg.sliding_window is not None:
-            max_seq_len = min(max_seq_len, cfg.sliding_window)
-    if (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool)
-            or not 1 <= max_seq_len < 2 ** 40):
-        raise ConfigError(f"max_seq_len must be a positive int (KV cache positions, below "
-                          f"2**40), got {describe_arg(max_seq_len)}")
-    cfg.check_context(max_seq_len)
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    check_batch_size(max_batch_size)
-    # weights + cache + RoPE, before any is made
-    check_fits(cfg, device, dtype, max_seq_len, n_slots=max_batch_size)
-    return device, dtype, max_seq_len
-
-
-def check_batch_size(max_batch_size) -> int:
-    if (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-            or not 1 <= max_batch_size <= MAX_BATCH_SIZE):
-        raise ConfigError(f"max_batch_size must be an int in [1, {MAX_BATCH_SIZE}] (requests "
-                          f"decoded together), got {describe_arg(max_batch_size)}")
-    return max_batch_size
-
-
-def build_model(cfg: ModelConfig, weights: dict, device, dtype, max_seq_len: int,
-                backend: str = "torch", path: str = "", max_batch_size: int = 1) -> Model:
-    """A Model around already loaded (fused, engine-named) weights: allocates the cache
-    (`max_batch_size` slots) and RoPE tables. `load_model` uses it; benchmarks use it with
-    random weights."""
-    check_batch_size(max_batch_size)
-    check_fits(cfg, device, dtype, max_seq_len, weights_loaded=True, n_slots=max_batch_size)
-    ops = _make_ops(backend, cfg, device)
-    cache = StaticKVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_seq_len, cfg.head_dim,
-                                   dtype, device, n_slots=max_batch_size)
-    cos, sin = rope_tables(cfg, max_seq_len, device)
-    return Model(path=path, config=cfg, weights=weights, cache=cache, cos=cos, sin=sin,
-                 ops=ops, device=device, dtype=dtype)
-
-
-def checkpoint_path(path) -> str:
-    """A checkpoint folder given as str or os.PathLike (ConfigError for anything else)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ConfigError(f"a checkpoint folder path (str or os.PathLike) is expected, got "
-                          f"{describe_arg(path)}")
-    path = os.fspath(path)
-    if not isinstance(path, str):
-        raise ConfigError("give the checkpoint folder as text (str), not bytes: decode it with "
-                          "os.fsdecode")
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ConfigError(f"the checkpoint folder's path {path!r} is not valid UTF-8 (bytes "
-                          "from another encoding); the safetensors reader needs a UTF-8 path: "
-                          "rename the folder or link it under a UTF-8 name") from None
-    return path
-
-
-def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
-               backend: str = "torch", max_batch_size: int = 1) -> Model:
-    """Load a Llama / Qwen2 / Mistral safetensors checkpoint folder into the engine.
-
-    dtype: None keeps the checkpoint's dtype; else torch.float32 / bfloat16 / float16.
-    max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
-    backend: "torch" (reference, runs anywhere) or "triton" (the fused kernels).
-    max_batch_size: KV cache slots, the most sequences a WSD engine runs together.
-    """
-    path = checkpoint_path(path)
-    cfg = ModelConfig.from_pretrained(path)
-    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend,
-                                          max_batch_size)
-    _make_ops(backend, cfg, device)          # fail on a bad backend before reading weights
-    weights = load_weights(path, cfg, device, dtype)
-    return build_model(cfg, weights, device, dtype, max_seq_len, backend, path, max_batch_size)
-
-
-def random_model(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096,
-                 backend: str = "torch", seed: int = 0, max_batch_size: int = 1) -> Model:
-    """A model of cfg's shapes with random weights made on the device (never zeros):
-    for speed measurements at real shapes without a checkpoint. No tokenizer."""
-    from .loader import expected_shapes, _fuse
-    device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend,
-                                          max_batch_size)
-    g = torch.Generator(device=device).manual_seed(seed)
-    raw = {}
-    for name, shape in expected_shapes(cfg).items():
-        if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
-        else:   # ~ 1/sqrt(fan_in) so activations stay O(1) through the layers
-            t = torch.randn(shape, generator=g, device=device) * (shape[-1] ** -0.5)
-        raw[name] = t.to(dtype)
-    return build_model(cfg, _fuse(raw, cfg), device, dtype, max_seq_len, backend,
-                       max_batch_size=max_batch_size)
-
