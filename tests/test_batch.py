@@ -352,3 +352,14 @@ def test_batch_edge_inputs(pair):
     with pytest.raises(RequestError, match="params must be a WSDParams"):
         wsd.generate(PROMPTS[:2], [q, 3])                 # nothing queued: all checked first
     assert wsd.num_waiting == wsd.num_running == 0
+
+
+def test_engine_buffers_are_checked_against_memory(pair, monkeypatch):
+    """The engine's per-slot buffers are weighed before they are made."""
+    from wsd_engine import memory
+    pilot, base = load_model(pair[0], max_batch_size=2), load_model(pair[1], max_batch_size=2)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    with pytest.raises(ConfigError, match="per-slot buffers.*smaller max_batch_size"):
+        WSD(pilot, base)
+    monkeypatch.undo()
+    assert WSD(pilot, base).generate(PROMPTS[0], _params({})).token_ids

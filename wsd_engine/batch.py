@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .memory import check_buffers
 from .request import Request, ScoreJob
 from .rows import to_device
 from .runner import Model
@@ -33,6 +34,12 @@ class BatchRunner:
     def __init__(self, pilot: Model, base: Model, n_slots: int):
         self.pilot, self.base = pilot, base
         dev = base.device
+        d, S1 = base.config.hidden_size, base.max_seq_len + 1
+        need = (n_slots * S1 * d * base.dtype.itemsize
+                + n_slots * (pilot.config.vocab_size + base.config.vocab_size) * 4)
+        check_buffers("the engine's per-slot buffers (the base's hidden states over the "
+                      f"draft: {n_slots} slots x {S1} x {d}; both models' last logits)", need,
+                      dev, "load the models with a smaller max_batch_size or max_seq_len")
         self.pilot_logits = torch.zeros(n_slots, pilot.config.vocab_size, dtype=torch.float32,
                                         device=dev)
         self.base_logits = torch.zeros(n_slots, base.config.vocab_size, dtype=torch.float32,

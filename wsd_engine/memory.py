@@ -98,3 +98,11 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def check_buffers(what: str, n_bytes: int, device, fix: str) -> None:
+    """ConfigError unless `n_bytes` more fit on `device` (an engine's own buffers)."""
+    available = available_bytes(torch.device(device))
+    if available is not None and n_bytes > available:
+        raise ConfigError(f"{what} need {_size(n_bytes)} on {device} but {_size(available)} is "
+                          f"available; {fix}")
