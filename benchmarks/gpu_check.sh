@@ -10,7 +10,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 # the layout `pip install -e .` gives: kernels/ importable as wsd_engine.kernels
 [ -e wsd_engine/kernels ] || ln -s ../kernels wsd_engine/kernels
-STEPS=${STEPS:-"pdl pytest_new e2e attention gemv wsd_fast pytest switch backend layers hf_compile"}
+STEPS=${STEPS:-"pdl pytest_new batch e2e attention gemv wsd_fast pytest switch backend layers hf_compile"}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 step() {   # step NAME TIMEOUT CMD... ; sets RC (the command's exit status, or "skip")
@@ -24,7 +24,7 @@ step() {   # step NAME TIMEOUT CMD... ; sets RC (the command's exit status, or "
   timeout $t "$@" 2>&1 | tail -${TAIL:-40}
   RC=${PIPESTATUS[0]}
 }
-NEW_TESTS="tests/test_pdl.py tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay"
+NEW_TESTS="tests/test_kernel_rows.py tests/test_graphs.py tests/test_pdl.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay"
 {
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
@@ -40,6 +40,9 @@ if [ "$RC" != skip ] && [ "$RC" != 0 ]; then
   echo "== PDL tests failed (exit $RC): WSD_ENGINE_NO_PDL=1 for every step below"
 fi
 step pytest_new ${T_PYTEST_NEW:-150} python -m pytest -q -m gpu -p no:cacheprovider -k "not pdl" $NEW_TESTS
+# the batched engine on the card: throughput at batch 1 / 4 / 16 / 32 (row graphs), the
+# reference pipeline as the baseline
+step batch ${T_BATCH:-200} python -m benchmarks.run --suite batch --batch-cpu-pairs none --no-plots --time-budget ${BATCH_BUDGET:-160} --out "$OUT/batch"
 step e2e ${T_E2E:-240} python -m benchmarks.run --suite decode,wsd --preset llama3.1-8b llama3.2-1b --pairs llama3.2-1b+llama3.1-8b --no-hf-compile --no-torch-eager --time-budget ${E2E_BUDGET:-200} --out "$OUT/e2e"
 # attention before the gemv sweep: it holds a target (8k decode, prefill vs SDPA); the sweep
 # only informs the gemv launch shape (the start-up tuning already picks gemv vs cuBLAS)

@@ -51,7 +51,7 @@ PRESETS = ("llama3.2-1b", "llama3.1-8b")
 # per model, outermost only; whichever of them the engine has (`score_switch`: log p and
 # the rule in one device call)
 MODEL_CALLS = ("run_rows", "decode_rows", "score_switch", "logits")
-SECTIONS = ("prefill", "decode_blocks", "score", "switch")   # BatchRunner calls of a step
+SECTIONS = ("prefill", "decode_blocks", "score_and_feed", "switch")   # BatchRunner calls of a step
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 

@@ -166,8 +166,9 @@ def parse_args(argv):
     g.add_argument("--batch-cpu-sizes", default=None,
                    help="CPU: batch sizes of the throughput ratios (default 1,2,4,8; "
                         "smoke 1,2,4)")
-    g.add_argument("--batch-threads", type=int, default=1,
-                   help="CPU: torch threads during the batch CPU runs (default 1)")
+    g.add_argument("--batch-threads", type=int, default=os.cpu_count() or 1,
+                   help="CPU: torch threads during the batch CPU runs (default: every core, "
+                        "%(default)s here)")
     g.add_argument("--batch-reps", type=int, default=None,
                    help="CPU: repetitions, medians (default --reps)")
     g.add_argument("--batch-gpu-sizes", default="1,4,16,32",

@@ -13,8 +13,9 @@ memory):
 
 A step launches, back to back with no host sync: `decode_blocks` (the pilot's drafting
 chunks and the base's continuation blocks, one forward per model per token position),
-then one read-back; `score` (one base forward over every row's new draft tokens, log p
-and the rule on the device), then one read-back.
+then one read-back; `score_and_feed` (one base forward over every drafting row's new
+draft tokens and every continuing row's last token, log p and the rule on the device),
+then one read-back.
 """
 from __future__ import annotations
 
@@ -62,14 +63,17 @@ class BatchRunner:
     @torch.inference_mode()
     def decode_blocks(self, drafting: list[Request], continuing: list[Request]):
         """Each drafting row drafts `draft_budget()` pilot tokens, each continuing row
-        decodes up to `chunk` base tokens (its budget permitting); every token is fed
-        back except a row's last one when nothing follows it (tokens past an EOS or a stop
-        are fed too and then dropped with the row: the output is the same). Returns the tokens of each
-        row as host lists (one read-back for all): (pilot chunks, base blocks)."""
+        decodes up to `chunk` base tokens (its budget permitting). Every pilot token is fed
+        back except a row's last one when nothing follows it; a continuing row's last token
+        is not fed here but after its booking, in the step's scoring forward
+        (`score_and_feed`), and only if the row goes on. Tokens past an EOS or a stop
+        inside a block are dropped with the row (the output is the same). Returns the
+        tokens of each row as host lists (one read-back for all): (pilot chunks, base
+        blocks)."""
         p_plan = [(r, r.draft_budget(), r.p_sampler) for r in drafting]
         p_feed = [r.feeds_last_draft_token(n) for r, n, _ in p_plan]
         b_plan = [(r, min(r.params.chunk, r.budget_left()), r.b_sampler) for r in continuing]
-        b_feed = [n < r.budget_left() for r, n, _ in b_plan]
+        b_feed = [False] * len(b_plan)
         p_tok = self._block(self.pilot, self.pilot_logits, p_plan, p_feed)
         b_tok = self._block(self.base, self.base_logits, b_plan, b_feed)
         p_host = p_tok.tolist() if p_tok is not None else []
@@ -118,21 +122,33 @@ class BatchRunner:
 
     # ---- scoring ----------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, jobs: list[tuple[Request, ScoreJob]]):
-        """One base forward over every row's new draft tokens (written into the base cache
-        after the row's prompt + job.start tokens), their log p, and the rule on the
-        device. Returns [(log p list, first passing index or -1)] per job."""
+    def score_and_feed(self, jobs: list[tuple[Request, ScoreJob]],
+                       feeds: list[tuple[Request, int]]):
+        """ONE base forward over every drafting row's new draft tokens (written into the
+        base cache after the row's prompt + job.start tokens) and every continuing row's
+        last booked token (`feeds`), then the draft tokens' log p and the rule on the
+        device, and the continuing rows' next logits. Returns [(log p list, first passing
+        index or -1)] per job (one read-back)."""
         dev, S1 = self.base.device, self.rows_per_slot
+        if not jobs:
+            if feeds:                # one token per row: a graph replay when captured
+                slots = [r.slot for r, _ in feeds]
+                self.base_logits[_index(slots, dev)] = self.base.decode_rows(
+                    _index([t for _, t in feeds], dev), slots)
+            return []
         for r, job in jobs:
             self.base.truncate_slot(r.slot, len(r.b_ids) + job.start)   # rollback: O(1)
-        slots = [r.slot for r, _ in jobs]
         counts = [len(job.ids) for _, job in jobs]
-        ids = _index([t for _, job in jobs for t in job.ids], dev)                 # [T]
-        h = self.base.score_rows(ids, slots, counts)                               # [T, d]
+        T = sum(counts)
+        ids = _index([t for _, job in jobs for t in job.ids] + [t for _, t in feeds], dev)
+        h = self.base.score_rows(ids, [r.slot for r, _ in jobs] + [r.slot for r, _ in feeds],
+                                 counts + [1] * len(feeds))                # [T + F, d]
+        if feeds:
+            self.base_logits[_index([r.slot for r, _ in feeds], dev)] = self.base.logits(h[T:])
         at = _index([r.slot * S1 + job.start + j for r, job in jobs for j in range(len(job.ids))],
                     dev)                                                           # [T]
-        self.hidden[at + 1] = h                  # hidden[s, start + 1 + j]: after token j
-        logp, first = self.base.score_switch(self.hidden[at], ids, counts,
+        self.hidden[at + 1] = h[:T]              # hidden[s, start + 1 + j]: after token j
+        logp, first = self.base.score_switch(self.hidden[at], ids[:T], counts,
                                              *self._rule_rows([r for r, _ in jobs]))
         logp_host, first_host = logp.tolist(), first.tolist()
         out, t0 = [], 0

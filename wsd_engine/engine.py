@@ -381,13 +381,15 @@ class WSD:
             r.add_time("continuation", t1 - t0)
         for req, block in zip(continuing, blocks):
             self._guarded(req, self._book, req, block)
+        # the rows that go on feed their block's last token in the scoring forward
+        feeds = [(r, b[-1]) for r, b in zip(continuing, blocks) if r.phase is Phase.CONTINUING]
         jobs = []
         for req, chunk in zip(drafting, chunks):
             job = self._guarded(req, self._job_for, req, chunk)
             if job is not None:
                 jobs.append((req, job))
-        if jobs:
-            self._score(jobs)
+        if jobs or feeds:
+            self._score(jobs, feeds)
         self._switch([r for r in drafting if r.phase is Phase.DRAFTING])
 
     def _job_for(self, req: Request, chunk: list[int]):
@@ -396,10 +398,12 @@ class WSD:
             check_ids_in_vocab(job.ids, self.base.config.vocab_size, "base")
         return job
 
-    def _score(self, jobs) -> None:
+    def _score(self, jobs, feeds) -> None:
         t0 = time.perf_counter()
-        results = self._runner.score(jobs)
+        results = self._runner.score_and_feed(jobs, feeds)
         dt = time.perf_counter() - t0
+        for req, _ in feeds:
+            req.add_time("continuation", dt)
         for (req, job), (logp, first) in zip(jobs, results):
             req.add_time("scoring", dt)
             self._guarded(req, req.after_score, job, logp, first)
