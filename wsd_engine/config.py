@@ -22,12 +22,17 @@ import torch
 from .errors import ConfigError, UnsupportedModelError
 from .paths import inside
 
-# architecture name -> family; one forward serves all three (they differ only by options).
+# architecture name -> family; one forward serves them all (they differ only by options;
+# Gemma-2's layer has two more norms, see model.py).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Gemma2ForCausalLM": "gemma2",
 }
+# the MLP activation each family may use (config.json hidden_act / hidden_activation)
+_ACTIVATIONS = {"llama": ("silu",), "mistral": ("silu",), "qwen2": ("silu",),
+                "gemma2": ("gelu_pytorch_tanh",)}
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 _DTYPES = {
@@ -51,6 +56,7 @@ LIMITS = {
     "vocab_size": (1, 1 << 22),
     "max_position_embeddings": _POSITIONS,
     "sliding_window": _POSITIONS,
+    "sliding_window_size": _POSITIONS,
     "original_max_position_embeddings": _POSITIONS,
     "bos_token_id": _TOKEN_IDS,
     "eos_token_id": _TOKEN_IDS,
@@ -294,6 +300,14 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32  # the checkpoint's dtype
     hidden_act: str = "silu"
+    # Gemma-2 (None / () elsewhere): embeddings x sqrt(hidden_size) in the model dtype; the
+    # attention scale query_pre_attn_scalar ** -0.5; tanh soft-caps of the attention scores
+    # and of the final logits; a window per layer (None: full attention)
+    embed_scale: float | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_windows: tuple = ()
 
     def __post_init__(self):
         for name, key in _FIELD_KEYS.items():
@@ -303,9 +317,11 @@ class ModelConfig:
                               f"multiple of num_key_value_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise UnsupportedModelError(f"config.json: hidden_act {describe(self.hidden_act)} is "
-                                        "not supported; only 'silu' (SwiGLU MLP) is")
+        acts = _ACTIVATIONS[self.family]
+        if self.hidden_act not in acts:
+            raise UnsupportedModelError(
+                f"config.json: hidden_act {describe(self.hidden_act)} is not supported for "
+                f"{self.architecture}; only {', '.join(map(repr, acts))} is")
         if self.rope.type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"config.json: rope_scaling type {describe(self.rope.type)} is not supported; "
@@ -327,8 +343,17 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def is_gemma2(self) -> bool:
+        return self.family == "gemma2"
+
     def check_context(self, max_seq_len: int) -> None:
         """Refuse a cache longer than what this forward computes exactly."""
+        if self.is_gemma2 and max_seq_len > self.max_position_embeddings:
+            raise UnsupportedModelError(
+                f"Gemma-2 was trained for {self.max_position_embeddings} positions "
+                f"(max_position_embeddings); pass max_seq_len <= {self.max_position_embeddings} "
+                f"(got {max_seq_len})")
         if self.sliding_window is not None and max_seq_len > self.sliding_window:
             raise UnsupportedModelError(
                 f"this checkpoint uses sliding-window attention (window {self.sliding_window}); "
@@ -357,7 +382,8 @@ class ModelConfig:
         bos, gen_bos = c.int("bos_token_id", None), gen.int("bos_token_id", None)
 
         attention_bias = c.bool("attention_bias", False)
-        return cls(
+        gemma = _gemma2_options(c, heads) if family == "gemma2" else {}
+        return cls(**{**dict(
             architecture=arch, family=family,
             vocab_size=c.int("vocab_size"), hidden_size=hidden,
             intermediate_size=c.int("intermediate_size"), num_layers=c.int("num_hidden_layers"),
@@ -373,7 +399,7 @@ class ModelConfig:
             sliding_window=sliding, bos_token_id=gen_bos if bos is None else bos,
             eos_token_ids=eos, dtype=_checkpoint_dtype(c),
             hidden_act=c.str("hidden_act", "silu"),
-        )
+        ), **gemma})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -389,6 +415,41 @@ class ModelConfig:
         gen_path = inside(path, "generation_config.json", ConfigError)
         gen = read_json(gen_path, ConfigError) if os.path.isfile(gen_path) else None
         return cls.from_dict(cfg, gen)
+
+
+def _softcap(c: "_Reader", key: str, default: float) -> float | None:
+    """A soft-cap: absent -> Gemma-2's default, null -> none, else a positive number."""
+    if key in c.data and c.data[key] is None:
+        return None
+    return c.float(key, default, 0.0, 1e6, open_interval=True)
+
+
+def _gemma2_options(c: "_Reader", heads: int) -> dict:
+    """Gemma-2's options. The published configs have no `layer_types` (sliding and full
+    attention alternate, layer 0 sliding) and may spell the window `sliding_window_size`;
+    newer ones list `layer_types`. The activation is `hidden_activation` (or `hidden_act`)."""
+    n_layers = c.int("num_hidden_layers")
+    window = c.int("sliding_window", None)
+    if window is None:
+        window = c.int("sliding_window_size", 4096)
+    types = c.strings("layer_types") if c.has("layer_types") else \
+        ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers or any(t not in ("sliding_attention", "full_attention")
+                                     for t in types):
+        raise ConfigError(f"config.json: layer_types must list 'sliding_attention' or "
+                          f"'full_attention' for each of the {n_layers} layers, got "
+                          f"{describe(types)}")
+    hidden = c.int("hidden_size")
+    act = c.str("hidden_activation", None) or c.str("hidden_act", "gelu_pytorch_tanh")
+    return dict(
+        embed_scale=hidden ** 0.5,
+        attn_scale=c.float("query_pre_attn_scalar", 256.0, 0.0, 1e9, open_interval=True) ** -0.5,
+        attn_softcap=_softcap(c, "attn_logit_softcapping", 50.0),
+        final_softcap=_softcap(c, "final_logit_softcapping", 30.0),
+        layer_windows=tuple(window if t == "sliding_attention" else None for t in types),
+        hidden_act=act,
+        tie_word_embeddings=c.bool("tie_word_embeddings", True),
+    )
 
 
 def _architecture(c: _Reader) -> str:

@@ -56,6 +56,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{layer}."
         shapes[p + "input_layernorm.weight"] = (d,)
         shapes[p + "post_attention_layernorm.weight"] = (d,)
+        if cfg.is_gemma2:        # its post_attention_layernorm follows the attention
+            shapes[p + "pre_feedforward_layernorm.weight"] = (d,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (d,)
         shapes[p + "self_attn.q_proj.weight"] = (cfg.q_size, d)
         shapes[p + "self_attn.k_proj.weight"] = (cfg.kv_size, d)
         shapes[p + "self_attn.v_proj.weight"] = (cfg.kv_size, d)
@@ -323,7 +326,12 @@ def fuse_weights(raw: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         p, q = f"model.layers.{layer}.", f"layers.{layer}."
         a, m = p + "self_attn.", p + "mlp."
         w[q + "attn_norm"] = raw.pop(p + "input_layernorm.weight")
-        w[q + "mlp_norm"] = raw.pop(p + "post_attention_layernorm.weight")
+        if cfg.is_gemma2:        # the same name is the norm AFTER the attention there
+            w[q + "post_attn_norm"] = raw.pop(p + "post_attention_layernorm.weight")
+            w[q + "mlp_norm"] = raw.pop(p + "pre_feedforward_layernorm.weight")
+            w[q + "post_mlp_norm"] = raw.pop(p + "post_feedforward_layernorm.weight")
+        else:
+            w[q + "mlp_norm"] = raw.pop(p + "post_attention_layernorm.weight")
         w[q + "qkv"] = torch.cat([raw.pop(a + n + "_proj.weight") for n in "qkv"])  # [q+2kv, d]
         if cfg.qkv_bias:
             w[q + "qkv_bias"] = torch.cat([raw.pop(a + n + "_proj.bias") for n in "qkv"])

@@ -10,7 +10,7 @@ import torch
 
 from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg, parse_dtype
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 from .loader import load_weights
 from .memory import check_fits
 from .model import TorchOps, rope_tables
@@ -25,6 +25,10 @@ def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
     if backend == "torch":
         return TorchOps(cfg)
     if backend == "triton":
+        if cfg.is_gemma2:
+            raise UnsupportedModelError(
+                "Gemma-2 runs on backend='torch' in this version: the triton kernels do not "
+                "apply its attention and logit soft-caps yet")
         from .triton_ops import TritonOps  # lazy: imports Triton
         return TritonOps(cfg, device)
     raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

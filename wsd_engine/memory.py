@@ -19,6 +19,8 @@ def weight_elements(cfg: ModelConfig) -> int:
     """Number of weight elements: the checkpoint's (fusing q/k/v and gate/up keeps it)."""
     d, i = cfg.hidden_size, cfg.intermediate_size
     layer = 2 * d + 2 * cfg.q_size * d + 2 * cfg.kv_size * d + 3 * i * d  # norms, q o, k v, mlp
+    if cfg.is_gemma2:
+        layer += 2 * d                                       # its post-attention / -MLP norms
     if cfg.qkv_bias:
         layer += cfg.q_size + 2 * cfg.kv_size
     if cfg.o_bias:

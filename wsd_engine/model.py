@@ -69,12 +69,37 @@ class TorchOps:
         vc[:, start:start + T] = v.transpose(0, 1)
         end = start + T
         keys, vals = kc[:, :end], vc[:, :end]                           # [nkv, end, hd]
-        # key j visible to the new token at position p iff j <= p
-        mask = torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [T, end]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask[None, None],
-            enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)    # [1, nq, T, hd]
+        # key j visible to the new token at position p iff j <= p (and j > p - window)
+        pos = positions.reshape(-1)
+        mask = self._visible(torch.arange(end, device=q.device)[None, :], pos[:, None], layer)
+        out = self._attend(q.transpose(0, 1)[None], keys[None], vals[None],
+                           mask[None, None])                            # [1, nq, T, hd]
         return out[0].transpose(0, 1)
+
+    def _visible(self, key_pos, query_pos, layer: int):
+        """Which keys a query sees: causal, and within the layer's window if it has one."""
+        mask = key_pos <= query_pos
+        window = self.cfg.layer_windows[layer] if self.cfg.layer_windows else None
+        if window is not None:
+            mask = mask & (key_pos > query_pos - window)
+        return mask
+
+    def _attend(self, q, keys, vals, mask):
+        """q [B, nq, Tq, hd] over keys / vals [B, nkv, L, hd] with a bool mask
+        [B, 1, Tq, L]. Gemma-2: its scale and score soft-cap, in transformers' eager
+        order (scores in the model dtype, capped, masked, softmax in fp32); else SDPA."""
+        cfg = self.cfg
+        if not cfg.is_gemma2:
+            return F.scaled_dot_product_attention(
+                q, keys, vals, attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+        g = cfg.num_heads // cfg.num_kv_heads
+        keys, vals = keys.repeat_interleave(g, dim=1), vals.repeat_interleave(g, dim=1)
+        s = torch.matmul(q, keys.transpose(2, 3)) * cfg.attn_scale       # [B, nq, Tq, L]
+        if cfg.attn_softcap is not None:
+            s = torch.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, vals)
 
     def attention_rows(self, q, k, v, cache: StaticKVCache, layer: int, rb: RowBatch,
                        cos, sin):
@@ -96,15 +121,26 @@ class TorchOps:
         qp[rb.token_rows, rb.token_index] = q
         # key j visible to query (b, i) iff j <= its position (padded queries: the row's
         # first position, any valid value; their outputs are dropped)
-        mask = torch.arange(L, device=q.device)[None, None, :] <= rb.padded_positions[:, :, None]
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys, vals, attn_mask=mask[:, None],
-            enable_gqa=self.cfg.num_heads != self.cfg.num_kv_heads)    # [B, nq, Tq, hd]
+        mask = self._visible(torch.arange(L, device=q.device)[None, None, :],
+                             rb.padded_positions[:, :, None], layer)   # [B, Tq, L]
+        out = self._attend(qp.transpose(1, 2), keys, vals, mask[:, None])  # [B, nq, Tq, hd]
         return out.transpose(1, 2)[rb.token_rows, rb.token_index]      # [T, nq, hd]
 
     def swiglu(self, gate_up):
         g, u = gate_up.chunk(2, dim=-1)
         return F.silu(g) * u
+
+    # ---- Gemma-2 -------------------------------------------------------------------------
+    def gemma_norm(self, x, weight):
+        """Gemma-2's RMSNorm: in fp32, times (1 + weight) in fp32, then cast."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return (h * (1.0 + weight.float())).to(x.dtype)
+
+    def geglu_linear(self, gate_up, weight, bias=None):
+        """down(gelu_tanh(gate) * up)."""
+        g, u = gate_up.chunk(2, dim=-1)
+        return F.linear(F.gelu(g, approximate="tanh") * u, weight, bias)
 
     # the matmuls with their neighbours; a backend may fuse each chain into one kernel
     def linear(self, x, weight, bias=None):
@@ -169,6 +205,8 @@ def forward_rows(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torc
 def _layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend):
     """Embedding and the decoder layers; attention through `attend(q, k, v, layer)`.
     Returns the last layer's output and the residual stream (not yet added)."""
+    if cfg.is_gemma2:
+        return _gemma2_layers(cfg, w, ops, tokens, attend), None
     T = tokens.shape[0]
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = F.embedding(tokens, w["embed"])                                 # [T, d]
@@ -186,6 +224,34 @@ def _layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend):
     return x, residual
 
 
+def _gemma2_layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend):
+    """Gemma-2's layers: the embedding times sqrt(hidden) (in the model dtype), and per
+    layer x += post_norm(attn(norm(x))), x += post_norm(mlp(norm(x))), GeGLU MLP."""
+    T = tokens.shape[0]
+    nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    emb = w["embed"]
+    x = F.embedding(tokens, emb) * torch.tensor(cfg.embed_scale, dtype=emb.dtype)  # [T, d]
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        qkv = ops.linear(ops.gemma_norm(x, w[p + "attn_norm"]), w[p + "qkv"],
+                         w.get(p + "qkv_bias"))                        # [T, (nq+2nkv)*hd]
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        attn = attend(q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd), layer)
+        o = ops.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias"))  # [T, d]
+        x = x + ops.gemma_norm(o, w[p + "post_attn_norm"])
+        gu = ops.linear(ops.gemma_norm(x, w[p + "mlp_norm"]), w[p + "gate_up"],
+                        w.get(p + "gate_up_bias"))                     # [T, 2I]
+        m = ops.geglu_linear(gu, w[p + "down"], w.get(p + "down_bias"))  # [T, d]
+        x = x + ops.gemma_norm(m, w[p + "post_mlp_norm"])
+    return x
+
+
+def softcap_logits(cfg: ModelConfig, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma-2's final soft-cap cap * tanh(logits / cap) (identity for other models)."""
+    cap = cfg.final_softcap
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def _head(w: dict, ops, x, residual, rows, return_hidden: bool) -> torch.Tensor:
     """The final norm (and lm_head) of the token rows `rows` (None: all)."""
     if rows is not None:             # the norm is per row: select first
@@ -195,6 +261,11 @@ def _head(w: dict, ops, x, residual, rows, return_hidden: bool) -> torch.Tensor:
         else:
             x = x[rows]
             residual = residual[rows] if residual is not None else None
+    cfg = ops.cfg
+    if cfg.is_gemma2:
+        h = ops.gemma_norm(x, w["norm"])                                # [T', d]
+        return h if return_hidden else \
+            softcap_logits(cfg, F.linear(h, w["lm_head"]).float())      # [T', V] fp32
     if return_hidden:
         h, _ = ops.rms_norm(x, w["norm"], residual)                     # [T', d]
         return h

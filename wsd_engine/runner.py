@@ -15,7 +15,7 @@ from . import graphs as cudagraphs
 from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg
 from .errors import ConfigError, ContextOverflowError, RequestError
-from .model import forward, forward_rows as _forward_rows
+from .model import forward, forward_rows as _forward_rows, softcap_logits
 from .rows import RowBatch
 from .sharing import CacheOwner, CacheResidency
 from .switch import first_pass_rows
@@ -268,8 +268,10 @@ class Model:
         return logp, first_pass_rows(logp, counts, carry, n_prev, window, log_gamma)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head)."""
-        return torch.nn.functional.linear(hidden, self.weights["lm_head"]).float()
+        """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head; Gemma-2's
+        final soft-cap too)."""
+        return softcap_logits(self.config,
+                              torch.nn.functional.linear(hidden, self.weights["lm_head"]).float())
 
     def truncate(self, length: int) -> None:
         self.cache.truncate(length)

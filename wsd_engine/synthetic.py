@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-_FAMILIES = ("llama", "qwen2", "mistral")
+_FAMILIES = ("llama", "qwen2", "mistral", "gemma2")
 
 
 def make_tokenizer(vocab_size: int = 320, corpus=None, chat_template: str | None = CHAT_TEMPLATE):
@@ -67,15 +67,19 @@ def _quiet_progress():
 def tiny_config(family: str = "llama", vocab_size: int = 320, **overrides):
     """A transformers config for a 2-layer, 64-wide model of the given family; keyword
     `overrides` replace any field (e.g. `max_position_embeddings=4096`)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
     if family not in _FAMILIES:
         raise ValueError(f"family must be one of {_FAMILIES}")
     kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
               rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if family == "gemma2":   # its own head size and scale, a short window, tied embeddings
+        kw.update(head_dim=24, query_pre_attn_scalar=20, sliding_window=16,
+                  tie_word_embeddings=True, attn_implementation="eager")
     kw.update(overrides)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig,
+           "gemma2": Gemma2Config}[family]
     return cls(**kw)
 
 
