@@ -209,3 +209,15 @@ def test_caps_can_be_off_and_the_activation_is_checked(tmp_path):
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(UnsupportedModelError, match="gelu_pytorch_tanh"):
         load_model(path, max_seq_len=128)
+
+
+def test_gemma2_presets_have_the_published_shapes():
+    """The benchmark presets (random weights on a GPU): 9.2B and 27.2B parameters, the
+    published windows, scales and caps."""
+    from wsd_engine.config import preset_config
+    from wsd_engine.memory import weight_elements
+    for name, params, scalar in (("gemma2-9b", 9.24e9, 256), ("gemma2-27b", 27.23e9, 144)):
+        c = preset_config(name)
+        assert abs(weight_elements(c) - params) < 0.01e9
+        assert c.attn_scale == scalar ** -0.5 and c.attn_softcap == 50 and c.final_softcap == 30
+        assert c.layer_windows[:2] == (4096, None) and len(c.layer_windows) == c.num_layers

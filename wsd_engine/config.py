@@ -547,6 +547,15 @@ PRESETS = {
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
                        rope_theta=1000000.0, max_position_embeddings=32768),
+    # Gemma-2 (the published configs' fields: no layer_types, the window as both spellings)
+    "gemma2-9b": dict(architectures=["Gemma2ForCausalLM"], hidden_size=3584,
+                      intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                      vocab_size=256000, tie_word_embeddings=True),
+    "gemma2-27b": dict(architectures=["Gemma2ForCausalLM"], hidden_size=4608,
+                       intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
+                       num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144,
+                       vocab_size=256000, tie_word_embeddings=True),
 }
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -560,5 +569,11 @@ def preset_config(name: str) -> ModelConfig:
              eos_token_id=[128001, 128008, 128009])
     if name.startswith("qwen"):
         d.update(rope_scaling=None, bos_token_id=None, eos_token_id=151643, rms_norm_eps=1e-6)
+    if name.startswith("gemma2"):
+        d.update(rope_scaling=None, rope_theta=10000.0, max_position_embeddings=8192,
+                 rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=[1, 107],
+                 hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                 sliding_window=4096, sliding_window_size=4096, attn_logit_softcapping=50.0,
+                 final_logit_softcapping=30.0, cache_implementation="hybrid")
     d.update(PRESETS[name])
     return ModelConfig.from_dict(d)
