@@ -8,7 +8,8 @@ or a config whose shared memory exceeds the card's only show up when the kernel 
 for a GPU. This compiles each kernel at the configs the launchers pick on a GPU (bf16 at
 the shapes of the four benchmark presets, Llama-3.1-8B / 3.2-1B / 3.2-3B and Qwen2.5-7B:
 the engine's decode / prefill / scoring paths, with and without PDL; fp32 and bf16 at the
-shapes the GPU tests use) with the ptxas that ships with Triton's NVIDIA backend, and
+shapes the GPU tests use; Gemma-2's soft-cap / sliding-window variants at head_dim 256 and
+128) with the ptxas that ships with Triton's NVIDIA backend, and
 prints shared memory, registers and spill stack per config, and for PDL kernels where
 their loads sit against the wait. Exit status 1 if any
 config fails to compile or needs more shared memory than an H100 block may use (227 KB).
@@ -177,6 +178,44 @@ def configs():
                      BLOCK_D=64 if fp32 else 128, UPCAST=fp32),
                 {"ids_ptr": "i64", "wsf_ptr": "fp32", "wsi_ptr": "i32"}, set(), 4,
                 2 if fp32 else 4, dt, {"C": c, "D": d, "V": vocab})
+    # Gemma-2's variants (bf16; scale / soft-caps / sliding window are constexprs, so each
+    # is its own kernel): 9B-like (hd 256, group 2) and 27B-like (hd 128, group 2) heads.
+    # Sliding layers: SOFTCAP=50 + WINDOW=4096; global layers: SOFTCAP=50 alone.
+    for tag, n_q, n_kv, hd, d, vocab in (("gemma2-9b", 16, 8, 256, 3584, 256000),
+                                         ("gemma2-27b", 32, 16, 128, 4608, 256000)):
+        group, g_pad = n_q // n_kv, _next_pow2(n_q // n_kv)
+        line_elems = 64
+        for variant, extra in (("softcap+window", dict(SOFTCAP=50.0, WINDOW=4096)),
+                               ("softcap", dict(SOFTCAP=50.0))):
+            splits = 32
+            add(f"{tag} decode_attention append+rope fused splits={splits} {variant}",
+                dec._decode_attention_kernel,
+                dict(GROUP=group, BLOCK_H=max(16, g_pad), HEAD_DIM=hd, BLOCK_N=64,
+                     NUM_SPLITS=splits, LEN_FROM_PTR=True, FP32_DOT=False, FUSED=True,
+                     G_PAD=g_pad, S_PAD=splits,
+                     BLOCK_S=max(1, min(splits, 8192 // (g_pad * hd))), APPEND=True,
+                     ROPE=True, MIN_PIECE=dec.MIN_PIECE_DEFAULT, LEN_OFFSET=1, ROWS=True,
+                     LINES=-(-hd // line_elems), LINE_ELEMS=line_elems, **extra),
+                {"o_part_ptr": "fp32", "lse_part_ptr": "fp32", "cos_ptr": "fp32",
+                 "sin_ptr": "fp32", "len_ptr": "i64", "cnt_ptr": "i32", "slot_ptr": "i64"},
+                {"qk_scale"}, 4, 3, "bf16", {"max_seq": 8192})
+            for L, splits in ((8, 8), (128, 1)):
+                cfg = pre.prefill_config(L, group, hd, torch.bfloat16, cuda)
+                add(f"{tag} prefill_attention L={L} splits={splits} {variant}",
+                    pre._prefill_attention_kernel,
+                    dict(GROUP=group, G_PAD=g_pad, HEAD_DIM=hd,
+                         BLOCK_T=cfg["block_r"] // g_pad, BLOCK_R=cfg["block_r"],
+                         BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, POS_FROM_PTR=True,
+                         FP32_DOT=False, ROWS=True, **extra),
+                    {"cos_ptr": "fp32", "sin_ptr": "fp32", "o_part_ptr": "fp32",
+                     "lse_part_ptr": "fp32", "pos_ptr": "i64", "cu_ptr": "i64",
+                     "slot_ptr": "i64"}, {"qk_scale"}, cfg["num_warps"], cfg["num_stages"],
+                    "bf16", {"n_tokens": L, "pos_limit": 8192, "n_q_heads": n_q})
+        add(f"{tag} switch_score c=8 V={vocab} d={d} softcap", sw._switch_score_kernel,
+            dict(TILES_PER_PROG=4, BLOCK_C=16, BLOCK_V=64, BLOCK_D=128, UPCAST=False,
+                 SOFTCAP=30.0),
+            {"ids_ptr": "i64", "wsf_ptr": "fp32", "wsi_ptr": "i32"}, set(), 4, 4, "bf16",
+            {"C": 8, "D": d, "V": vocab})
     # merge of switch_score's partials (fp32 workspaces, any model)
     for c in (8, 64):
         block_c = max(16, _next_pow2(c))

@@ -8,6 +8,8 @@ Triton (@triton.jit, called from kernels):
   dot                  tl.dot with exact fp32 products for fp32 operands ("ieee")
   softmax_update       one online-softmax step (scores in log2 units)
   rope_rotate          rotate-half RoPE of a tile given its partner half
+  soft_cap             cap * tanh(x / cap) in fp32 (Gemma-2's attention / logit soft-cap)
+  attn_scores          raw q.k dots -> scaled, optionally soft-capped scores in log2 units
 Host (launchers and references):
   check_ranks, check_dtype_device, check_cache_heads, check_device_scalar, check_row_vector,
   check_rope_tables
@@ -16,6 +18,8 @@ Host (launchers and references):
   rope_tables          plain (unscaled) HF cos/sin tables, for tests and benchmarks
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -71,6 +75,69 @@ def rope_rotate(x, x_partner, cos, sin, offs_d, HALF: tl.constexpr):
     """x_rot = x*cos + rotate_half(x)*sin; x_partner[..., d] = x[..., (d + HALF) % HD]."""
     sign = tl.where(offs_d < HALF, -1.0, 1.0)                          # [HD]
     return x * cos + x_partner * sign[None, :] * sin
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """cap * tanh(x / cap), fp32. tanh through exp2 of -2|x/cap| (no overflow at either end;
+    the interpreter and every GPU backend have exp2)."""
+    a = tl.abs(x / cap)
+    e = tl.exp2(a * -2.8853900817779268)                               # exp(-2a), 2*log2(e)
+    t = (1.0 - e) / (1.0 + e)                                          # tanh(a) in [0, 1)
+    return tl.where(x < 0, -t, t) * cap
+
+
+@triton.jit
+def attn_scores(dots, qk_scale, SOFTCAP: tl.constexpr):
+    """Scores in log2 units from raw q.k dots. Without SOFTCAP, qk_scale = scale * log2(e)
+    (one multiply, as before). With it, qk_scale = scale (natural units): the scaled score
+    is capped, cap * tanh(s / cap), then converted to log2 units."""
+    if SOFTCAP > 0.0:
+        s = soft_cap(dots * qk_scale, SOFTCAP) * 1.4426950408889634
+    else:
+        s = dots * qk_scale
+    return s
+
+
+def attn_params(fn: str, hd: int, scale, softcap, window):
+    """Host side of the Gemma-2 options: (qk_scale as the kernels take it, SOFTCAP constexpr,
+    WINDOW constexpr). scale None: head_dim ** -0.5; softcap None / window None: off (0)."""
+    default = scale is None
+    if default:
+        scale = hd ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{fn}: scale must be a float > 0 or None, got {scale!r}")
+    if softcap is not None and (isinstance(softcap, bool)
+                                or not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(f"{fn}: softcap must be a float > 0 or None, got {softcap!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"{fn}: window must be an int >= 1 or None, got {window!r}")
+    cap = float(softcap) if softcap is not None else 0.0
+    if cap > 0:
+        qk_scale = float(scale)
+    elif default:
+        qk_scale = LOG2E / math.sqrt(hd)          # bit for bit what the launchers always passed
+    else:
+        qk_scale = LOG2E * float(scale)
+    return qk_scale, cap, int(window) if window is not None else 0
+
+
+def attn_scores_ref(q, keys, scale, softcap):
+    """fp32 scores q @ keys^T * scale, soft-capped when softcap is given (the references)."""
+    s = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def masked_attention_ref(q, keys, vals, mask, scale, softcap):
+    """fp32 attention with a bool mask: SDPA when scale / softcap are None (the references'
+    plain path), else explicit scores (scaled, soft-capped), masked, fp32 softmax."""
+    if scale is None and softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+    s = attn_scores_ref(q, keys, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vals
 
 
 # ---- host-side checks ---------------------------------------------------------------------
@@ -175,5 +242,6 @@ def rope_tables(head_dim, max_seq, base=10000.0, device=None):
 
 
 __all__ = ["LOG2E", "DTYPES", "rne_bf16", "round_to", "dot", "softmax_update", "rope_rotate",
+           "soft_cap", "attn_scores", "attn_params", "attn_scores_ref", "masked_attention_ref",
            "check_dtype_device", "check_ranks", "check_cache_heads", "check_device_scalar",
            "check_row_vector", "check_rope_tables", "rotate_half", "rope_ref", "rope_tables"]

@@ -51,16 +51,22 @@ of its piece (K and V: `prefetch.global.L2`, a hint that returns nothing), compu
 length as read then; everything after the wait reads the length again, so a length written
 by the predecessor only makes the hint useless, never the result wrong. The cache prefix is
 written by earlier steps, complete by then (pdl.py, rule 2).
+
+Gemma-2 (`scale`, `softcap`, `window` keywords; constexprs SOFTCAP / WINDOW, left at their
+defaults = today's kernel): scores = scale * q.k, capped as softcap * tanh(s / softcap) in
+fp32 natural units and then converted to log2 units; a window makes the pieces cover only
+the cached keys inside it, [max(0, seq_len - window), n_cached), so the blocks below it are
+never read and the piece count follows the window, not the length.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, check_cache_heads, check_device_scalar, check_dtype_device,
+from ._common import (attn_params, attn_scores, attn_scores_ref, check_cache_heads,
+                      masked_attention_ref,
+                      check_device_scalar, check_dtype_device,
                       check_ranks, check_rope_tables, check_row_vector, dot, round_to,
                       rotate_half, softmax_update)
 from ._device import num_sms
@@ -134,8 +140,11 @@ def _combine_group(o_part_ptr, lse_part_ptr, out_ptr, kvh, n_act, stride_oh, str
 @triton.jit
 def _piece_range(len_ptr, len_val, max_seq, split, LEN_FROM_PTR: tl.constexpr,
                  LEN_OFFSET: tl.constexpr, APPEND: tl.constexpr, MIN_PIECE: tl.constexpr,
-                 NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """seq_len, the keys read from the cache, the pieces in use, and this piece's [lo, hi)."""
+                 NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr = 0):
+    """seq_len, the keys read from the cache, the pieces in use, and this piece's [lo, hi).
+    WINDOW > 0 (sliding window: keys j > seq_len - 1 - WINDOW): the pieces cover only the
+    cached keys inside the window, [max(0, seq_len - WINDOW), n_cached); the blocks below
+    it are never read, and the piece count follows the keys in the window."""
     if LEN_FROM_PTR:   # + LEN_OFFSET: the caller may pass the new token's position
         seq_len = tl.load(len_ptr).to(tl.int32) + LEN_OFFSET
     else:
@@ -144,12 +153,17 @@ def _piece_range(len_ptr, len_val, max_seq, split, LEN_FROM_PTR: tl.constexpr,
     n_cached = seq_len                                  # keys read from the cache
     if APPEND:
         n_cached = seq_len - 1
+    n_keys = n_cached                                   # keys the pieces cover
+    if WINDOW > 0:   # from the first key inside the window (not a multiple of BLOCK_N)
+        n_keys = tl.maximum(n_cached - tl.maximum(seq_len - WINDOW, 0), 0)
     if MIN_PIECE > 0:   # pieces in use at this length (>= 1: piece 0 holds an appended token)
-        n_act = tl.minimum(tl.maximum(tl.cdiv(n_cached, MIN_PIECE), 1), NUM_SPLITS)
+        n_act = tl.minimum(tl.maximum(tl.cdiv(n_keys, MIN_PIECE), 1), NUM_SPLITS)
     else:
-        n_act = n_cached * 0 + NUM_SPLITS
-    chunk = tl.cdiv(tl.cdiv(n_cached, n_act), BLOCK_N) * BLOCK_N
-    lo = split * chunk      # split >= n_act: lo >= n_act * chunk >= n_cached, no keys
+        n_act = n_keys * 0 + NUM_SPLITS
+    chunk = tl.cdiv(tl.cdiv(n_keys, n_act), BLOCK_N) * BLOCK_N
+    lo = split * chunk      # split >= n_act: lo >= n_act * chunk >= n_keys, no keys
+    if WINDOW > 0:
+        lo = lo + tl.maximum(seq_len - WINDOW, 0)
     hi = tl.minimum(lo + chunk, n_cached)
     return seq_len, n_cached, n_act, lo, hi
 
@@ -184,8 +198,10 @@ def _decode_attention_kernel(
     APPEND: tl.constexpr = False, ROPE: tl.constexpr = False, MIN_PIECE: tl.constexpr = 0,
     PDL: tl.constexpr = False, LEN_OFFSET: tl.constexpr = 0,
     PREFETCH_TILES: tl.constexpr = 0, LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64,
-    ROWS: tl.constexpr = False,
+    ROWS: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0, WINDOW: tl.constexpr = 0,
 ):
+    # SOFTCAP > 0: scores capped (cap * tanh(s / cap), natural units, qk_scale = the plain
+    # scale) before the softmax; WINDOW > 0: only keys j > seq_len - 1 - WINDOW (their range)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     if ROWS:   # move every per-row base pointer to row b; the rest of the kernel is unchanged
@@ -209,7 +225,8 @@ def _decode_attention_kernel(
             kc_pre += slot_pre * stride_kcb
             vc_pre += slot_pre * stride_vcb
         _, _, _, lo0, hi0 = _piece_range(len_ptr, len_val, max_seq, split, LEN_FROM_PTR,
-                                         LEN_OFFSET, APPEND, MIN_PIECE, NUM_SPLITS, BLOCK_N)
+                                         LEN_OFFSET, APPEND, MIN_PIECE, NUM_SPLITS, BLOCK_N,
+                                         WINDOW)
         _prefetch_piece(kc_pre + kvh * stride_kch, vc_pre + kvh * stride_vch, stride_kcs,
                         stride_vcs, lo0, hi0, PREFETCH_TILES, BLOCK_N, LINES, LINE_ELEMS)
     pdl_wait_then_release(PDL)   # q, k_new, v_new (and the length) come from earlier kernels
@@ -221,7 +238,7 @@ def _decode_attention_kernel(
     vc_base = vc_ptr + kvh * stride_vch
     seq_len, n_cached, n_act, lo, hi = _piece_range(
         len_ptr, len_val, max_seq, split, LEN_FROM_PTR, LEN_OFFSET, APPEND, MIN_PIECE,
-        NUM_SPLITS, BLOCK_N)
+        NUM_SPLITS, BLOCK_N, WINDOW)
     live = split < n_act   # a program past n_act: no loads (q masked, empty key range)
 
     offs_h = tl.arange(0, BLOCK_H)                                      # [H] (>= 16 for tl.dot)
@@ -256,7 +273,7 @@ def _decode_attention_kernel(
         if FP32_DOT:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        s = dot(q, kt, FP32_DOT) * qk_scale                            # [H, N]
+        s = attn_scores(dot(q, kt, FP32_DOT), qk_scale, SOFTCAP)      # [H, N] log2 units
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
 
@@ -270,7 +287,8 @@ def _decode_attention_kernel(
                 kn = round_to(kn.to(tl.float32) * c + sign * kn_r * sn, kn_ptr.dtype.element_ty)
             tl.store(kc_base + pos * stride_kcs + offs_d, kn)
             tl.store(vc_base + pos * stride_vcs + offs_d, vn)
-            s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale  # [H]
+            s_new = attn_scores(tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1),
+                                qk_scale, SOFTCAP)                      # [H]
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
@@ -374,8 +392,14 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
                      block_n=None, num_warps=None, num_stages=None,
                      fused_combine: bool | None = None, min_piece: int | None = None,
                      k_new=None, v_new=None, cos=None, sin=None, pdl: bool | None = False,
-                     seq_len_offset: int = 0, prefetch_tiles: int | None = None):
+                     seq_len_offset: int = 0, prefetch_tiles: int | None = None,
+                     scale: float | None = None, softcap: float | None = None,
+                     window: int | None = None):
     """Attention of one query token over cache positions [0, seq_len).
+
+    Gemma-2 options: scale (None: head_dim ** -0.5) multiplies q.k; softcap (None: off)
+    caps the scaled scores, softcap * tanh(s / softcap), before the softmax; window (None:
+    off) makes only keys j > seq_len - 1 - window visible (the blocks below are not read).
 
     q [n_q, hd]; k_cache/v_cache [n_kv, max_seq, hd] (same dtype as q, stride(-1) == 1);
     seq_len: int or 1-element int32/int64 tensor on q's device (read in the kernel, clamped
@@ -420,7 +444,8 @@ def decode_attention(q, k_cache, v_cache, seq_len, out=None, *, num_splits=None,
             cos if rope else None, sin if rope else None, None,
             num_splits=num_splits, block_n=block_n, num_warps=num_warps,
             num_stages=num_stages, fused_combine=fused_combine, min_piece=min_piece,
-            pdl=pdl, prefetch_tiles=prefetch_tiles)
+            pdl=pdl, prefetch_tiles=prefetch_tiles,
+            attn=attn_params("decode_attention", hd, scale, softcap, window))
     return out
 
 
@@ -428,8 +453,11 @@ def decode_attention_rows(q, k_cache, v_cache, slots, positions, k_new, v_new, c
                           out=None, *, max_len: int | None = None, pdl: bool | None = None,
                           num_splits=None, block_n=None, num_warps=None, num_stages=None,
                           fused_combine: bool | None = None, min_piece: int | None = None,
-                          prefetch_tiles: int | None = None):
+                          prefetch_tiles: int | None = None, scale: float | None = None,
+                          softcap: float | None = None, window: int | None = None):
     """Batched decode step: one new token per row, each row in its own cache slot.
+    scale / softcap / window: as `decode_attention` (row b sees keys
+    (positions[b] - window, positions[b]]).
 
     q [B, n_q, hd] and k_new / v_new [B, n_kv, hd] unrotated (any strides with
     stride(-1) == 1, e.g. views of a fused qkv projection); k_cache / v_cache
@@ -481,13 +509,14 @@ def decode_attention_rows(q, k_cache, v_cache, slots, positions, k_new, v_new, c
     _launch(fn, q, k_cache, v_cache, out, B, positions, 0, 1, k_new, v_new, cos, sin, slots,
             num_splits=num_splits, block_n=block_n, num_warps=num_warps,
             num_stages=num_stages, fused_combine=fused_combine, min_piece=min_piece,
-            pdl=pdl, prefetch_tiles=prefetch_tiles)
+            pdl=pdl, prefetch_tiles=prefetch_tiles,
+            attn=attn_params(fn, hd, scale, softcap, window))
     return out
 
 
 def _launch(fn, q, k_cache, v_cache, out, n_rows, len_t, len_val, len_offset, k_new, v_new,
             cos, sin, slots, *, num_splits, block_n, num_warps, num_stages, fused_combine,
-            min_piece, pdl, prefetch_tiles):
+            min_piece, pdl, prefetch_tiles, attn=None):
     """Launch `_decode_attention_kernel` on validated inputs: one sequence (slots None; q
     [n_q, hd], cache [n_kv, S, hd]) or n_rows rows (q [B, n_q, hd], cache [n_slots, n_kv, S,
     hd], len_t = the positions tensor). len_t: the length tensor (None: len_val is it)."""
@@ -495,6 +524,13 @@ def _launch(fn, q, k_cache, v_cache, out, n_rows, len_t, len_val, len_offset, k_
     n_q, hd = q.shape[-2], q.shape[-1]
     n_kv, max_seq = k_cache.shape[-3], k_cache.shape[-2]
     group = n_q // n_kv
+    qk_scale, softcap, window = attn if attn is not None else attn_params(fn, hd, None, None,
+                                                                          None)
+    gemma = {}   # constexprs at their defaults are not passed: today's kernels, unchanged
+    if softcap:
+        gemma["SOFTCAP"] = softcap
+    if window:
+        gemma["WINDOW"] = window
     on_gpu = q.device.type == "cuda"
     if fused_combine is None:
         fused_combine = FUSED_COMBINE_DEFAULT
@@ -548,7 +584,7 @@ def _launch(fn, q, k_cache, v_cache, out, n_rows, len_t, len_val, len_offset, k_
     _decode_attention_kernel[(n_kv, num_splits, n_rows)](
         q, k_cache, v_cache, out, o_part, lse_part,
         len_t if len_t is not None else q, cnt, len_val, max_seq,
-        LOG2E / math.sqrt(hd),
+        qk_scale,
         q.stride(-2), k_cache.stride(-3), k_cache.stride(-2), v_cache.stride(-3),
         v_cache.stride(-2), out.stride(-2), n_rows * n_q * hd, n_rows * n_q,
         kn, vn, kn.stride(-2), vn.stride(-2), tc, ts, tc.stride(0) if rope else 0,
@@ -560,6 +596,7 @@ def _launch(fn, q, k_cache, v_cache, out, n_rows, len_t, len_val, len_offset, k_
         num_warps=num_warps, num_stages=num_stages, PDL=pdl, launch_pdl=pdl,
         LEN_OFFSET=len_offset, PREFETCH_TILES=prefetch_tiles if pdl else 0,
         LINES=triton.cdiv(hd, line_elems), LINE_ELEMS=line_elems, ROWS=rows, **fused_meta,
+        **gemma,
     )
     if num_splits > 1 and not fused:
         combine_splits(o_part, lse_part, out, n_q)
@@ -604,15 +641,26 @@ def _validate_append(q, k_cache, k_new, v_new, cos, sin, rope):
                                  f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
-def decode_attention_ref(q, k_cache, v_cache, seq_len, out=None):
-    """Pure torch: SDPA (fp32) of q [n_q, hd] over cache positions [0, seq_len)."""
+def decode_attention_ref(q, k_cache, v_cache, seq_len, out=None, *, scale=None, softcap=None,
+                         window=None):
+    """Pure torch: SDPA (fp32) of q [n_q, hd] over cache positions [0, seq_len); with
+    scale / softcap / window (`decode_attention`'s): explicit fp32 scores, capped, keys
+    j > seq_len - 1 - window, fp32 softmax."""
     n_q, hd = q.shape
     n_kv = k_cache.shape[0]
     n = int(seq_len.item()) if isinstance(seq_len, torch.Tensor) else int(seq_len)
     keys = k_cache[:, :n].float().repeat_interleave(n_q // n_kv, dim=0)   # [n_q, n, hd]
     vals = v_cache[:, :n].float().repeat_interleave(n_q // n_kv, dim=0)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.float()[:, None, :], keys, vals)                              # [n_q, 1, hd]
+    if scale is None and softcap is None and window is None:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.float()[:, None, :], keys, vals)                          # [n_q, 1, hd]
+    else:
+        s = attn_scores_ref(q.float()[:, None, :], keys,
+                            hd ** -0.5 if scale is None else scale, softcap)   # [n_q, 1, n]
+        if window is not None:
+            s = s.masked_fill(torch.arange(n, device=q.device) <= n - 1 - window,
+                              float("-inf"))
+        o = torch.softmax(s, -1) @ vals                                 # [n_q, 1, hd]
     o = o[:, 0].to(q.dtype)                                             # [n_q, hd]
     if out is not None:
         out.copy_(o)
@@ -621,7 +669,7 @@ def decode_attention_ref(q, k_cache, v_cache, seq_len, out=None):
 
 
 def decode_attention_rows_ref(q, k_cache, v_cache, slots, positions, k_new, v_new, cos, sin,
-                              out=None):
+                              out=None, *, scale=None, softcap=None, window=None):
     """Pure torch, all rows at once: fp32 RoPE of q / k_new at positions[b] (cast to the
     model dtype, as the kernel rounds them), k / v written at (slots[b], positions[b]) in
     place, then masked SDPA (fp32) of each row over its slot's positions [0, positions[b]].
@@ -636,12 +684,14 @@ def decode_attention_rows_ref(q, k_cache, v_cache, slots, positions, k_new, v_ne
     v_cache[sl, :, pos] = v_new.to(v_cache.dtype)
     keys, vals = k_cache[sl].float(), v_cache[sl].float()              # [B, n_kv, S, hd]
     mask = torch.arange(S, device=q.device)[None, :] <= pos[:, None]    # [B, S]
+    if window is not None:
+        mask = mask & (torch.arange(S, device=q.device)[None, :] > pos[:, None] - window)
     # GQA as a batch dim: the group's query heads are the "sequence" of their kv head
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q_rot.float().view(B, n_kv, n_q // n_kv, hd), keys, vals,
-        attn_mask=mask[:, None, None, :])                               # [B, n_kv, group, hd]
+    o = masked_attention_ref(q_rot.float().view(B, n_kv, n_q // n_kv, hd), keys, vals,
+                              mask[:, None, None, :], scale, softcap)  # [B, n_kv, group, hd]
     o = o.reshape(B, n_q, hd).to(q.dtype)                               # [B, n_q, hd]
     if out is not None:
         out.copy_(o)
         return out
     return o
+

@@ -26,16 +26,20 @@ same combine kernel merges it.
 Numerics: RoPE in fp32 (HF "rotate_half" layout), the rotated q and k rounded to the model
 dtype (as stored in the cache; HF applies RoPE in the model dtype for bf16 -- our ref does
 the fp32 math then casts, and so does the kernel), softmax and accumulation in fp32.
+
+Gemma-2 (`scale`, `softcap`, `window` keywords; constexprs SOFTCAP / WINDOW, left at their
+defaults = today's kernel): scores = scale * q.k, capped as softcap * tanh(s / softcap) in
+fp32 before masking and the softmax; with a window a token at position p sees keys
+p - window < j <= p: a tile starts its key loop at its first token's window (blocks below
+are not read) and masks per row inside.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, check_cache_heads, check_device_scalar, check_dtype_device,
+from ._common import (attn_params, attn_scores, check_cache_heads, masked_attention_ref, check_device_scalar, check_dtype_device,
                       check_ranks, check_rope_tables, check_row_vector, dot, rope_rotate,
                       rotate_half, softmax_update)
 from ._device import num_sms
@@ -56,8 +60,11 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, POS_FROM_PTR: tl.constexpr, FP32_DOT: tl.constexpr,
-    ROWS: tl.constexpr = False,
+    ROWS: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0, WINDOW: tl.constexpr = 0,
 ):
+    # SOFTCAP > 0: scores capped (cap * tanh(s / cap), natural units, qk_scale = the plain
+    # scale) before masking and the softmax; WINDOW > 0: a query at position p sees keys
+    # p - WINDOW < j <= p (key blocks below the tile's lowest window are not read)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -137,6 +144,8 @@ def _prefill_attention_kernel(
         chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, kv_end)
+    if WINDOW > 0:   # the tile's first query sees keys > its position - WINDOW
+        lo = tl.maximum(lo, start + pid_t * BLOCK_T - WINDOW + 1)
 
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)                 # running max (log2 units)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)                         # running sum of exp2
@@ -156,8 +165,12 @@ def _prefill_attention_kernel(
         if FP32_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        s = attn_scores(dot(q, tl.trans(k), FP32_DOT), qk_scale, SOFTCAP)   # [R, N] log2
+        if WINDOW > 0:
+            s = tl.where(n_ok[None, :] & (offs_n[None, :] > q_pos[:, None] - WINDOW), s,
+                         float("-inf"))
+        else:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
 
     # new tokens [max(lo, start), hi): raw k/v inputs, k rotated here, causal mask
@@ -182,14 +195,19 @@ def _prefill_attention_kernel(
         if FP32_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = dot(q, tl.trans(k), FP32_DOT) * qk_scale                   # [R, N]
+        s = attn_scores(dot(q, tl.trans(k), FP32_DOT), qk_scale, SOFTCAP)   # [R, N] log2
         visible = j_ok[None, :] & (offs_j[None, :] <= tok[:, None])
+        if WINDOW > 0:
+            visible = visible & (offs_j[None, :] > tok[:, None] - WINDOW)
         s = tl.where(visible, s, float("-inf"))
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, FP32_DOT)
 
     # ---- epilogue ---------------------------------------------------------------------
     if NUM_SPLITS == 1:
-        o = acc / l_i[:, None]                                          # every row sees itself
+        if WINDOW > 0:   # a padding row past the tokens may see no key: no 0 / 0
+            o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        else:
+            o = acc / l_i[:, None]                                      # every row sees itself
         tl.store(out_ptr + tok[:, None] * stride_ol + head[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -235,17 +253,24 @@ def prefill_config(L: int, group: int, hd: int, dtype: torch.dtype, device: torc
     if dtype == torch.float32:
         block_r = max(g_pad, min(block_r, 64))
         return dict(block_r=block_r, block_n=32, num_warps=8 if block_r >= 64 else 4, num_stages=2)
-    if hd > 128:
+    if hd > 128:   # 64 rows, hd 256 (Gemma-2 9B): 4 warps spill 160 B at 255 regs, 8 do not
         block_r = max(g_pad, min(block_r, 64))
-        return dict(block_r=block_r, block_n=32, num_warps=4, num_stages=2)
+        return dict(block_r=block_r, block_n=32, num_warps=8 if block_r >= 64 else 4,
+                    num_stages=2)
     # 64 rows, hd 128: 4 warps spill (255 regs + 24 B stack), 8 warps do not (229 regs).
     wide = block_r >= 128 or (block_r >= 64 and hd >= 128)
     return dict(block_r=block_r, block_n=64, num_warps=8 if wide else 4, num_stages=3)
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None, *,
-                      num_splits=None, block_r=None, block_n=None, num_warps=None, num_stages=None):
+                      num_splits=None, block_r=None, block_n=None, num_warps=None, num_stages=None,
+                      scale: float | None = None, softcap: float | None = None,
+                      window: int | None = None):
     """RoPE q/k, write k/v at positions start_pos.., causal attention over cache + new tokens.
+
+    Gemma-2 options: scale (None: head_dim ** -0.5) multiplies q.k; softcap (None: off)
+    caps the scaled scores, softcap * tanh(s / softcap), before masking and the softmax;
+    window (None: off): a token at position p sees keys p - window < j <= p only.
 
     q [L, n_q, hd], k/v [L, n_kv, hd] (not rotated; any strides with stride(-1) == 1);
     k_cache/v_cache [n_kv, max_seq, hd] (model dtype, positions [0, start_pos) filled);
@@ -262,13 +287,16 @@ def prefill_attention(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None, 
     _launch("prefill_attention", q, k, v, k_cache, v_cache, cos, sin, out, L, 1,
             start_pos if pos_is_tensor else None, 0 if pos_is_tensor else int(start_pos),
             None, None, key_bound, num_splits=num_splits, block_r=block_r, block_n=block_n,
-            num_warps=num_warps, num_stages=num_stages)
+            num_warps=num_warps, num_stages=num_stages,
+            attn=attn_params("prefill_attention", hd, scale, softcap, window))
     return out
 
 
 def prefill_attention_rows(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, seg_slots,
                            seg_starts, max_q: int, out=None, *, num_splits=None, block_r=None,
-                           block_n=None, num_warps=None, num_stages=None):
+                           block_n=None, num_warps=None, num_stages=None,
+                           scale: float | None = None, softcap: float | None = None,
+                           window: int | None = None):
     """Varlen prefill / chunk scoring: B segments of new tokens, each appended to its own slot.
 
     q [T, n_q, hd], k / v [T, n_kv, hd] unrotated (any strides with stride(-1) == 1, e.g.
@@ -283,7 +311,8 @@ def prefill_attention_rows(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, seg_
     B * cdiv(max_q, BLOCK_T) token tiles x n_kv; longer segments lose their tail tokens).
     Device values are read only by the kernel (no host sync, CUDA-graph capturable; positions
     past the cache / tables are skipped, not checked). Segments of length 0 are allowed.
-    The keywords are `prefill_attention`'s. Returns out [T, n_q, hd] in q's dtype.
+    The keywords are `prefill_attention`'s (scale / softcap / window included). Returns
+    out [T, n_q, hd] in q's dtype.
     """
     fn = "prefill_attention_rows"
     check_ranks(fn, (("q", q, 3), ("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4),
@@ -318,13 +347,14 @@ def prefill_attention_rows(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, seg_
                          f"unit last-dim stride, got {tuple(out.shape)} {out.dtype}")
     _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, max_q, B, seg_starts, 0,
             cu_seqlens, seg_slots, max_seq, num_splits=num_splits, block_r=block_r,
-            block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+            block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+            attn=attn_params(fn, hd, scale, softcap, window))
     return out
 
 
 def _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, L, n_seg, pos_t, pos_val,
             cu_seqlens, seg_slots, key_bound, *, num_splits, block_r, block_n, num_warps,
-            num_stages):
+            num_stages, attn=None):
     """Launch `_prefill_attention_kernel` on validated inputs: one sequence of L tokens
     (cu_seqlens None; cache [n_kv, S, hd]) or n_seg segments of <= L tokens (cache
     [n_slots, n_kv, S, hd]). pos_t: the start position tensor(s) (None: pos_val is it)."""
@@ -333,6 +363,13 @@ def _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, L, n_seg, pos_t, pos_v
     n_kv, max_seq = k_cache.shape[-3], k_cache.shape[-2]
     group = n_q // n_kv
     g_pad = triton.next_power_of_2(group)
+    qk_scale, softcap, window = attn if attn is not None else attn_params(fn, hd, None, None,
+                                                                          None)
+    gemma = {}   # constexprs at their defaults are not passed: today's kernels, unchanged
+    if softcap:
+        gemma["SOFTCAP"] = softcap
+    if window:
+        gemma["WINDOW"] = window
     cfg = prefill_config(L, group, hd, q.dtype, q.device)
     block_r = block_r or cfg["block_r"]
     block_n = block_n or cfg["block_n"]
@@ -361,7 +398,7 @@ def _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, L, n_seg, pos_t, pos_v
     _prefill_attention_kernel[(n_seg * n_tiles, n_kv, num_splits)](
         q, k, v, k_cache, v_cache, cos, sin, out, o_part, lse_part,
         pos_t if pos_t is not None else cos,
-        pos_val, L, pos_limit, n_q, LOG2E / math.sqrt(hd),
+        pos_val, L, pos_limit, n_q, qk_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(-3), k_cache.stride(-2), v_cache.stride(-3), v_cache.stride(-2),
         cos.stride(0), out.stride(0), out.stride(1), T * n_q * hd, T * n_q,
@@ -370,7 +407,7 @@ def _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, L, n_seg, pos_t, pos_v
         NUM_SPLITS=num_splits, POS_FROM_PTR=pos_t is not None,
         # CPU tensors run only under the interpreter, whose bf16 dots are wrong: fp32 there.
         FP32_DOT=(q.dtype == torch.float32 or q.device.type != "cuda"),
-        num_warps=num_warps, num_stages=num_stages, ROWS=rows,
+        num_warps=num_warps, num_stages=num_stages, ROWS=rows, **gemma,
     )
     if num_splits > 1:
         combine_splits(o_part, lse_part, out, n_q)
@@ -409,8 +446,10 @@ def _validate(q, k, v, k_cache, v_cache, cos, sin, start_pos, out):
     return L, n_q, hd, n_kv, max_seq
 
 
-def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None):
-    """Pure torch: fp32 RoPE (cast to the model dtype), cache write, SDPA with a bool mask."""
+def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=None, *,
+                          scale=None, softcap=None, window=None):
+    """Pure torch: fp32 RoPE (cast to the model dtype), cache write, SDPA with a bool mask
+    (scale / softcap / window: explicit fp32 scores, capped, windowed mask, fp32 softmax)."""
     L, n_q, hd = q.shape
     n_kv = k_cache.shape[0]
     start = int(start_pos.item()) if isinstance(start_pos, torch.Tensor) else int(start_pos)
@@ -425,8 +464,10 @@ def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=No
     vals = v_cache[:, :end].float().repeat_interleave(n_q // n_kv, dim=0)
     pos_q = torch.arange(start, end, device=q.device)[:, None]          # [L, 1]
     mask = torch.arange(end, device=q.device)[None, :] <= pos_q         # [L, end]
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q_rot.float().transpose(0, 1), keys, vals, attn_mask=mask)      # [n_q, L, hd]
+    if window is not None:
+        mask = mask & (torch.arange(end, device=q.device)[None, :] > pos_q - window)
+    o = masked_attention_ref(q_rot.float().transpose(0, 1), keys, vals, mask, scale,
+                              softcap)                                  # [n_q, L, hd]
     o = o.transpose(0, 1).to(q.dtype)                                   # [L, n_q, hd]
     if out is not None:
         out.copy_(o)
@@ -435,7 +476,8 @@ def prefill_attention_ref(q, k, v, k_cache, v_cache, cos, sin, start_pos, out=No
 
 
 def prefill_attention_rows_ref(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, seg_slots,
-                               seg_starts, max_q: int | None = None, out=None):
+                               seg_starts, max_q: int | None = None, out=None, *,
+                               scale=None, softcap=None, window=None):
     """Pure torch, all tokens at once: token t of segment b sits at position
     seg_starts[b] + (t - cu_seqlens[b]) of slot seg_slots[b]. fp32 RoPE (cast to the model
     dtype), every k / v written into the cache in place, then SDPA (fp32) of each token over
@@ -455,10 +497,11 @@ def prefill_attention_rows_ref(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, 
     v_cache[slot, :, pos] = v.to(v_cache.dtype)
     keys, vals = k_cache[slot].float(), v_cache[slot].float()          # [T, n_kv, S, hd]
     mask = torch.arange(S, device=q.device)[None, :] <= pos[:, None]    # [T, S]
+    if window is not None:
+        mask = mask & (torch.arange(S, device=q.device)[None, :] > pos[:, None] - window)
     # GQA as a batch dim: the group's query heads are the "sequence" of their kv head
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q_rot.float().view(T, n_kv, n_q // n_kv, hd), keys, vals,
-        attn_mask=mask[:, None, None, :])                               # [T, n_kv, group, hd]
+    o = masked_attention_ref(q_rot.float().view(T, n_kv, n_q // n_kv, hd), keys, vals,
+                              mask[:, None, None, :], scale, softcap)  # [T, n_kv, group, hd]
     o = o.reshape(T, n_q, hd).to(q.dtype)                               # [T, n_q, hd]
     if out is not None:
         out.copy_(o)

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_row_vector
+from ._common import check_row_vector, soft_cap
 from ._device import num_sms
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -82,8 +82,10 @@ def _switch_score_kernel(
     C, D, V, P,
     TILES_PER_PROG: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
 ):
+    # SOFTCAP > 0 (Gemma-2's final soft-cap): every logit is SOFTCAP * tanh(logit / SOFTCAP)
+    # before the log-sum-exp, the argmax and the draft token's logit.
     # grid (P, n_ct): vocab slice pid x token tile ct (n_ct > 1 only in switch_score_rows,
     # for more tokens than one tile holds). Linearised so that the n_ct programs of one vocab
     # slice are launched back to back: the slice is read from HBM once, then from L2.
@@ -119,6 +121,8 @@ def _switch_score_kernel(
                 w = w.to(tl.float32)                        # [BLOCK_V, BLOCK_D]
                 h = h.to(tl.float32)                        # [BLOCK_C, BLOCK_D]
             acc = tl.dot(w, tl.trans(h), acc, input_precision="ieee")
+        if SOFTCAP > 0.0:
+            acc = soft_cap(acc, SOFTCAP)
         logits = tl.where(v_mask[:, None], acc, float("-inf"))  # [BLOCK_V, BLOCK_C]
         tile_max = tl.max(logits, axis=0)                   # [BLOCK_C]
         tile_arg = tl.argmax(logits, axis=0)                # lowest index on ties
@@ -363,7 +367,7 @@ def _launch_combine(wsf, wsi, P, logp_in, carry, n_prev, window, log_gamma, c, o
 
 def switch_score(hidden, weight, draft_ids, carry, n_prev, window, log_gamma, out=None, *,
                  block_v=None, block_d=None, tiles_per_prog=None, block_p=None,
-                 num_warps=None, num_stages=None) -> SwitchScore:
+                 num_warps=None, num_stages=None, softcap: float | None = None) -> SwitchScore:
     """Score a chunk of c draft tokens with the base lm_head and apply the WSD window rule.
 
     hidden [c, d] (c <= 64) and weight [V, d] share a float dtype and device; rows may be
@@ -374,6 +378,8 @@ def switch_score(hidden, weight, draft_ids, carry, n_prev, window, log_gamma, ou
     draft_ids are not range-checked (that would sync): an id outside [0, V) gives
     logp = -lse. `out` (a SwitchScore of preallocated tensors) is filled in place when given.
     Block sizes default per device (GPU: BLOCK_V=64, BLOCK_D=128, ~4 programs per SM).
+    softcap (Gemma-2's final_softcap; None: off): logits are softcap * tanh(l / softcap)
+    for the log-sum-exp, the argmax and the draft logit (logp = capped[t] - lse(capped)).
     No host sync. Returns a SwitchScore.
     """
     c, d, V = _check_hidden_weight(hidden, weight, draft_ids)
@@ -383,7 +389,8 @@ def switch_score(hidden, weight, draft_ids, carry, n_prev, window, log_gamma, ou
     out = _alloc_out(c, device, out)
     BLOCK_C = max(16, triton.next_power_of_2(c))
     wsf, wsi, P, block_p = _score_pass(hidden, weight, draft_ids, BLOCK_C, block_v, block_d,
-                                       tiles_per_prog, block_p, num_warps, num_stages)
+                                       tiles_per_prog, block_p, num_warps, num_stages,
+                                       _softcap(softcap))
     _launch_combine(wsf, wsi, P, None, carry, n_prev, window, log_gamma, c, out, block_p)
     return out
 
@@ -408,8 +415,17 @@ def _check_hidden_weight(hidden, weight, draft_ids) -> tuple[int, int, int]:
     return c, d, V
 
 
+def _softcap(softcap) -> float:
+    """The SOFTCAP constexpr: 0.0 (off) for None, else the cap as a float > 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
+    return float(softcap)
+
+
 def _score_pass(hidden, weight, draft_ids, BLOCK_C, block_v, block_d, tiles_per_prog,
-                block_p, num_warps, num_stages):
+                block_p, num_warps, num_stages, softcap=0.0):
     """Launch `_switch_score_kernel` over all c rows of hidden (cdiv(c, BLOCK_C) token
     tiles); returns its workspaces, P and the merge's BLOCK_P."""
     c, d = hidden.shape
@@ -450,6 +466,7 @@ def _score_pass(hidden, weight, draft_ids, BLOCK_C, block_v, block_d, tiles_per_
         TILES_PER_PROG=tiles_per_prog, BLOCK_C=BLOCK_C, BLOCK_V=block_v, BLOCK_D=block_d,
         UPCAST=(not on_gpu) or hidden.dtype == torch.float32,
         num_warps=num_warps or 4, num_stages=num_stages or 4,
+        **({"SOFTCAP": softcap} if softcap else {}),   # default: today's kernel, unchanged
     )
     return wsf, wsi, P, block_p
 
@@ -536,7 +553,7 @@ def _launch_rows_combine(wsf, wsi, P, CT, logp_in, cu_seqlens, carry, W, n_prev,
 def switch_score_rows(hidden, weight, draft_ids, cu_seqlens, carry, n_prev, window, log_gamma,
                       out=None, *, block_v=None, block_d=None, block_c=None,
                       tiles_per_prog=None, block_p=None, num_warps=None,
-                      num_stages=None) -> SwitchScoreRows:
+                      num_stages=None, softcap: float | None = None) -> SwitchScoreRows:
     """`switch_score` for B rows (requests) at once: one lm_head pass over the weight for all
     T tokens, then each row's own window rule.
 
@@ -556,7 +573,7 @@ def switch_score_rows(hidden, weight, draft_ids, cu_seqlens, carry, n_prev, wind
     Token j of row b (0-based in its segment) has window mean over the last w_b log p's
     (carried ones included), defined once n_prev[b] + j + 1 >= w_b; first[b] = the lowest j
     whose mean >= log_gamma[b], else -1 (decided in the kernel, bit-exact with
-    `switch_window_rows_ref` on the same log p's). No host sync.
+    `switch_window_rows_ref` on the same log p's). softcap: as `switch_score`. No host sync.
     Returns SwitchScoreRows: logp / lse / mean [T] fp32, argmax [T] int64, first [B] int64.
     """
     T, d, V = _check_hidden_weight(hidden, weight, draft_ids)
@@ -565,7 +582,8 @@ def switch_score_rows(hidden, weight, draft_ids, cu_seqlens, carry, n_prev, wind
     out = _alloc_rows_out(T, B, device, out)
     BLOCK_C = _rows_block_c(T, device, block_c)
     wsf, wsi, P, block_p = _score_pass(hidden, weight, draft_ids, BLOCK_C, block_v, block_d,
-                                       tiles_per_prog, block_p, num_warps, num_stages)
+                                       tiles_per_prog, block_p, num_warps, num_stages,
+                                       _softcap(softcap))
     _launch_rows_combine(wsf, wsi, P, wsf.shape[2], None, cu_seqlens, carry, W, n_prev, window,
                          log_gamma, out, BLOCK_C, block_p)
     return out
@@ -610,9 +628,11 @@ def switch_window_ref(logp, carry, n_prev, window, log_gamma):
     return mean.to(logp.device), torch.tensor([first], dtype=torch.int32, device=logp.device)
 
 
-def switch_score_ref(hidden, weight, draft_ids, carry, n_prev, window, log_gamma) -> SwitchScore:
-    """Pure-torch reference: fp32 logits, torch.log_softmax, a plain window loop."""
-    logits = hidden.float() @ weight.float().T                          # [c, V]
+def switch_score_ref(hidden, weight, draft_ids, carry, n_prev, window, log_gamma, *,
+                     softcap=None) -> SwitchScore:
+    """Pure-torch reference: fp32 logits (soft-capped when softcap is given),
+    torch.log_softmax, a plain window loop."""
+    logits = _capped(hidden.float() @ weight.float().T, softcap)       # [c, V]
     logp = torch.log_softmax(logits, dim=-1).gather(1, draft_ids.long()[:, None])[:, 0]  # [c]
     lse = torch.logsumexp(logits, dim=-1)                               # [c]
     argmax = logits.argmax(dim=-1)                                      # [c]
@@ -661,11 +681,15 @@ def switch_window_rows_ref(logp, cu_seqlens, carry, n_prev, window, log_gamma):
     return mean.to(dev), first.to(dev)
 
 
+def _capped(logits, softcap):
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def switch_score_rows_ref(hidden, weight, draft_ids, cu_seqlens, carry, n_prev, window,
-                          log_gamma) -> SwitchScoreRows:
-    """Pure-torch reference of `switch_score_rows`: fp32 logits of all T tokens,
-    torch.log_softmax, then `switch_window_rows_ref`."""
-    logits = hidden.float() @ weight.float().T                          # [T, V]
+                          log_gamma, *, softcap=None) -> SwitchScoreRows:
+    """Pure-torch reference of `switch_score_rows`: fp32 logits of all T tokens (soft-capped
+    when softcap is given), torch.log_softmax, then `switch_window_rows_ref`."""
+    logits = _capped(hidden.float() @ weight.float().T, softcap)       # [T, V]
     logp = torch.log_softmax(logits, dim=-1).gather(1, draft_ids.long()[:, None])[:, 0]  # [T]
     lse = torch.logsumexp(logits, dim=-1)                               # [T]
     argmax = logits.argmax(dim=-1)                                      # [T]

@@ -221,3 +221,53 @@ def test_gemma2_presets_have_the_published_shapes():
         assert abs(weight_elements(c) - params) < 0.01e9
         assert c.attn_scale == scalar ** -0.5 and c.attn_softcap == 50 and c.final_softcap == 30
         assert c.layer_windows[:2] == (4096, None) and len(c.layer_windows) == c.num_layers
+
+
+# ---- the triton backend (kernels under the interpreter) ---------------------------------
+def _hf_pow2(seed=1):
+    """`_hf()` with a power-of-two head_dim (the attention kernels' tiles; Gemma-2's own
+    are 256 and 128): both caps, windows of WINDOW on layers 0 and 2."""
+    cfg = Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, query_pre_attn_scalar=20, sliding_window=WINDOW,
+                       max_position_embeddings=128, attn_logit_softcapping=2.0,
+                       final_logit_softcapping=4.0, attn_implementation="eager")
+    torch.manual_seed(0)
+    m = Gemma2ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "norm" in name else 0.15))
+    return m
+
+
+def test_triton_backend_equals_torch_backend(tmp_path):
+    path = _save(_hf_pow2(), tmp_path)
+    ref = load_model(path, dtype=torch.float32, max_seq_len=64)
+    tri = load_model(path, dtype=torch.float32, max_seq_len=64, backend="triton")
+    assert tri.backend == "triton" and tri.config.layer_windows == (WINDOW, None, WINDOW)
+    ids = IDS[:20].tolist()                                             # > WINDOW
+    assert (tri.score(ids) - ref.score(ids)).abs().max() <= 1e-4
+    n = 2 * WINDOW + 2                                                  # decode past the window
+    assert tri.generate(ids[:3], max_new_tokens=n, stop_at_eos=False) == \
+        ref.generate(ids[:3], max_new_tokens=n, stop_at_eos=False)
+    # a head size the kernels cannot tile is refused at load, not mid-forward
+    with pytest.raises(UnsupportedModelError, match="head_dim"):
+        load_model(_save(_hf(), tmp_path / "hd24"), backend="triton", max_seq_len=64)
+
+
+def test_triton_backend_batched_wsd_equals_torch(tmp_path):
+    """A Gemma-2 pair (both caps, window 16, head_dim 32) in a batch of two: the triton
+    engine (attention with caps and windows, switch scoring with the final cap in the
+    switch_score_rows kernel) gives the torch engine's tokens and switch points."""
+    pair = make_wsd_pair(str(tmp_path), sharpen=8.0, damp=0.02, perturb=0.05,
+                         family="gemma2", head_dim=32, final_logit_softcapping=4.0)
+    kw = dict(draft_max_tokens=12, max_new_tokens=20)
+    prompts = ["Hi there", PROMPT]
+    params = [WSDParams(chunk=4, **kw), WSDParams(chunk=3, window=2, threshold=0.2, **kw)]
+    got = WSD.from_pretrained(*pair, max_seq_len=96, max_batch_size=2,
+                              backend="triton").generate(prompts, params)
+    want = WSD.from_pretrained(*pair, max_seq_len=96, max_batch_size=2).generate(prompts, params)
+    for g, w in zip(got, want):
+        assert (g.token_ids, g.switch_index, g.switched) == \
+            (w.token_ids, w.switch_index, w.switched)

@@ -25,10 +25,11 @@ def _make_ops(backend: str, cfg: ModelConfig, device: torch.device):
     if backend == "torch":
         return TorchOps(cfg)
     if backend == "triton":
-        if cfg.is_gemma2:
+        hd = cfg.head_dim
+        if hd < 16 or hd & (hd - 1):   # the attention kernels' head tiles
             raise UnsupportedModelError(
-                "Gemma-2 runs on backend='torch' in this version: the triton kernels do not "
-                "apply its attention and logit soft-caps yet")
+                f"backend='triton' needs a head_dim that is a power of two >= 16 (this model "
+                f"has {hd}); use backend='torch'")
         from .triton_ops import TritonOps  # lazy: imports Triton
         return TritonOps(cfg, device)
     raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -261,7 +261,7 @@ class Model:
             from .kernels.switch_score import switch_score_rows
             cu = torch.tensor([0] + list(counts), device=hidden.device).cumsum(0)
             out = switch_score_rows(hidden, self.weights["lm_head"], ids, cu, carry, n_prev,
-                                    window, log_gamma)
+                                    window, log_gamma, softcap=self.config.final_softcap)
             return out.logp, out.first
         logits = self.logits(hidden)                                     # [T, V] fp32
         logp = torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]

@@ -5,6 +5,8 @@ RMSNorm / SwiGLU before it fused in (three fewer launches per layer; off by defa
 CUDA graphs an engine times both on the card, `tuning.tune_decode_kernels`). Imported
 lazily (it imports Triton): `load_model(backend="triton")`.
 On a machine without CUDA the kernels run only under TRITON_INTERPRET=1 (tests).
+Gemma-2: the attention kernels get its scale, score soft-cap and each layer's sliding
+window; its (1 + w) norms and GeGLU are TorchOps' (torch ops, not kernels yet).
 """
 from __future__ import annotations
 
@@ -52,6 +54,16 @@ class TritonOps(TorchOps):
         # set before capturing graphs. With fused_gemv the whole layer is such kernels.
         self.pdl = PDL_DEFAULT
 
+    def _gemma_kw(self, layer: int) -> dict:
+        """Gemma-2's attention options for `layer` (its scale, score soft-cap and sliding
+        window, if the layer has one) as the attention kernels take them; {} otherwise
+        (the kernels' defaults: today's variants, untouched)."""
+        cfg = self.cfg
+        if not cfg.is_gemma2:
+            return {}
+        return dict(scale=cfg.attn_scale, softcap=cfg.attn_softcap,
+                    window=cfg.layer_windows[layer] if cfg.layer_windows else None)
+
     def rms_norm(self, x, weight, residual=None):
         """norm(x + residual) and the new residual stream, one kernel (fused add)."""
         if residual is None:
@@ -71,10 +83,11 @@ class TritonOps(TorchOps):
             # device position (no extra launch per layer in a graph-captured step)
             pos = start if isinstance(start, int) else positions
             return self._decode_attention(q[0], kc, vc, pos, k_new=k[0], v_new=v[0],
-                                          cos=cos, sin=sin, pdl=self.pdl,
-                                          seq_len_offset=1)[None]         # [1, nq, hd]
+                                          cos=cos, sin=sin, pdl=self.pdl, seq_len_offset=1,
+                                          **self._gemma_kw(layer))[None]  # [1, nq, hd]
         # prefill / chunk scoring: RoPE + cache write + causal attention in one launch
-        return self._prefill_attention(q, k, v, kc, vc, cos, sin, start)  # [T, nq, hd]
+        return self._prefill_attention(q, k, v, kc, vc, cos, sin, start,
+                                       **self._gemma_kw(layer))           # [T, nq, hd]
 
     def attention_rows(self, q, k, v, cache: StaticKVCache, layer: int, rb, cos, sin):
         """Several rows, each in its own cache slot (see TorchOps.attention_rows): one
@@ -83,9 +96,11 @@ class TritonOps(TorchOps):
         kc, vc = cache.k[layer], cache.v[layer]                         # [n_slots, nkv, S, hd]
         if rb.is_decode:
             return self._decode_attention_rows(q, kc, vc, rb.slots, rb.positions, k, v, cos,
-                                               sin, max_len=rb.max_len_hint, pdl=self.pdl)
+                                               sin, max_len=rb.max_len_hint, pdl=self.pdl,
+                                               **self._gemma_kw(layer))
         return self._prefill_attention_rows(q, k, v, kc, vc, cos, sin, rb.cu_seqlens, rb.slots,
-                                            rb.starts, rb.max_q)               # [T, nq, hd]
+                                            rb.starts, rb.max_q,
+                                            **self._gemma_kw(layer))   # [T, nq, hd]
 
     def swiglu(self, gate_up):
         return self._swiglu(gate_up)
