@@ -170,6 +170,8 @@ def configs():
         for block in (256, 1024):
             add(f"{tag} swiglu block={block}", swiglu._swiglu_kernel, dict(BLOCK=block), {},
                 set(), 4, 3, dt, {"I": inter})
+        add(f"{tag} geglu block=1024", swiglu._swiglu_kernel, dict(BLOCK=1024, ACT=1), {},
+            set(), 4, 3, dt, {"I": inter})
         # switch_score: the GPU launch (bf16: 64 x 128 tiles, 4 stages; fp32: 64 x 64, 2)
         for c in (8, 64):
             block_c = max(16, _next_pow2(c))

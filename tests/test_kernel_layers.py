@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wsd_engine.kernels.rms_norm import rms_norm, rms_norm_ref
-from wsd_engine.kernels.swiglu import swiglu, swiglu_ref
+from wsd_engine.kernels.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _MANT_BITS = {torch.bfloat16: 7, torch.float16: 10}
@@ -111,3 +111,15 @@ def test_layers_llama8b_bf16_gpu(T):
     gate_up = (3 * torch.randn(T, 2 * inter, device=dev)).to(dt)
     assert_close_dtype(swiglu(gate_up), swiglu_ref(gate_up))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,I", [(1, 96), (5, 123)])
+def test_geglu_matches_ref(dtype, T, I):
+    """Gemma-2's GeGLU (gelu with the tanh approximation): large gates too, where the tanh
+    saturates."""
+    g = torch.Generator().manual_seed(T * I)
+    gate_up = (torch.randn(T, 2 * I, generator=g) * 4.0).to(dtype)
+    gate_up[0, 0], gate_up[0, 1] = 60.0, -60.0
+    assert_close_dtype(geglu(gate_up), geglu_ref(gate_up))
+    assert (geglu_ref(gate_up).float() - swiglu_ref(gate_up).float()).abs().max() > 0.1

@@ -6,7 +6,8 @@ CUDA graphs an engine times both on the card, `tuning.tune_decode_kernels`). Imp
 lazily (it imports Triton): `load_model(backend="triton")`.
 On a machine without CUDA the kernels run only under TRITON_INTERPRET=1 (tests).
 Gemma-2: the attention kernels get its scale, score soft-cap and each layer's sliding
-window; its (1 + w) norms and GeGLU are TorchOps' (torch ops, not kernels yet).
+window; its GeGLU is the gated-activation kernel; its (1 + w) norms are TorchOps' (torch
+operations, no kernel yet).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class TritonOps(TorchOps):
             from .kernels.pdl import PDL_DEFAULT
             from .kernels.prefill_attention import prefill_attention, prefill_attention_rows
             from .kernels.rms_norm import rms_norm
-            from .kernels.swiglu import swiglu
+            from .kernels.swiglu import geglu, swiglu
         except ImportError as e:
             raise ConfigError(f"backend='triton' needs Triton: {e}; `pip install triton` or use "
                               "backend='torch'") from e
@@ -48,6 +49,7 @@ class TritonOps(TorchOps):
         self._decode_attention_rows = decode_attention_rows
         self._prefill_attention_rows = prefill_attention_rows
         self._rms_norm, self._swiglu, self._gemv = rms_norm, swiglu, gemv
+        self._geglu = geglu
         self.fused_gemv = FUSED_GEMV_DEFAULT
         # programmatic dependent launch for the one-token kernels (gemv, decode attention):
         # on an sm_90+ GPU each starts while its predecessor finishes (kernels/pdl.py);
@@ -104,6 +106,10 @@ class TritonOps(TorchOps):
 
     def swiglu(self, gate_up):
         return self._swiglu(gate_up)
+
+    def geglu_linear(self, gate_up, weight, bias=None):
+        """Gemma-2's MLP down projection after the GeGLU kernel."""
+        return self.linear(self._geglu(gate_up), weight, bias)
 
     # ---- matmuls: cuBLAS, or (one token, fused_gemv) the gemv kernel with its neighbours
     def _one_token(self, x) -> bool:
