@@ -174,9 +174,9 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
          "each one weight read at its floor. Expected: WSD faster than base-only "
          "for k >= 64 (the pilot's steps are cheaper than the base's).", "",
          *_kernels_line(e),
-         "| run | k kept | total s | pilot prefill | base prefill | drafting | "
+         "| run | k kept | total s | prefill | drafting | "
          "scoring | continuation | ideal s | measured / ideal | vs base-only |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in e.get("runs", []):
         if "total_s" not in r:
             L.append(f"| {r.get('label')} | error: {short_err(r.get('error', '?'))} "
@@ -189,7 +189,7 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
                  f"{speed(r.get('speedup_vs_base_only'))} |")
     bo = e.get("base_only")
     if bo and "total_s" in bo:
-        L.append(f"| base-only (this engine) | \u2014 | {bo['total_s']:.3f} | | | | | | "
+        L.append(f"| base-only (this engine) | \u2014 | {bo['total_s']:.3f} | | | | | "
                  f"{bo['ideal_s']:.3f} | {bo['measured_over_ideal']:.2f} | "
                  "1.00\u00d7 (baseline) |")
     elif bo:
@@ -199,7 +199,7 @@ def _wsd_pair_table(key: str, e: dict) -> list[str]:
         t = ref["timings"]
         bo_s = (bo or {}).get("total_s")
         L.append(f"| reference (HF, 3 offline stages) | {ref['switch_index']} | "
-                 f"{ref['total_s']:.3f} | \u2014 | \u2014 | {t['draft']:.3f} | "
+                 f"{ref['total_s']:.3f} | \u2014 | {t['draft']:.3f} | "
                  f"{t['score']:.3f} | {t['continuation']:.3f} | | | "
                  f"{speed(bo_s / ref['total_s'] if bo_s else None)} |")
         if ref.get("speedup_of_engine"):
