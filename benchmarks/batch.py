@@ -62,22 +62,9 @@ def n_params(model) -> int:
     return sum(t.numel() for t in model.weights.values())
 
 
-def _sharpen(damp: float, sharpen: float):
-    """make_wsd_pair's transform: attention outputs damped, lm_head sharpened (a nearly
-    bigram model: clear argmax winners, so batched rounding does not flip tokens), EOS
-    logit ~0."""
-    def fn(model):
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.o_proj.weight.mul_(damp)
-            model.lm_head.weight.mul_(sharpen)
-            model.lm_head.weight[model.config.eos_token_id].zero_()
-    return fn
-
-
 def build_cpu_pair(name: str, root: str) -> tuple[str, str]:
     """Checkpoint folders (pilot, base) of a CPU pair, made in `root` (no downloads)."""
-    from wsd_engine.synthetic import make_demo_pair, make_model, make_tokenizer
+    from wsd_engine.synthetic import bigram_transform, make_demo_pair, make_model, make_tokenizer
     if name not in CPU_PAIRS:
         raise ValueError(f"unknown CPU pair {name!r}; choose from {', '.join(CPU_PAIRS)}")
     if CPU_PAIRS[name] is None:
@@ -85,9 +72,9 @@ def build_cpu_pair(name: str, root: str) -> tuple[str, str]:
     pilot_kw, base_kw = CPU_PAIRS[name]
     tok = make_tokenizer(320)
     base = make_model(os.path.join(root, "base"), seed=0, tokenizer=tok, init_scale=5.0,
-                      transform=_sharpen(0.3, 100.0), **base_kw)
+                      transform=bigram_transform(0.3, 100.0), **base_kw)
     pilot = make_model(os.path.join(root, "pilot"), seed=1, tokenizer=tok, init_scale=5.0,
-                       transform=_sharpen(0.3, 100.0), **pilot_kw)
+                       transform=bigram_transform(0.3, 100.0), **pilot_kw)
     return pilot, base
 
 

@@ -155,6 +155,37 @@ def check_dtype_device(fn, ref, same_dtype: dict, fp32: dict) -> None:
                              f"all activations and the cache must share the model dtype")
 
 
+
+def token_attention_ref(q, k_new, v_new, k_cache, v_cache, cos, sin, slot, pos, out=None,
+                        scale=None, softcap=None, window=None):
+    """Pure torch for tokens that each sit at (slot[t], pos[t]) of the cache (decode rows:
+    one token per row; prefill rows: a segment's tokens): fp32 RoPE of q / k_new (cast to
+    the model dtype, as the kernels round them), k / v written in place, then fp32 masked
+    attention of each token over its slot's positions [0, pos[t]] (and > pos[t] - window).
+    q [T, n_q, hd], k_new / v_new [T, n_kv, hd], caches [n_slots, n_kv, S, hd]; returns
+    [T, n_q, hd] in q's dtype (into `out` when given)."""
+    T, n_q, hd = q.shape
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    slot, pos = slot.long(), pos.long()                                 # [T]
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]                   # [T, 1, hd] fp32
+    q_rot = (q.float() * c + rotate_half(q.float()) * s).to(q.dtype)    # [T, n_q, hd]
+    k_rot = (k_new.float() * c + rotate_half(k_new.float()) * s).to(k_cache.dtype)
+    k_cache[slot, :, pos] = k_rot                                       # [T, n_kv, hd]
+    v_cache[slot, :, pos] = v_new.to(v_cache.dtype)
+    keys, vals = k_cache[slot].float(), v_cache[slot].float()          # [T, n_kv, S, hd]
+    key_pos = torch.arange(S, device=q.device)[None, :]
+    mask = key_pos <= pos[:, None]                                      # [T, S]
+    if window is not None:
+        mask = mask & (key_pos > pos[:, None] - window)
+    # GQA as a batch dim: the group's query heads are the "sequence" of their kv head
+    o = masked_attention_ref(q_rot.float().view(T, n_kv, n_q // n_kv, hd), keys, vals,
+                              mask[:, None, None, :], scale, softcap)  # [T, n_kv, group, hd]
+    o = o.reshape(T, n_q, hd).to(q.dtype)                               # [T, n_q, hd]
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
 def check_ranks(fn: str, tensors) -> None:
     """(name, tensor, ndim) triples: right rank and a unit last-dim stride, else ValueError."""
     for name, t, nd in tensors:
@@ -243,5 +274,6 @@ def rope_tables(head_dim, max_seq, base=10000.0, device=None):
 
 __all__ = ["LOG2E", "DTYPES", "rne_bf16", "round_to", "dot", "softmax_update", "rope_rotate",
            "soft_cap", "attn_scores", "attn_params", "attn_scores_ref", "masked_attention_ref",
+           "token_attention_ref",
            "check_dtype_device", "check_ranks", "check_cache_heads", "check_device_scalar",
            "check_row_vector", "check_rope_tables", "rotate_half", "rope_ref", "rope_tables"]

@@ -65,10 +65,8 @@ import triton
 import triton.language as tl
 
 from ._common import (attn_params, attn_scores, attn_scores_ref, check_cache_heads,
-                      masked_attention_ref,
-                      check_device_scalar, check_dtype_device,
-                      check_ranks, check_rope_tables, check_row_vector, dot, round_to,
-                      rotate_half, softmax_update)
+                      check_device_scalar, check_dtype_device, check_ranks, check_rope_tables,
+                      check_row_vector, dot, round_to, softmax_update, token_attention_ref)
 from ._device import num_sms
 from .pdl import pdl_wait_then_release, prefetch_l2, use_pdl
 
@@ -674,24 +672,6 @@ def decode_attention_rows_ref(q, k_cache, v_cache, slots, positions, k_new, v_ne
     model dtype, as the kernel rounds them), k / v written at (slots[b], positions[b]) in
     place, then masked SDPA (fp32) of each row over its slot's positions [0, positions[b]].
     Shapes as `decode_attention_rows`; returns [B, n_q, hd] in q's dtype."""
-    B, n_q, hd = q.shape
-    n_kv, S = k_cache.shape[1], k_cache.shape[2]
-    sl, pos = slots.long(), positions.long()                            # [B]
-    c, s = cos[pos][:, None, :], sin[pos][:, None, :]                   # [B, 1, hd] fp32
-    q_rot = (q.float() * c + rotate_half(q.float()) * s).to(q.dtype)    # [B, n_q, hd]
-    k_rot = (k_new.float() * c + rotate_half(k_new.float()) * s).to(k_cache.dtype)
-    k_cache[sl, :, pos] = k_rot                                         # [B, n_kv, hd]
-    v_cache[sl, :, pos] = v_new.to(v_cache.dtype)
-    keys, vals = k_cache[sl].float(), v_cache[sl].float()              # [B, n_kv, S, hd]
-    mask = torch.arange(S, device=q.device)[None, :] <= pos[:, None]    # [B, S]
-    if window is not None:
-        mask = mask & (torch.arange(S, device=q.device)[None, :] > pos[:, None] - window)
-    # GQA as a batch dim: the group's query heads are the "sequence" of their kv head
-    o = masked_attention_ref(q_rot.float().view(B, n_kv, n_q // n_kv, hd), keys, vals,
-                              mask[:, None, None, :], scale, softcap)  # [B, n_kv, group, hd]
-    o = o.reshape(B, n_q, hd).to(q.dtype)                               # [B, n_q, hd]
-    if out is not None:
-        out.copy_(o)
-        return out
-    return o
+    return token_attention_ref(q, k_new, v_new, k_cache, v_cache, cos, sin, slots, positions,
+                               out, scale, softcap, window)
 

@@ -39,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (attn_params, attn_scores, check_cache_heads, masked_attention_ref, check_device_scalar, check_dtype_device,
-                      check_ranks, check_rope_tables, check_row_vector, dot, rope_rotate,
-                      rotate_half, softmax_update)
+from ._common import (attn_params, attn_scores, check_cache_heads, check_device_scalar,
+                      check_dtype_device, check_ranks, check_rope_tables, check_row_vector, dot,
+                      masked_attention_ref, rope_rotate, rotate_half, softmax_update,
+                      token_attention_ref)
 from ._device import num_sms
 from .decode_attention import combine_splits
 
@@ -483,27 +484,10 @@ def prefill_attention_rows_ref(q, k, v, k_cache, v_cache, cos, sin, cu_seqlens, 
     dtype), every k / v written into the cache in place, then SDPA (fp32) of each token over
     its slot's positions [0, its position] (a [T, max_seq] bool mask). max_q is unused (the
     kernel's grid bound). Shapes as `prefill_attention_rows`; returns [T, n_q, hd]."""
-    T, n_q, hd = q.shape
-    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    T = q.shape[0]
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]                                             # [B]
     seg = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens)   # [T]
     pos = seg_starts.long()[seg] + torch.arange(T, device=q.device) - cu[:-1][seg]  # [T]
-    slot = seg_slots.long()[seg]                                        # [T]
-    c, s = cos[pos][:, None, :], sin[pos][:, None, :]                   # [T, 1, hd]
-    q_rot = (q.float() * c + rotate_half(q.float()) * s).to(q.dtype)    # [T, n_q, hd]
-    k_rot = (k.float() * c + rotate_half(k.float()) * s).to(k_cache.dtype)
-    k_cache[slot, :, pos] = k_rot                                       # [T, n_kv, hd]
-    v_cache[slot, :, pos] = v.to(v_cache.dtype)
-    keys, vals = k_cache[slot].float(), v_cache[slot].float()          # [T, n_kv, S, hd]
-    mask = torch.arange(S, device=q.device)[None, :] <= pos[:, None]    # [T, S]
-    if window is not None:
-        mask = mask & (torch.arange(S, device=q.device)[None, :] > pos[:, None] - window)
-    # GQA as a batch dim: the group's query heads are the "sequence" of their kv head
-    o = masked_attention_ref(q_rot.float().view(T, n_kv, n_q // n_kv, hd), keys, vals,
-                              mask[:, None, None, :], scale, softcap)  # [T, n_kv, group, hd]
-    o = o.reshape(T, n_q, hd).to(q.dtype)                               # [T, n_q, hd]
-    if out is not None:
-        out.copy_(o)
-        return out
-    return o
+    return token_attention_ref(q, k, v, k_cache, v_cache, cos, sin, seg_slots.long()[seg],
+                               pos, out, scale, softcap, window)

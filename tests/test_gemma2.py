@@ -17,10 +17,10 @@ from wsd_engine.synthetic import make_model, make_tokenizer, make_wsd_pair
 WINDOW = 8
 
 
-def _hf(attn_cap=2.0, final_cap=4.0, kv_heads=2, seed=1, **kw):
+def _hf(attn_cap=2.0, final_cap=4.0, kv_heads=2, seed=1, head_dim=24, **kw):
     cfg = Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=96,
                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=kv_heads,
-                       head_dim=24, query_pre_attn_scalar=20, sliding_window=WINDOW,
+                       head_dim=head_dim, query_pre_attn_scalar=20, sliding_window=WINDOW,
                        max_position_embeddings=128, attn_logit_softcapping=attn_cap,
                        final_logit_softcapping=final_cap, attn_implementation="eager", **kw)
     torch.manual_seed(0)
@@ -227,25 +227,8 @@ def test_gemma2_presets_have_the_published_shapes():
 
 
 # ---- the triton backend (kernels under the interpreter) ---------------------------------
-def _hf_pow2(seed=1):
-    """`_hf()` with a power-of-two head_dim (the attention kernels' tiles; Gemma-2's own
-    are 256 and 128): both caps, windows of WINDOW on layers 0 and 2."""
-    cfg = Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=96,
-                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=32, query_pre_attn_scalar=20, sliding_window=WINDOW,
-                       max_position_embeddings=128, attn_logit_softcapping=2.0,
-                       final_logit_softcapping=4.0, attn_implementation="eager")
-    torch.manual_seed(0)
-    m = Gemma2ForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "norm" in name else 0.15))
-    return m
-
-
 def test_triton_backend_equals_torch_backend(tmp_path):
-    path = _save(_hf_pow2(), tmp_path)
+    path = _save(_hf(head_dim=32), tmp_path)       # a power-of-two head: the kernels' tiles
     ref = load_model(path, dtype=torch.float32, max_seq_len=64)
     tri = load_model(path, dtype=torch.float32, max_seq_len=64, backend="triton")
     assert tri.backend == "triton" and tri.config.layer_windows == (WINDOW, None, WINDOW)

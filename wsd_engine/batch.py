@@ -27,10 +27,6 @@ from .rows import to_device
 from .runner import Model
 
 
-def _index(values, device) -> torch.Tensor:
-    return to_device(values, device)
-
-
 class BatchRunner:
     def __init__(self, pilot: Model, base: Model, n_slots: int):
         self.pilot, self.base = pilot, base
@@ -54,10 +50,10 @@ class BatchRunner:
     def prefill(self, reqs: list[Request]) -> None:
         """Both prompts of newly admitted rows, one forward per model."""
         dev, slots = self.base.device, [r.slot for r in reqs]
-        logits = self.pilot.prefill_rows([_index(r.p_ids, dev) for r in reqs], slots)
-        self.pilot_logits[_index(slots, dev)] = logits                            # [B, V]
-        h = self.base.prefill_rows([_index(r.b_ids, dev) for r in reqs], slots, hidden=True)
-        self.hidden[_index([s * self.rows_per_slot for s in slots], dev)] = h    # [B, d]
+        logits = self.pilot.prefill_rows([to_device(r.p_ids, dev) for r in reqs], slots)
+        self.pilot_logits[to_device(slots, dev)] = logits                            # [B, V]
+        h = self.base.prefill_rows([to_device(r.b_ids, dev) for r in reqs], slots, hidden=True)
+        self.hidden[to_device([s * self.rows_per_slot for s in slots], dev)] = h    # [B, d]
 
     # ---- the pilot's chunks and the base's blocks ---------------------------------------
     @torch.inference_mode()
@@ -90,11 +86,11 @@ class BatchRunner:
         ns = [n for _, n, _ in plan]
         slots = [r.slot for r, _, _ in plan]
         samplers = [s for _, _, s in plan]
-        slots_t = _index(slots, dev)                                        # [rows]
+        slots_t = to_device(slots, dev)                                        # [rows]
         toks = torch.full((len(plan), max(ns)), -1, dtype=torch.int64, device=dev)
         for i in range(max(ns)):
             active = [j for j, n in enumerate(ns) if i < n]
-            act_t = None if len(active) == len(plan) else _index(active, dev)
+            act_t = None if len(active) == len(plan) else to_device(active, dev)
             act_slots = slots_t if act_t is None else slots_t[act_t]
             chosen = self._choose(pool.index_select(0, act_slots), [samplers[j] for j in active])
             if act_t is None:
@@ -105,7 +101,7 @@ class BatchRunner:
             if len(fed) == len(active):
                 pool[act_slots] = model.decode_rows(chosen, [slots[j] for j in active])
             elif fed:
-                fed_t = _index(fed, dev)
+                fed_t = to_device(fed, dev)
                 pool[act_slots[fed_t]] = model.decode_rows(chosen[fed_t],
                                                            [slots[active[a]] for a in fed])
         return toks
@@ -133,20 +129,21 @@ class BatchRunner:
         if not jobs:
             if feeds:                # one token per row: a graph replay when captured
                 slots = [r.slot for r, _ in feeds]
-                self.base_logits[_index(slots, dev)] = self.base.decode_rows(
-                    _index([t for _, t in feeds], dev), slots)
+                self.base_logits[to_device(slots, dev)] = self.base.decode_rows(
+                    to_device([t for _, t in feeds], dev), slots)
             return []
         for r, job in jobs:
             self.base.truncate_slot(r.slot, len(r.b_ids) + job.start)   # rollback: O(1)
         counts = [len(job.ids) for _, job in jobs]
         T = sum(counts)
-        ids = _index([t for _, job in jobs for t in job.ids] + [t for _, t in feeds], dev)
+        ids = to_device([t for _, job in jobs for t in job.ids] + [t for _, t in feeds], dev)
         h = self.base.score_rows(ids, [r.slot for r, _ in jobs] + [r.slot for r, _ in feeds],
                                  counts + [1] * len(feeds))                # [T + F, d]
         if feeds:
-            self.base_logits[_index([r.slot for r, _ in feeds], dev)] = self.base.logits(h[T:])
-        at = _index([r.slot * S1 + job.start + j for r, job in jobs for j in range(len(job.ids))],
-                    dev)                                                           # [T]
+            feed_slots = to_device([r.slot for r, _ in feeds], dev)
+            self.base_logits[feed_slots] = self.base.logits(h[T:])
+        at = to_device([r.slot * S1 + job.start + j for r, job in jobs
+                        for j in range(len(job.ids))], dev)                        # [T]
         self.hidden[at + 1] = h[:T]              # hidden[s, start + 1 + j]: after token j
         logp, first = self.base.score_switch(self.hidden[at], ids[:T], counts,
                                              *self._rule_rows([r for r, _ in jobs]))
@@ -165,8 +162,8 @@ class BatchRunner:
         carry = [[0.0] * (W1 - len(c)) + c for c in (r.switch.carried for r in reqs)]
         flat = [x for c in carry for x in c]
         return (to_device(flat, dev, torch.float64).reshape(len(reqs), W1),
-                _index([r.switch.n_scored for r in reqs], dev),
-                _index([r.switch.window for r in reqs], dev),
+                to_device([r.switch.n_scored for r in reqs], dev),
+                to_device([r.switch.window for r in reqs], dev),
                 to_device([r.switch.log_gamma for r in reqs], dev, torch.float64))
 
     # ---- the switch -------------------------------------------------------------------
@@ -178,8 +175,8 @@ class BatchRunner:
         for r in reqs:
             self.base.truncate_slot(r.slot, len(r.b_ids) + r.k)
             self.pilot.release_slot(r.slot)
-        at = _index([r.slot * self.rows_per_slot + r.k for r in reqs], dev)
-        self.base_logits[_index([r.slot for r in reqs], dev)] = self.base.logits(self.hidden[at])
+        at = to_device([r.slot * self.rows_per_slot + r.k for r in reqs], dev)
+        self.base_logits[to_device([r.slot for r in reqs], dev)] = self.base.logits(self.hidden[at])
 
     def release(self, req: Request) -> None:
         self.pilot.release_slot(req.slot)

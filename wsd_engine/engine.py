@@ -192,7 +192,7 @@ class WSD:
                     return self._result_of(req)
         finally:
             if req.phase is not Phase.FINISHED:
-                self.abort_request(req)
+                self._abort_own(req)
 
     # ---- public API: the request-level engine -------------------------------------------
     def add_request(self, request_id, prompt, params: Optional[WSDParams] = None) -> None:
@@ -293,7 +293,7 @@ class WSD:
         finally:
             for r in reqs:
                 if r.phase is not Phase.FINISHED:
-                    self.abort_request(r)
+                    self._abort_own(r)
 
     def _next_output(self, req: Request, wait_finish: bool = False):
         """Step (holding the lock for one step at a time, so other threads' requests go
@@ -319,7 +319,7 @@ class WSD:
         self.last_result = req.result
         return req.result
 
-    def abort_request(self, req: Request) -> None:
+    def _abort_own(self, req: Request) -> None:
         """End one of this engine's requests (a stream closed early, a driver interrupted)."""
         with self._lock:
             if req.phase is not Phase.FINISHED:

@@ -196,7 +196,7 @@ class Request:
             if self.budget_left() <= 0:
                 return True
         self._collect(self.text.pieces())
-        self._ids_out(self.scored[:self.k] + self.cont)
+        self._ids_out(self.cont, offset=self.k)      # the kept draft is out already
         return False
 
     # ---- the end ---------------------------------------------------------------------
@@ -242,8 +242,10 @@ class Request:
     def _collect(self, pieces) -> None:
         self.out_text.extend(pieces)
 
-    def _ids_out(self, ids: list[int]) -> None:
-        """Hand out the answer ids past those already handed out (`ids` extends them)."""
-        if len(ids) > self.n_ids_out:
-            self.out_ids.extend(ids[self.n_ids_out:])
-            self.n_ids_out = len(ids)
+    def _ids_out(self, ids: list[int], offset: int = 0) -> None:
+        """Hand out the answer ids past those already handed out; `ids` are the answer's
+        ids from position `offset` on (no copy of the whole answer per step)."""
+        have = self.n_ids_out - offset
+        if len(ids) > have:
+            self.out_ids.extend(ids[have:])
+            self.n_ids_out = offset + len(ids)

@@ -16,7 +16,7 @@ from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg
 from .errors import ConfigError, ContextOverflowError, RequestError
 from .model import forward, forward_rows as _forward_rows, softcap_logits
-from .rows import RowBatch
+from .rows import RowBatch, to_device
 from .sharing import CacheOwner, CacheResidency
 from .switch import first_pass_rows
 from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
@@ -259,7 +259,7 @@ class Model:
         float64 rule."""
         if self.backend == "triton":
             from .kernels.switch_score import switch_score_rows
-            cu = torch.tensor([0] + list(counts), device=hidden.device).cumsum(0)
+            cu = to_device([0] + list(counts), hidden.device).cumsum(0)   # no host sync
             out = switch_score_rows(hidden, self.weights["lm_head"], ids, cu, carry, n_prev,
                                     window, log_gamma, softcap=self.config.final_softcap)
             return out.logp, out.first

@@ -117,6 +117,20 @@ def make_model(out_dir: str, family: str = "llama", seed: int = 0, tokenizer=Non
     return out_dir
 
 
+def bigram_transform(damp: float, sharpen: float):
+    """A `make_model` transform: attention outputs damped and the lm_head sharpened, a
+    nearly bigram model with clear argmax winners (so batched or chunked rounding does not
+    flip tokens), its EOS logit ~0 (drafts and answers run to their caps unless a test names
+    another EOS id in generation_config.json)."""
+    def fn(model):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(damp)
+            model.lm_head.weight.mul_(sharpen)
+            model.lm_head.weight[model.config.eos_token_id].zero_()
+    return fn
+
+
 def make_wsd_pair(root: str, perturb: float = 0.5, sharpen: float = 100.0, damp: float = 0.3,
                   seed: int = 0, tokenizer=None, pilot_tokenizer=None, family: str = "llama",
                   readable: bool = False, **overrides) -> tuple[str, str]:
@@ -139,13 +153,8 @@ def make_wsd_pair(root: str, perturb: float = 0.5, sharpen: float = 100.0, damp:
 
     def sharpen_fn(noise_seed=None):
         def fn(model):
+            bigram_transform(damp, sharpen)(model)
             with torch.no_grad():
-                for layer in model.model.layers:
-                    layer.self_attn.o_proj.weight.mul_(damp)
-                model.lm_head.weight.mul_(sharpen)
-                # EOS logit ~0 while the winners' are large: drafts and answers run to their
-                # caps unless a test names another EOS id in generation_config.json
-                model.lm_head.weight[model.config.eos_token_id].zero_()
                 if noise_seed is not None:
                     g = torch.Generator().manual_seed(noise_seed)
                     w = model.lm_head.weight
