@@ -7,7 +7,7 @@ writes the rest. `import wsd_engine` needs neither a GPU nor Triton.
 from .config import ModelConfig
 from .engine import WSD, RequestOutput, WSDParams, WSDResult
 from .errors import (ConfigError, ContextOverflowError, ModelLoadError, RequestError,
-                     TokenizerError, UnsupportedModelError, WSDError)
+                     TensorParallelError, TokenizerError, UnsupportedModelError, WSDError)
 from .loading import load_model
 from .runner import Model
 from .sampling import SamplingParams
@@ -15,5 +15,6 @@ from .switch import switch_index
 
 __all__ = ["load_model", "Model", "WSD", "WSDParams", "WSDResult", "RequestOutput", "SamplingParams",
            "switch_index", "ModelConfig", "WSDError", "RequestError", "ContextOverflowError",
-           "ConfigError", "UnsupportedModelError", "ModelLoadError", "TokenizerError"]
+           "ConfigError", "UnsupportedModelError", "ModelLoadError", "TokenizerError",
+           "TensorParallelError"]
 __version__ = "0.1.0"

@@ -27,3 +27,8 @@ class ModelLoadError(WSDError, OSError):
 
 class TokenizerError(WSDError, OSError):
     """Tokenizer files are missing or cannot be loaded."""
+
+
+class TensorParallelError(WSDError, RuntimeError):
+    """A tensor-parallel rank died, failed, or fell out of step: the model cannot be used
+    any more; `close()` it and load it again."""

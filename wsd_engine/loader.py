@@ -218,16 +218,9 @@ def check_against_config(tensors: dict[str, TensorInfo], cfg: ModelConfig) -> li
     return problems
 
 
-def load_weights(path: str, cfg: ModelConfig, device: torch.device | str,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Check every header against the config (phase 1), then read, cast, move and fuse
-    (phase 2).
-
-    Returns engine names: `embed`, `norm`, `lm_head` (the embedding when tied) and per
-    layer `layers.{i}.{attn_norm, qkv, qkv_bias?, o, o_bias?, mlp_norm, gate_up,
-    gate_up_bias?, down, down_bias?}`.
-    """
-    path = os.fspath(path)
+def check_checkpoint(path: str, cfg: ModelConfig):
+    """Phase 1 alone: the weight files and their headers against the config. Returns
+    (shards, tensors); ModelLoadError listing every problem."""
     shards = find_weight_files(path)
     tensors, problems = read_headers(shards)
     problems += check_against_config(tensors, cfg)
@@ -235,6 +228,22 @@ def load_weights(path: str, cfg: ModelConfig, device: torch.device | str,
         raise ModelLoadError(f"checkpoint {path!r} does not match its config.json "
                              f"({cfg.architecture}, {cfg.num_layers} layers, hidden "
                              f"{cfg.hidden_size}):\n  - " + "\n  - ".join(problems))
+    return shards, tensors
+
+
+def load_weights(path: str, cfg: ModelConfig, device: torch.device | str,
+                 dtype: torch.dtype, plan=None) -> dict[str, torch.Tensor]:
+    """Check every header against the config (phase 1), then read, cast, move and fuse
+    (phase 2).
+
+    Returns engine names: `embed`, `norm`, `lm_head` (the embedding when tied) and per
+    layer `layers.{i}.{attn_norm, qkv, qkv_bias?, o, o_bias?, mlp_norm, gate_up,
+    gate_up_bias?, down, down_bias?}`. With a tensor-parallel `plan`
+    (`sharding.ShardPlan`), only this rank's slices are read and the fused weights are
+    its shards.
+    """
+    path = os.fspath(path)
+    shards, tensors = check_checkpoint(path, cfg)
     wanted: dict[str, list[str]] = defaultdict(list)     # shard name -> tensors to read
     for name, info in tensors.items():
         if not _ignored(name, cfg):
@@ -244,8 +253,10 @@ def load_weights(path: str, cfg: ModelConfig, device: torch.device | str,
         if wanted[shard.name]:
             with _open(shard.path) as f:
                 for name in wanted[shard.name]:
-                    raw[name] = _read(f, name, shard.path).to(device=device, dtype=dtype)
-    return fuse_weights(raw, cfg)
+                    t = _read(f, name, shard.path, plan, tensors[name].shape)
+                    raw[name] = t.to(device=device, dtype=dtype)
+                    del t
+    return fuse_weights(raw, cfg if plan is None else plan.local_config(cfg))
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
@@ -287,9 +298,9 @@ def _open(path: str):
         raise _unreadable(path, e) from e
 
 
-def _read(f, name: str, path: str) -> torch.Tensor:
+def _read(f, name: str, path: str, plan=None, shape=()) -> torch.Tensor:
     try:
-        return f.get_tensor(name)
+        return f.get_tensor(name) if plan is None else plan.read(f, name, shape)
     except Exception as e:  # noqa: BLE001 - data region unreadable
         raise ModelLoadError(f"cannot read tensor {name} from {path}: {str(e)[:200]}; the "
                              "file is truncated or corrupt") from e

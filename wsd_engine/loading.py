@@ -11,7 +11,7 @@ import torch
 from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg, parse_dtype
 from .errors import ConfigError, UnsupportedModelError
-from .loader import load_weights
+from .loader import check_checkpoint, load_weights
 from .memory import check_fits
 from .model import TorchOps, rope_tables
 from .runner import Model
@@ -116,16 +116,24 @@ def checkpoint_path(path) -> str:
 
 
 def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
-               backend: str = "torch", max_batch_size: int = 1) -> Model:
+               backend: str = "torch", max_batch_size: int = 1,
+               tensor_parallel: int = 1) -> Model:
     """Load a Llama / Qwen2 / Mistral safetensors checkpoint folder into the engine.
 
     dtype: None keeps the checkpoint's dtype; else torch.float32 / bfloat16 / float16.
     max_seq_len: KV cache length (default min(max_position_embeddings, 4096)).
     backend: "torch" (reference, runs anywhere) or "triton" (the fused kernels).
     max_batch_size: KV cache slots, the most sequences a WSD engine runs together.
+    tensor_parallel: N > 1 splits the model over N ranks (`sharding`, `parallel`): this
+    process is rank 0 on `device` ('cuda': ranks on cuda:0..N-1, NCCL; 'cpu': N processes,
+    gloo), the others are worker processes started here and stopped by `Model.close()`
+    (or a `with` block, or at exit). Each rank reads only its slices of the checkpoint.
     """
     path = checkpoint_path(path)
     cfg = ModelConfig.from_pretrained(path)
+    if _tensor_parallel(tensor_parallel) > 1:
+        return _load_parallel(cfg, dict(path=path), device, dtype, max_seq_len, backend,
+                              max_batch_size, tensor_parallel)
     device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend,
                                           max_batch_size)
     _make_ops(backend, cfg, device)          # fail on a bad backend before reading weights
@@ -134,20 +142,83 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
 
 
 def random_model(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096,
-                 backend: str = "torch", seed: int = 0, max_batch_size: int = 1) -> Model:
+                 backend: str = "torch", seed: int = 0, max_batch_size: int = 1,
+                 tensor_parallel: int = 1) -> Model:
     """A model of cfg's shapes with random weights made on the device (never zeros):
-    for speed measurements at real shapes without a checkpoint. No tokenizer."""
-    from .loader import expected_shapes, fuse_weights
+    for speed measurements at real shapes without a checkpoint. No tokenizer.
+    tensor_parallel: as `load_model`; each rank makes only its own shards (random, so
+    a split model is not the same model as an unsplit one of the same seed)."""
+    if _tensor_parallel(tensor_parallel) > 1:
+        return _load_parallel(cfg, dict(config=cfg, seed=seed), device, dtype, max_seq_len,
+                              backend, max_batch_size, tensor_parallel)
     device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend,
                                           max_batch_size)
+    return build_model(cfg, _random_weights(cfg, device, dtype, seed), device, dtype,
+                       max_seq_len, backend, max_batch_size=max_batch_size)
+
+
+def _random_weights(cfg: ModelConfig, device, dtype, seed: int, plan=None) -> dict:
+    from .loader import expected_shapes, fuse_weights
     g = torch.Generator(device=device).manual_seed(seed)
     raw = {}
     for name, shape in expected_shapes(cfg).items():
+        if plan is not None:
+            shape = plan.shard_shape(name, shape)
         if name.endswith("norm.weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
         else:   # ~ 1/sqrt(fan_in) so activations stay O(1) through the layers
             t = torch.randn(shape, generator=g, device=device) * (shape[-1] ** -0.5)
+        if plan is not None and plan.part(name) == "zeros":
+            t = torch.zeros(shape, device=device)
         raw[name] = t.to(dtype)
-    return build_model(cfg, fuse_weights(raw, cfg), device, dtype, max_seq_len, backend,
-                       max_batch_size=max_batch_size)
+    return fuse_weights(raw, cfg if plan is None else plan.local_config(cfg))
+
+
+# ---- tensor parallelism -------------------------------------------------------------------
+def _tensor_parallel(n) -> int:
+    from .sharding import MAX_TENSOR_PARALLEL
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TENSOR_PARALLEL:
+        raise ConfigError(f"tensor_parallel must be an int in [1, {MAX_TENSOR_PARALLEL}] (ranks "
+                          f"the model is split over), got {describe_arg(n)}")
+    return n
+
+
+def _load_parallel(cfg: ModelConfig, source: dict, device, dtype, max_seq_len, backend,
+                   max_batch_size, world: int) -> Model:
+    """Every check on rank 0 first (the split, devices, memory per rank, the checkpoint's
+    headers: a bad checkpoint is reported here, before any worker starts), then the ranks."""
+    from . import parallel
+    from .sharding import ShardPlan, check_splits
+    check_splits(cfg, world)
+    local = ShardPlan.make(cfg, world, 0).local_config(cfg)
+    device, dtype, max_seq_len = _resolve(local, device, dtype, max_seq_len, backend,
+                                          max_batch_size)
+    parallel.check_devices(device, world)
+    _make_ops(backend, local, device)
+    if "path" in source:
+        check_checkpoint(source["path"], cfg)
+    spec = dict(source, device=device.type, dtype=str(dtype).replace("torch.", ""),
+                max_seq_len=max_seq_len, backend=backend, max_batch_size=max_batch_size)
+    return parallel.launch(world, device, spec, lambda group: load_shard(spec, group))
+
+
+def load_shard(spec: dict, group: dict) -> Model:
+    """One rank's shard of a tensor-parallel model (rank 0 and every worker run this)."""
+    from .config import parse_dtype
+    from .parallel import TPGroup, rank_device
+    from .sharding import ShardPlan
+    rank, world = group["rank"], group["world"]
+    cfg = spec["config"] if "config" in spec else ModelConfig.from_pretrained(spec["path"])
+    plan = ShardPlan.make(cfg, world, rank)
+    device = rank_device(torch.device(spec["device"]), rank)
+    dtype = parse_dtype(spec["dtype"])
+    if "path" in spec:
+        weights = load_weights(spec["path"], cfg, device, dtype, plan=plan)
+    else:
+        weights = _random_weights(cfg, device, dtype, spec["seed"] * 1000 + rank, plan)
+    model = build_model(plan.local_config(cfg), weights, device, dtype, spec["max_seq_len"],
+                        spec["backend"], spec.get("path", ""), spec["max_batch_size"])
+    model.tp = TPGroup(rank, world, plan, group["store"], group["ctl"], group["dev"], device,
+                       cfg.vocab_size, group["procs"])
+    return model
 

@@ -159,7 +159,8 @@ class TorchOps:
 
 def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Tensor,
             start: int, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
-            return_hidden: bool = False, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+            return_hidden: bool = False, rows: slice | torch.Tensor | None = None,
+            comm=None) -> torch.Tensor:
     """Run tokens [T] at positions start..start+T-1 of cache slot 0 against its positions
     [0, start).
 
@@ -170,6 +171,12 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
     scoring kernel applies the lm_head itself), for the rows `rows`: all by default, a
     slice, or an int64 index tensor on the device (a graph-captured prefill picks the last
     prompt token's row through a static index buffer).
+
+    `comm`: a tensor-parallel rank's collectives (`parallel.Collectives`): the weights are
+    then this rank's shards (see `sharding`), the embedding is looked up in the rank's
+    vocabulary rows and assembled by an all-reduce, each row-parallel matmul (o_proj,
+    down_proj) is followed by one all-reduce, and the logits of the vocabulary shards are
+    gathered (every rank gets all of them).
     """
     T = tokens.shape[0]
     host_start = not isinstance(start, torch.Tensor)
@@ -183,33 +190,43 @@ def forward(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Ten
 
     def attend(q, k, v, layer):
         return ops.attention(q, k, v, cache, layer, positions, cos, sin, start)
-    x, residual = _layers(cfg, w, ops, tokens, attend)
+    x, residual = _layers(cfg, w, ops, tokens, attend, comm)
     if host_start:
         cache.length = start + T
-    return _head(w, ops, x, residual, rows, return_hidden)
+    return _head(w, ops, x, residual, rows, return_hidden, comm)
 
 
 def forward_rows(cfg: ModelConfig, w: dict[str, torch.Tensor], ops, tokens: torch.Tensor,
                  rb: RowBatch, cache: StaticKVCache, cos: torch.Tensor, sin: torch.Tensor,
-                 return_hidden: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+                 return_hidden: bool = False, rows: torch.Tensor | None = None,
+                 comm=None) -> torch.Tensor:
     """Several rows in one forward: tokens [T] laid out as `rb` says (row b: its tokens at
     positions rb.starts[b].. of cache slot rb.slots[b], attending to that slot's positions
     before them). Writes K/V; the caller sets the slots' lengths. Returns fp32 logits
     [T', V] or final-normed hidden states [T', d] of the token rows `rows` (all: None)."""
     def attend(q, k, v, layer):
         return ops.attention_rows(q, k, v, cache, layer, rb, cos, sin)
-    x, residual = _layers(cfg, w, ops, tokens, attend)
-    return _head(w, ops, x, residual, rows, return_hidden)
+    x, residual = _layers(cfg, w, ops, tokens, attend, comm)
+    return _head(w, ops, x, residual, rows, return_hidden, comm)
 
 
-def _layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend):
+def _embed(tokens, weight, comm):
+    return F.embedding(tokens, weight) if comm is None else comm.embed(tokens, weight)
+
+
+def _reduce(x, comm):
+    """The sum over tensor-parallel ranks of a row-parallel matmul's partial output."""
+    return x if comm is None else comm.all_reduce(x)
+
+
+def _layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend, comm=None):
     """Embedding and the decoder layers; attention through `attend(q, k, v, layer)`.
     Returns the last layer's output and the residual stream (not yet added)."""
     if cfg.is_gemma2:
-        return _gemma2_layers(cfg, w, ops, tokens, attend), None
+        return _gemma2_layers(cfg, w, ops, tokens, attend, comm), None
     T = tokens.shape[0]
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    x = F.embedding(tokens, w["embed"])                                 # [T, d]
+    x = _embed(tokens, w["embed"], comm)                                # [T, d]
     residual = None
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
@@ -217,31 +234,35 @@ def _layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend):
                                         w.get(p + "qkv_bias"))          # [T, (nq+2nkv)*hd]
         q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
         attn = attend(q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd), layer)
-        x = ops.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias"))  # [T, d]
+        x = _reduce(ops.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias")),
+                    comm)                                               # [T, d]
         gu, residual = ops.norm_linear(x, residual, w[p + "mlp_norm"], w[p + "gate_up"],
                                        w.get(p + "gate_up_bias"))      # [T, 2I]
-        x = ops.swiglu_linear(gu, w[p + "down"], w.get(p + "down_bias"))  # [T, d]
+        x = _reduce(ops.swiglu_linear(gu, w[p + "down"], w.get(p + "down_bias")),
+                    comm)                                               # [T, d]
     return x, residual
 
 
-def _gemma2_layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend):
+def _gemma2_layers(cfg: ModelConfig, w: dict, ops, tokens: torch.Tensor, attend, comm=None):
     """Gemma-2's layers: the embedding times sqrt(hidden) (in the model dtype), and per
     layer x += post_norm(attn(norm(x))), x += post_norm(mlp(norm(x))), GeGLU MLP."""
     T = tokens.shape[0]
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     emb = w["embed"]
-    x = F.embedding(tokens, emb) * torch.tensor(cfg.embed_scale, dtype=emb.dtype)  # [T, d]
+    x = _embed(tokens, emb, comm) * torch.tensor(cfg.embed_scale, dtype=emb.dtype)  # [T, d]
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
         qkv = ops.linear(ops.gemma_norm(x, w[p + "attn_norm"]), w[p + "qkv"],
                          w.get(p + "qkv_bias"))                        # [T, (nq+2nkv)*hd]
         q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
         attn = attend(q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd), layer)
-        o = ops.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias"))  # [T, d]
+        o = _reduce(ops.linear(attn.reshape(T, nq * hd), w[p + "o"], w.get(p + "o_bias")),
+                    comm)                                               # [T, d]
         x = x + ops.gemma_norm(o, w[p + "post_attn_norm"])
         gu = ops.linear(ops.gemma_norm(x, w[p + "mlp_norm"]), w[p + "gate_up"],
                         w.get(p + "gate_up_bias"))                     # [T, 2I]
-        m = ops.geglu_linear(gu, w[p + "down"], w.get(p + "down_bias"))  # [T, d]
+        m = _reduce(ops.geglu_linear(gu, w[p + "down"], w.get(p + "down_bias")),
+                    comm)                                               # [T, d]
         x = x + ops.gemma_norm(m, w[p + "post_mlp_norm"])
     return x
 
@@ -252,8 +273,13 @@ def softcap_logits(cfg: ModelConfig, logits: torch.Tensor) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _head(w: dict, ops, x, residual, rows, return_hidden: bool) -> torch.Tensor:
+def _head(w: dict, ops, x, residual, rows, return_hidden: bool, comm=None) -> torch.Tensor:
     """The final norm (and lm_head) of the token rows `rows` (None: all)."""
+    out = _head_local(w, ops, x, residual, rows, return_hidden)
+    return out if return_hidden or comm is None else comm.gather_vocab(out)
+
+
+def _head_local(w: dict, ops, x, residual, rows, return_hidden: bool) -> torch.Tensor:
     if rows is not None:             # the norm is per row: select first
         if isinstance(rows, torch.Tensor):
             x = x.index_select(0, rows)

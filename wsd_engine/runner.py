@@ -7,6 +7,7 @@ kernel choice: `tuning.py`.
 from __future__ import annotations
 
 import numbers
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -16,10 +17,45 @@ from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg
 from .errors import ConfigError, ContextOverflowError, RequestError
 from .model import forward, forward_rows as _forward_rows, softcap_logits
+from .parallel import mirrored
 from .rows import RowBatch, to_device
 from .sharing import CacheOwner, CacheResidency
 from .switch import first_pass_rows
 from .tokenization import has_tokenizer, load_tokenizer, tokenizer_eos_ids
+
+class _Parked:
+    """Rank 0's handle of a parked copy on a tensor-parallel model: when it goes, every
+    rank's copy goes (rank 0's at once, the workers' with the next call)."""
+
+    __slots__ = ("key", "__weakref__")
+
+    def __init__(self, key: int):
+        self.key = key
+
+
+def _forget(parked: dict, key: int, tp) -> None:
+    parked.pop(key, None)
+    tp.drop_later(key)
+
+
+class _TPCache:
+    """What `sharing.CacheResidency` parks and restores on a tensor-parallel model: every
+    rank's cache together."""
+
+    def __init__(self, model: "Model"):
+        self._model = model
+
+    def snapshot(self) -> _Parked:
+        m = self._model
+        key = m.tp.new_key()
+        m.park_cache(key)
+        handle = _Parked(key)
+        weakref.finalize(handle, _forget, m._tp_parked, key, m.tp)
+        return handle
+
+    def restore(self, handle: _Parked) -> None:
+        self._model.unpark_cache(handle.key)
+
 
 @dataclass(eq=False)
 class Model:
@@ -43,13 +79,18 @@ class Model:
     decode_tuning: dict | None = None
     # who may use the cache now: the lock, the resident sequence, parked ones
     _residency: CacheResidency = field(default_factory=CacheResidency, repr=False)
+    # tensor parallelism (parallel.TPGroup): this process's rank of a split model; None
+    # for a whole model. `config` is then this rank's (its heads and MLP rows).
+    tp: object = None
+    _tp_parked: dict = field(default_factory=dict, repr=False)   # key -> cache snapshot
 
     # ---- sharing ---------------------------------------------------------------------
     def reserved(self, owner: CacheOwner | None = None):
         """Context manager: hold this model (its cache) for `owner`'s sequence. Waits for
         other threads; parks another owner's unfinished sequence and puts `owner`'s back
         (see `sharing`). No owner: a one-shot use whose sequence is not kept."""
-        return self._residency.reserved(self.cache, owner)
+        return self._residency.reserved(self.cache if self.tp is None else _TPCache(self),
+                                        owner)
 
     @property
     def cache_swaps(self) -> int:
@@ -139,6 +180,7 @@ class Model:
         return ids.to(self.device)
 
     # ---- phases --------------------------------------------------------------------
+    @mirrored
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, return_hidden: bool = False,
                 last_only: bool = False, rows=None) -> torch.Tensor:
@@ -148,14 +190,15 @@ class Model:
             raise ValueError(f"start {start} is past the cache length {self.cache.length}")
         rows = slice(-1, None) if last_only else rows
         return forward(self.config, self.weights, self.ops, tokens, start, self.cache,
-                       self.cos, self.sin, return_hidden=return_hidden, rows=rows)
+                       self.cos, self.sin, return_hidden=return_hidden, rows=rows,
+                       comm=self.comm)
 
     def forward_at(self, tokens: torch.Tensor, pos: torch.Tensor, return_hidden: bool = False,
                    rows=None) -> torch.Tensor:
         """`forward` from a device start position pos [1] int64 (a graph body: nothing is
         read on the host, and the caller keeps the cache length)."""
         return forward(self.config, self.weights, self.ops, tokens, pos, self.cache, self.cos,
-                       self.sin, return_hidden=return_hidden, rows=rows)
+                       self.sin, return_hidden=return_hidden, rows=rows, comm=self.comm)
 
     @torch.inference_mode()
     def forward_rows(self, tokens: torch.Tensor, rb: RowBatch, return_hidden: bool = False,
@@ -164,8 +207,10 @@ class Model:
         K/V, the caller keeps the slots' lengths. A decode batch whose RowBatch lives on the
         device only (graphs.py) reads nothing on the host."""
         return _forward_rows(self.config, self.weights, self.ops, tokens, rb, self.cache,
-                             self.cos, self.sin, return_hidden=return_hidden, rows=rows)
+                             self.cos, self.sin, return_hidden=return_hidden, rows=rows,
+                             comm=self.comm)
 
+    @mirrored
     def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Fill slot 0 with a prompt (from position `start`); logits of the last token [V].
         Through a captured prefill graph when one fits (`capture_prefill`), else eagerly."""
@@ -178,6 +223,7 @@ class Model:
         self.cache.length = start + tokens.shape[0]
         return out
 
+    @mirrored
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
         """One token [1] at slot 0's length; its logits [V] (a view of a static buffer when
         the step is graph-captured, `capture_decode`: use it before the next step)."""
@@ -190,6 +236,7 @@ class Model:
         return out[0]
 
     # ---- batched phases: several sequences, each in its own cache slot ---------------
+    @mirrored
     def run_rows(self, tokens: torch.Tensor, slots, counts, return_hidden: bool = False,
                  last_only: bool = False) -> torch.Tensor:
         """One eager forward over several rows: row b appends counts[b] tokens (consecutive
@@ -207,6 +254,7 @@ class Model:
             lengths[s] = p0 + n
         return out
 
+    @mirrored
     def prefill_rows(self, prompts: list[torch.Tensor], slots, hidden: bool = False) -> torch.Tensor:
         """Empty slots filled with prompts (each [n_b] on the device), one forward: the
         last token's logits [B, V] (or final hidden states [B, d] with `hidden`)."""
@@ -215,6 +263,7 @@ class Model:
         return self.run_rows(torch.cat(prompts), slots, [p.shape[0] for p in prompts],
                              return_hidden=hidden, last_only=True)
 
+    @mirrored
     def decode_rows(self, tokens: torch.Tensor, slots) -> torch.Tensor:
         """One token per row (tokens [B] on the device) at each slot's length: logits
         [B, V]. Replays the smallest batched decode graph of >= B rows when one is captured
@@ -231,19 +280,23 @@ class Model:
             lengths[s] = p0 + 1
         return out
 
+    @mirrored
     def score_rows(self, tokens: torch.Tensor, slots, counts) -> torch.Tensor:
         """Chunks of another model's tokens, one per row, appended to the rows' slots (the
         cross-model prefix prefill): final hidden states of every token [T, d]."""
         return self.run_rows(tokens, slots, counts, return_hidden=True)
 
+    @mirrored
     def truncate_slot(self, slot: int, length: int) -> None:
         """Keep a slot's positions [0, length): O(1)."""
         self.cache.truncate(length, slot)
 
+    @mirrored
     def release_slot(self, slot: int) -> None:
         """A finished row's slot is free again: O(1)."""
         self.cache.reset(slot)
 
+    @mirrored
     @torch.inference_mode()
     def score_switch(self, hidden: torch.Tensor, ids: torch.Tensor, counts: list[int],
                      carry: torch.Tensor, n_prev: torch.Tensor, window: torch.Tensor,
@@ -256,7 +309,11 @@ class Model:
         first passing window, or -1). The triton backend does it in the switch_score
         kernels (the lm_head read once for all rows, the [T, V] logits never written, the
         rule in float64 in the kernel); the torch backend with log_softmax and the same
-        float64 rule."""
+        float64 rule. Tensor-parallel: each rank scores its vocabulary shard and the ranks
+        exchange four floats per token (`_score_switch_sharded`)."""
+        if self.tp is not None:
+            return self._score_switch_sharded(hidden, ids, counts, carry, n_prev, window,
+                                              log_gamma)
         if self.backend == "triton":
             from .kernels.switch_score import switch_score_rows
             cu = to_device([0] + list(counts), hidden.device).cumsum(0)   # no host sync
@@ -267,16 +324,95 @@ class Model:
         logp = torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
         return logp, first_pass_rows(logp, counts, carry, n_prev, window, log_gamma)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head; Gemma-2's
-        final soft-cap too)."""
+    def _score_switch_sharded(self, hidden, ids, counts, carry, n_prev, window, log_gamma):
+        """score_switch on a vocabulary shard: per token this shard's max logit, sum of
+        exp(logit - max), best logit (and its global index) and the draft token's logit
+        (0 where another shard owns it) — [4, T] floats — all-gathered, then merged into
+        log p and the rule, the same on every rank."""
+        comm, w = self.comm, self.weights["lm_head"]
+        if self.backend == "triton":
+            from .kernels.switch_score import (switch_score_partials,
+                                               switch_window_rows_from_partials)
+            part, idx = switch_score_partials(hidden, w, ids, comm.v0,
+                                              softcap=self.config.final_softcap)
+            parts = comm.all_gather(part).transpose(0, 1).contiguous()     # [4, N, T]
+            cu = to_device([0] + list(counts), hidden.device).cumsum(0)
+            out = switch_window_rows_from_partials(parts, comm.all_gather(idx), cu, carry,
+                                                   n_prev, window, log_gamma)
+            return out.logp, out.first
+        logits = self._local_logits(hidden)                              # [T, V_r]
+        m, best = logits.max(dim=-1)
+        s = torch.exp(logits - m[:, None]).sum(-1)
+        local = ids - comm.v0
+        own = (local >= 0) & (local < logits.shape[1])
+        tgt = logits.gather(1, torch.where(own, local, 0)[:, None])[:, 0]
+        tgt = torch.where(own, tgt, torch.zeros_like(tgt))
+        parts = comm.all_gather(torch.stack([m, s, tgt]))                 # [N, 3, T]
+        M = parts[:, 0].max(dim=0).values
+        lse = M + torch.log((parts[:, 1] * torch.exp(parts[:, 0] - M)).sum(0))
+        logp = parts[:, 2].sum(0) - lse
+        return logp, first_pass_rows(logp, counts, carry, n_prev, window, log_gamma)
+
+    def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return softcap_logits(self.config,
                               torch.nn.functional.linear(hidden, self.weights["lm_head"]).float())
 
+    @mirrored
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [T, d] -> fp32 logits [T, V] (the lm_head; Gemma-2's
+        final soft-cap too; gathered from the vocabulary shards when tensor-parallel)."""
+        out = self._local_logits(hidden)
+        return out if self.tp is None else self.comm.gather_vocab(out)
+
+    @mirrored
     def truncate(self, length: int) -> None:
         self.cache.truncate(length)
 
+    @mirrored
+    def reset_cache(self, slot: int | None = None) -> None:
+        """Empty one slot, or every slot (None): O(1)."""
+        self.cache.reset(slot)
+
+    # ---- tensor parallelism -------------------------------------------------------------
+    @property
+    def comm(self):
+        """This rank's collectives (`parallel.Collectives`), None for a whole model."""
+        return None if self.tp is None else self.tp.comm
+
+    @property
+    def tensor_parallel(self) -> int:
+        """How many ranks the model is split over (1: whole)."""
+        return 1 if self.tp is None else self.tp.world
+
+    def close(self) -> None:
+        """A tensor-parallel model: stop its worker processes (then unusable: calls raise
+        TensorParallelError). A whole model: nothing to do. Idempotent."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @mirrored
+    def park_cache(self, key: int) -> None:
+        """Every rank keeps a copy of its cache under `key` (sharing: a sequence parked)."""
+        self._tp_parked[key] = self.cache.snapshot()
+
+    @mirrored
+    def unpark_cache(self, key: int) -> None:
+        """Every rank puts its copy `key` back (and drops it)."""
+        self.cache.restore(self._tp_parked.pop(key))
+
+    def drop_parked(self, keys) -> None:
+        """Copies whose owner is gone (a worker, told by rank 0)."""
+        for k in keys:
+            self._tp_parked.pop(k, None)
+
     # ---- one-token kernel options (triton backend; chosen on the GPU by tuning.py) -----
+    @mirrored
     def set_decode_kernels(self, fused_gemv: bool | None = None, pdl: bool | None = None,
                            *, chosen: bool = True) -> None:
         """Choose the one-token (decode) kernels of the triton backend; None leaves a
@@ -323,21 +459,25 @@ class Model:
         """CUDA graphs (and kernel tuning) need a CUDA device and the triton backend."""
         return self.device.type == "cuda" and self.backend == "triton"
 
+    @mirrored
     def capture_decode(self) -> None:
         """Capture the one-sequence decode step (`decode_one_token`). Resets the cache."""
         cudagraphs.capture_decode(self)
 
+    @mirrored
     def capture_prefill(self, buckets=cudagraphs.PREFILL_BUCKETS) -> None:
         """Capture the one-sequence prompt prefill per bucket length (`prefill`). Resets
         the cache."""
         cudagraphs.capture_prefill(self, buckets)
 
+    @mirrored
     def capture_decode_rows(self, buckets=cudagraphs.GRAPH_BATCH_SIZES,
                             max_rows: int | None = None) -> list[int]:
         """Capture the batched decode step per batch size (`decode_rows`); returns the
         sizes captured (`graphs.row_graph_sizes`). Resets the cache."""
         return cudagraphs.capture_decode_rows(self, buckets, max_rows)
 
+    @mirrored
     def clear_graphs(self) -> None:
         """Drop every captured CUDA graph; calls run eagerly until the next capture."""
         cudagraphs.clear_graphs(self)
@@ -348,7 +488,7 @@ class Model:
         tokens = self.as_tokens(token_ids)
         self.cache.check_fits(0, tokens.numel())
         with self.reserved():
-            self.cache.reset()
+            self.reset_cache()
             return self.forward(tokens, 0)
 
     def generate(self, token_ids, max_new_tokens: int = 32, eos_token_ids=None,
@@ -378,7 +518,7 @@ class Model:
         eos = set(self.eos_token_ids if eos_token_ids is None else eos_token_ids) \
             if stop_at_eos else set()
         with self.reserved():
-            self.cache.reset()
+            self.reset_cache()
             first = torch.argmax(self.prefill(tokens), dim=-1).reshape(1)   # [1], not fed
             out: list[int] = []
             for t in self.stream_greedy(first, max_new_tokens):
