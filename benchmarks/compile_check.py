@@ -231,6 +231,25 @@ def configs():
                  "lse_ptr": "fp32", "argmax_ptr": "i64", "mean_ptr": "fp32",
                  "first_ptr": "i32"},
                 {"window_f", "log_gamma"}, 4, 3, "fp32", {"C": c})
+    # tensor parallelism (vocab-sharded lm_head): one shard's P partials merged per token
+    # (its score pass is the switch_score kernel above on Vr rows), then the rows combine
+    # over the N ranks' gathered partials (BLOCK_P = N), fp32 and float64 rule
+    for c in (8, 64):
+        block_c = max(16, _next_pow2(c))
+        add(f"switch_score_partials_merge c={c}", sw._switch_score_partials_merge_kernel,
+            dict(BLOCK_C=block_c, BLOCK_P=min(256, max(16, 4096 // block_c))),
+            {"wsf_ptr": "fp32", "wsi_ptr": "i32", "part_ptr": "fp32", "idx_ptr": "i32"},
+            set(), 4, 3, "fp32", {"T": c})
+        for n_ranks, fp64 in ((2, False), (8, False), (8, True)):
+            fdt = "fp64" if fp64 else "fp32"
+            add(f"switch_score_rows_combine from_partials tp={n_ranks} c={c} {fdt}",
+                sw._switch_score_rows_combine_kernel,
+                dict(BLOCK_C=block_c, BLOCK_P=n_ranks, FROM_LOGP=False, FP64=fp64),
+                {"wsf_ptr": "fp32", "wsi_ptr": "i32", "logp_in_ptr": "fp32", "cu_ptr": "i64",
+                 "carry_ptr": fdt, "n_prev_ptr": "i64", "window_ptr": "i64",
+                 "log_gamma_ptr": fdt, "logp_ptr": "fp32", "lse_ptr": "fp32",
+                 "argmax_ptr": "i64", "mean_ptr": "fp32", "first_ptr": "i64"},
+                set(), 4, 3, "fp32", {"CT": c})
     return out
 
 

@@ -26,6 +26,15 @@ tiles of one vocab slice run back to back and share it through L2) -- then
 row's own window (w_b, n_prev_b, log_gamma_b, carry[b]: the last w_b - 1 log p's,
 right-aligned in a [B, W-1] buffer) with the same window code as the single-row path.
 
+Tensor parallelism (lm_head split by vocabulary rows over N ranks, rank r holding the
+contiguous rows [v0_r, v1_r)): `switch_score_partials` runs the scoring pass on a rank's
+shard (draft ids made local; ids of other shards match no row) and
+`_switch_score_partials_merge_kernel` reduces its P programs to ONE partial per token
+[4, T] fp32 + [T] int32 (global argmax index). The caller all_gathers those (a few floats a
+token) and every rank runs `switch_window_rows_from_partials`: the rows combine kernel with
+the N shards as its P programs (in vocab order, so "earlier program wins ties" is still the
+lowest global index) -- the same decision as `switch_score_rows` on the full weight.
+
 Exactness of the switch decision: the window sum is accumulated oldest to newest in fp32,
 divided by w with round-to-nearest (tl.math.div_rn; plain fp32 `/` is approximate on
 NVIDIA), and compared with log_gamma rounded to fp32. `switch_window_ref` does the same
@@ -144,11 +153,12 @@ def _switch_score_kernel(
 
 
 @triton.jit
-def _merge_partials(wsf_ptr, wsi_ptr, P, CT, tok, tok_mask, BLOCK_C: tl.constexpr,
-                    BLOCK_P: tl.constexpr):
-    """Merge the P partials of tokens `tok` [BLOCK_C] (workspace [4, P, CT] / [P, CT]):
-    returns lse, argmax (int32, lowest index on ties) and logp = draft logit - lse.
-    Columns outside tok_mask read token 0's partials (in bounds, finite; not to be stored)."""
+def _merge_partials_raw(wsf_ptr, wsi_ptr, P, CT, tok, tok_mask, BLOCK_C: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """Merge the P partials of tokens `tok` [BLOCK_C] (workspace [4, P, CT] / [P, CT]) into
+    one: returns (M, S, best, best_i, tgt) -- the max logit, the sum of exp(logit - M), the
+    best logit, its index (int32, lowest on ties: earlier programs win) and the summed draft
+    logit. Columns outside tok_mask read token 0's partials (in bounds; not to be stored)."""
     tok = tl.where(tok_mask, tok, 0)
     offs_p = tl.arange(0, BLOCK_P)
     plane = P * CT
@@ -175,6 +185,16 @@ def _merge_partials(wsf_ptr, wsi_ptr, P, CT, tok, tok_mask, BLOCK_C: tl.constexp
         best_i = tl.where(better, ci, best_i)
         best = tl.where(better, cb, best)
         tgt += tl.sum(tp, axis=0)
+    return M, S, best, best_i, tgt
+
+
+@triton.jit
+def _merge_partials(wsf_ptr, wsi_ptr, P, CT, tok, tok_mask, BLOCK_C: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    """`_merge_partials_raw`, finished: returns lse, argmax (int32, lowest index on ties) and
+    logp = draft logit - lse."""
+    M, S, best, best_i, tgt = _merge_partials_raw(wsf_ptr, wsi_ptr, P, CT, tok, tok_mask,
+                                                  BLOCK_C, BLOCK_P)
     lse = M + tl.log(S)
     return lse, best_i, tgt - lse
 
@@ -301,6 +321,27 @@ def _switch_score_rows_combine_kernel(
         tl.store(mean_ptr + tok, mean, mask=j_mask)
     first = tl.where(first >= n, -1, first)
     tl.store(first_ptr + b, first.to(tl.int64))
+
+
+@triton.jit
+def _switch_score_partials_merge_kernel(
+    wsf_ptr, wsi_ptr, P, CT,  # partials of _switch_score_kernel on one vocab shard
+    T, vocab_offset,          # tokens; the shard's first global vocab row
+    part_ptr,                 # [4, T] fp32: max, sumexp (relative to max), best, draft logit
+    idx_ptr,                  # [T] int32: global index of the best logit
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_C),): the shard's P partials of each token merged into one
+    (`_merge_partials_raw`), its argmax moved to the global vocabulary."""
+    tok = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_mask = tok < T
+    M, S, best, best_i, tgt = _merge_partials_raw(wsf_ptr, wsi_ptr, P, CT, tok, t_mask,
+                                                  BLOCK_C, BLOCK_P)
+    tl.store(part_ptr + tok, M, mask=t_mask)
+    tl.store(part_ptr + T + tok, S, mask=t_mask)
+    tl.store(part_ptr + 2 * T + tok, best, mask=t_mask)
+    tl.store(part_ptr + 3 * T + tok, tgt, mask=t_mask)
+    tl.store(idx_ptr + tok, best_i + vocab_offset, mask=t_mask)
 
 
 def _fp32(x: float) -> float:
@@ -604,6 +645,89 @@ def switch_window_rows(logp, cu_seqlens, carry, n_prev, window, log_gamma, out=N
     return out
 
 
+def _check_vocab_offset(vocab_offset, Vr: int) -> None:
+    if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int) or vocab_offset < 0:
+        raise ValueError(f"switch_score_partials: vocab_offset must be a python int >= 0, got "
+                         f"{vocab_offset!r}")
+    if Vr < 1:
+        raise ValueError("switch_score_partials: the weight shard has no rows (Vr == 0)")
+    if vocab_offset + Vr > 2 ** 31 - 1:
+        raise ValueError(f"switch_score_partials: vocab_offset + Vr = {vocab_offset + Vr} does "
+                         f"not fit the int32 indices")
+
+
+def switch_score_partials(hidden, weight, draft_ids, vocab_offset: int, *,
+                          softcap: float | None = None, block_v=None, block_d=None,
+                          block_c=None, tiles_per_prog=None, num_warps=None,
+                          num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scoring pass of `switch_score_rows` on one vocabulary shard (tensor parallelism).
+
+    weight [Vr, d] holds global vocab rows [vocab_offset, vocab_offset + Vr) of the lm_head;
+    hidden [T, d] and draft_ids [T] (GLOBAL ids, int32/int64) as in `switch_score_rows`.
+    Returns (part, idx): part [4, T] fp32 -- per token the shard's max logit, the sum of
+    exp(logit - max) over the shard, its best logit and the draft token's logit (0.0 where
+    the id is outside the shard; soft-capped like every logit when softcap is given); idx
+    [T] int32 -- the GLOBAL index of the shard's best logit (lowest on ties). Stack the N
+    ranks' parts in rank (= vocab) order, [4, N, T] / [N, T], and give them to
+    `switch_window_rows_from_partials`. Block sizes as `switch_score_rows`. No host sync.
+    """
+    T, d, Vr = _check_hidden_weight(hidden, weight, draft_ids)
+    _check_vocab_offset(vocab_offset, Vr)
+    if T < 1:
+        raise ValueError("switch_score_partials: no tokens (T == 0)")
+    device = hidden.device
+    BLOCK_C = _rows_block_c(T, device, block_c)
+    # local ids; ids of other shards match no row (-1) and are never used as an address
+    local = draft_ids - vocab_offset
+    local = torch.where((local >= 0) & (local < Vr), local, -1)
+    wsf, wsi, P, block_p = _score_pass(hidden, weight, local, BLOCK_C, block_v, block_d,
+                                       tiles_per_prog, None, num_warps, num_stages,
+                                       _softcap(softcap))
+    part = torch.empty(4, T, device=device, dtype=torch.float32)
+    idx = torch.empty(T, device=device, dtype=torch.int32)
+    _switch_score_partials_merge_kernel[(triton.cdiv(T, BLOCK_C),)](
+        wsf, wsi, P, wsf.shape[2], T, vocab_offset, part, idx,
+        BLOCK_C=BLOCK_C, BLOCK_P=block_p, num_warps=4,
+    )
+    return part, idx
+
+
+def switch_window_rows_from_partials(parts, idxs, cu_seqlens, carry, n_prev, window,
+                                     log_gamma, out=None, *, block_c=None) -> SwitchScoreRows:
+    """The combine half of `switch_score_rows` on the N vocab shards' partials: parts
+    [4, N, T] fp32 and idxs [N, T] int32, the `switch_score_partials` outputs of ranks
+    0 .. N-1 stacked in rank order (shards contiguous and in vocab order), contiguous, on one
+    device. The partials merge exactly as the scoring pass's P programs do (the shards are
+    its programs: an earlier shard wins a tie, so argmax is the lowest global index), then
+    each row's window rule; cu_seqlens, carry, n_prev, window, log_gamma and out as
+    `switch_score_rows`. Returns a full SwitchScoreRows (logp, lse, argmax, mean, first).
+    No host sync."""
+    fn = "switch_window_rows_from_partials"
+    if (not isinstance(parts, torch.Tensor) or parts.dim() != 3 or parts.shape[0] != 4
+            or parts.shape[1] < 1 or parts.dtype != torch.float32
+            or not parts.is_contiguous()):
+        raise ValueError(f"{fn}: parts must be a contiguous fp32 [4, N, T] tensor (the N >= 1 "
+                         f"ranks' switch_score_partials stacked), got "
+                         f"{getattr(parts, 'dtype', type(parts).__name__)} "
+                         f"{tuple(getattr(parts, 'shape', ()))}")
+    N, T = parts.shape[1], parts.shape[2]
+    device = parts.device
+    if (not isinstance(idxs, torch.Tensor) or tuple(idxs.shape) != (N, T)
+            or idxs.dtype != torch.int32 or idxs.device != device
+            or not idxs.is_contiguous()):
+        raise ValueError(f"{fn}: idxs must be a contiguous int32 [N, T] = [{N}, {T}] tensor on "
+                         f"{device} (like parts), got {getattr(idxs, 'dtype', None)} "
+                         f"{tuple(getattr(idxs, 'shape', ()))} on {getattr(idxs, 'device', None)}")
+    B, W = _check_rows(device, T, cu_seqlens, carry, n_prev, window, log_gamma)
+    out = _alloc_rows_out(T, B, device, out)
+    BLOCK_C = _rows_block_c(T, device, block_c)
+    block_p = min(256, triton.next_power_of_2(N), max(16, 4096 // BLOCK_C))
+    # parts is the [4, P, CT] workspace with P = N programs and CT = T token columns
+    _launch_rows_combine(parts, idxs, N, T, None, cu_seqlens, carry, W, n_prev, window,
+                         log_gamma, out, BLOCK_C, block_p)
+    return out
+
+
 def switch_window_ref(logp, carry, n_prev, window, log_gamma):
     """Torch reference of the window rule: (mean [c] fp32 with NaN, first [1] int32).
 
@@ -697,7 +821,25 @@ def switch_score_rows_ref(hidden, weight, draft_ids, cu_seqlens, carry, n_prev, 
     return SwitchScoreRows(logp=logp, lse=lse, argmax=argmax, mean=mean, first=first)
 
 
+def switch_score_partials_ref(hidden, weight, draft_ids, vocab_offset, softcap=None):
+    """Pure-torch reference of `switch_score_partials`, in float64: (part [4, T] fp32,
+    idx [T] int32) of the shard weight [Vr, d] = global rows [vocab_offset, vocab_offset+Vr)."""
+    logits = _capped(hidden.double() @ weight.double().T, softcap)     # [T, Vr]
+    Vr = weight.shape[0]
+    m = logits.max(dim=-1).values                                       # [T]
+    s = torch.exp(logits - m[:, None]).sum(dim=-1)                      # [T]
+    best_i = logits.argmax(dim=-1)                                      # [T] lowest on ties
+    best = logits.gather(1, best_i[:, None])[:, 0]
+    local = draft_ids.long() - vocab_offset
+    inside = (local >= 0) & (local < Vr)
+    tgt = logits.gather(1, local.clamp(0, Vr - 1)[:, None])[:, 0]
+    tgt = torch.where(inside, tgt, torch.zeros_like(tgt))
+    part = torch.stack([m, s, best, tgt]).float()
+    return part, (best_i + vocab_offset).to(torch.int32)
+
+
 __all__ = ["SwitchScore", "switch_score", "switch_score_ref", "switch_window", "switch_window_ref",
            "SwitchScoreRows", "switch_score_rows", "switch_score_rows_ref", "switch_window_rows",
-           "switch_window_rows_ref",
+           "switch_window_rows_ref", "switch_score_partials", "switch_score_partials_ref",
+           "switch_window_rows_from_partials",
            "MAX_CHUNK"]

@@ -42,7 +42,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
                    # Gemma-2: soft-capped, sliding-window attention at hd 256 / 128, capped scoring
                    "gemma2-9b decode_attention append+rope fused splits=32 softcap+window",
                    "gemma2-27b prefill_attention L=128 splits=1 softcap+window",
-                   "gemma2-9b switch_score c=8 V=256000 d=3584 softcap"):
+                   "gemma2-9b switch_score c=8 V=256000 d=3584 softcap",
+                   # tensor parallelism: a shard's partials, the merge over the ranks
+                   "switch_score_partials_merge c=8",
+                   "switch_score_rows_combine from_partials tp=8 c=8 fp64"):
         assert kernel in names, f"no {kernel} config compiled"
     # bf16: the engine's decode paths and the scoring kernel do not spill tiles. (ptxas may
     # keep a scalar on a tiny stack frame: the 3B's PDL decode attention has an 8-byte frame,

@@ -35,7 +35,7 @@ from .graphs import GRAPH_BATCH_SIZES, check_sizes
 from .handoff import DraftHandoff, tokenizers_identical
 from .params import WSDParams
 from .request import Phase, Request, RequestOutput, WSDResult
-from .loading import load_model
+from .loading import load_model, same_device
 from .runner import Model
 from .sampling import Sampler
 from .scheduler import Scheduler
@@ -80,7 +80,7 @@ class WSD:
         if pilot is base:
             raise ConfigError("the same Model object was given as pilot and as base; each "
                               "needs its own KV cache: load the checkpoint twice")
-        if pilot.device != base.device:
+        if not same_device(pilot.device, base.device):
             raise ConfigError(f"pilot is on {pilot.device} and base on {base.device}; load both "
                               "on the same device")
         self.pilot, self.base, self.base_template = pilot, base, base_template
@@ -111,6 +111,7 @@ class WSD:
         self._owner = CacheOwner()           # this engine's rows in the models' caches
         self._in_step = False                # aborts from inside a step wait for its end
         self._aborts: list[Request] = []
+        self._owned: list[Model] = []        # models from_pretrained loaded: close() closes
         self._setup_kernels(cuda_graphs, graph_batch_sizes, fused_gemv, pdl, tune_kernels)
 
     def _setup_kernels(self, cuda_graphs, graph_batch_sizes, fused_gemv, pdl,
@@ -127,7 +128,8 @@ class WSD:
         self.kernel_tuning = {}
         for name, m in (("pilot", pilot), ("base", base)):
             if tune_kernels or (tune_kernels is None and cuda_graphs and m.can_capture
-                                and not m.decode_kernels_chosen and not m.has_graphs):
+                                and not m.decode_kernels_chosen and not m.has_graphs
+                                and m.tensor_parallel == 1):
                 self.kernel_tuning[name] = tuning.tune_decode_kernels(m)
         if cuda_graphs:
             for m in (pilot, base):
@@ -137,14 +139,44 @@ class WSD:
     def from_pretrained(cls, pilot, base, device="cpu", dtype=None, max_seq_len=None,
                         backend="torch", base_template=None, cuda_graphs=False,
                         graph_batch_sizes=GRAPH_BATCH_SIZES, fused_gemv=None, pdl=None,
-                        tune_kernels=None, max_batch_size: int = 1) -> "WSD":
+                        tune_kernels=None, max_batch_size: int = 1, tensor_parallel: int = 1,
+                        pilot_tensor_parallel: int = 1) -> "WSD":
         """Load both checkpoints; `max_batch_size` requests run together (each takes a
-        KV cache slot in both models, allocated now: memory grows with it)."""
+        KV cache slot in both models, allocated now: memory grows with it).
+        tensor_parallel: split the base over N ranks (`load_model`); this process is rank
+        0, the pilot stays whole on its device (pilot_tensor_parallel=M splits it too).
+        The engine owns the models it loads here: `close()` (or a `with` block) stops the
+        ranks' worker processes."""
+        if device == "cuda" and max(tensor_parallel, pilot_tensor_parallel) != 1:
+            device = "cuda:0"                   # rank 0's device: the pilot's too
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend,
                   max_batch_size=max_batch_size)
-        return cls(load_model(pilot, **kw), load_model(base, **kw), base_template,
-                   cuda_graphs=cuda_graphs, graph_batch_sizes=graph_batch_sizes,
-                   fused_gemv=fused_gemv, pdl=pdl, tune_kernels=tune_kernels)
+        loaded = []
+        try:
+            loaded.append(load_model(pilot, tensor_parallel=pilot_tensor_parallel, **kw))
+            loaded.append(load_model(base, tensor_parallel=tensor_parallel, **kw))
+            engine = cls(*loaded, base_template, cuda_graphs=cuda_graphs,
+                         graph_batch_sizes=graph_batch_sizes, fused_gemv=fused_gemv, pdl=pdl,
+                         tune_kernels=tune_kernels)
+        except BaseException:
+            for m in loaded:
+                m.close()
+            raise
+        engine._owned = loaded
+        return engine
+
+    def close(self) -> None:
+        """Close the models this engine loaded itself (`from_pretrained`): a
+        tensor-parallel model's worker processes stop. Models given to the constructor are
+        the caller's to close. Idempotent."""
+        for m in self._owned:
+            m.close()
+
+    def __enter__(self) -> "WSD":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- public API: whole requests ------------------------------------------------
     def generate(self, prompt, params=None):

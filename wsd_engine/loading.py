@@ -12,7 +12,7 @@ from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg, parse_dtype
 from .errors import ConfigError, UnsupportedModelError
 from .loader import check_checkpoint, load_weights
-from .memory import check_fits
+from .memory import check_fits, host_rss
 from .model import TorchOps, rope_tables
 from .runner import Model
 
@@ -52,6 +52,16 @@ def parse_device(device) -> torch.device:
             raise ConfigError(f"device {str(dev)!r}: this machine has "
                               f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same one ('cuda' is the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    cur = torch.cuda.current_device()
+    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
 
 
 def _resolve(cfg: ModelConfig, device, dtype, max_seq_len, backend, max_batch_size=1):
@@ -137,8 +147,11 @@ def load_model(path, device="cpu", dtype=None, max_seq_len: int | None = None,
     device, dtype, max_seq_len = _resolve(cfg, device, dtype, max_seq_len, backend,
                                           max_batch_size)
     _make_ops(backend, cfg, device)          # fail on a bad backend before reading weights
+    before = host_rss()["rss"]
     weights = load_weights(path, cfg, device, dtype)
-    return build_model(cfg, weights, device, dtype, max_seq_len, backend, path, max_batch_size)
+    model = build_model(cfg, weights, device, dtype, max_seq_len, backend, path, max_batch_size)
+    model.load_memory = dict(host_rss(), before=before)
+    return model
 
 
 def random_model(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, max_seq_len: int = 4096,
@@ -212,6 +225,7 @@ def load_shard(spec: dict, group: dict) -> Model:
     plan = ShardPlan.make(cfg, world, rank)
     device = rank_device(torch.device(spec["device"]), rank)
     dtype = parse_dtype(spec["dtype"])
+    before = host_rss()["rss"]
     if "path" in spec:
         weights = load_weights(spec["path"], cfg, device, dtype, plan=plan)
     else:
@@ -220,5 +234,6 @@ def load_shard(spec: dict, group: dict) -> Model:
                         spec["backend"], spec.get("path", ""), spec["max_batch_size"])
     model.tp = TPGroup(rank, world, plan, group["store"], group["ctl"], group["dev"], device,
                        cfg.vocab_size, group["procs"])
+    model.load_memory = dict(host_rss(), before=before)
     return model
 

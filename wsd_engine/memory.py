@@ -108,3 +108,18 @@ def check_buffers(what: str, n_bytes: int, device, fix: str) -> None:
     if available is not None and n_bytes > available:
         raise ConfigError(f"{what} need {_size(n_bytes)} on {device} but {_size(available)} is "
                           f"available; {fix}")
+
+
+def host_rss() -> dict[str, int]:
+    """This process's resident host memory now and its peak so far, in bytes ({"rss",
+    "peak"} from /proc/self/status; zeros where that is not available)."""
+    out = {"rss": 0, "peak": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out["rss" if key == "VmRSS" else "peak"] = int(val.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out

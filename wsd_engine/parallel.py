@@ -297,6 +297,11 @@ class TPGroup:
                 except Exception:  # noqa: BLE001
                     pass
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of ranks 1..N-1 started here (empty on a worker)."""
+        return [p.pid for p in self._procs]
+
     # ---- parked sequences (sharing.CacheResidency on a tensor-parallel model) ----------
     def new_key(self) -> int:
         self._next_key += 1

@@ -83,6 +83,8 @@ class Model:
     # for a whole model. `config` is then this rank's (its heads and MLP rows).
     tp: object = None
     _tp_parked: dict = field(default_factory=dict, repr=False)   # key -> cache snapshot
+    # host memory around loading (bytes: "before", "rss" after, "peak" of the process)
+    load_memory: dict | None = None
 
     # ---- sharing ---------------------------------------------------------------------
     def reserved(self, owner: CacheOwner | None = None):
@@ -405,6 +407,17 @@ class Model:
     def unpark_cache(self, key: int) -> None:
         """Every rank puts its copy `key` back (and drops it)."""
         self.cache.restore(self._tp_parked.pop(key))
+
+    @mirrored
+    def rank_load_memory(self) -> list[dict]:
+        """Per rank (rank order): host memory when its load began ("before"), after it
+        ("rss") and the process's peak ("peak"), in bytes; a whole model: one entry."""
+        keys = ("before", "rss", "peak")
+        mine = [int((self.load_memory or {}).get(k, 0)) for k in keys]
+        if self.tp is None:
+            return [dict(zip(keys, mine))]
+        got = self.comm.all_gather(torch.tensor(mine, dtype=torch.int64, device=self.device))
+        return [dict(zip(keys, row)) for row in got.tolist()]
 
     def drop_parked(self, keys) -> None:
         """Copies whose owner is gone (a worker, told by rank 0)."""

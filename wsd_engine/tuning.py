@@ -58,6 +58,10 @@ def _tune(model: "Model", context, replays, candidates, min_gain) -> dict:
     if not model.can_capture:
         raise ConfigError("tuning the decode kernels needs device='cuda' and "
                           f"backend='triton' (this model: {model.device}, {model.backend})")
+    if model.tensor_parallel > 1:
+        raise ConfigError("tuning the decode kernels runs on whole models only; a "
+                          "tensor-parallel model keeps its kernel settings (give fused_gemv / "
+                          "pdl explicitly)")
     if model.has_graphs:
         raise ConfigError("this model has captured CUDA graphs, which keep the kernels they "
                           "were captured with; tune before capturing (or clear_graphs() "
