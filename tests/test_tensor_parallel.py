@@ -427,3 +427,41 @@ def test_triton_backend_split(checkpoints, wsd_pair):
         want = ref_engine.generate(PROMPTS[1], params)
     with WSD.from_pretrained(pilot, base, backend="triton", tensor_parallel=2) as split:
         _same(want, split.generate(PROMPTS[1], params))
+
+
+_TORCHRUN_SCRIPT = textwrap.dedent("""
+    import sys
+    from wsd_engine import load_model
+    if __name__ == "__main__":
+        m = load_model(sys.argv[1], tensor_parallel=2)
+        print("TOKENS", m.generate([5, 6, 7, 8], 6, stop_at_eos=False), flush=True)
+        m.close()
+""")
+
+
+def test_the_same_script_under_torchrun(checkpoints, tmp_path):
+    """Multi-node runs start the script on every node with torchrun (env://): here two
+    processes on one node. Rank 0 drives and prints; rank 1 serves and leaves the script
+    when rank 0 closes the model. A bad checkpoint is reported once, by rank 0."""
+    path = checkpoints["mqa"]
+    want = load_model(path).generate([5, 6, 7, 8], 6, stop_at_eos=False)
+    script = tmp_path / "job.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script)]
+    r = subprocess.run(cmd + [path], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("TOKENS") == 1 and f"TOKENS {want}" in r.stdout
+    import json
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in os.listdir(path):
+        (bad / f).write_bytes(open(os.path.join(path, f), "rb").read())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode != 0
+    assert (r.stdout + r.stderr).count("num_hidden_layers = 3") == 1

@@ -206,12 +206,21 @@ def _load_parallel(cfg: ModelConfig, source: dict, device, dtype, max_seq_len, b
     local = ShardPlan.make(cfg, world, 0).local_config(cfg)
     device, dtype, max_seq_len = _resolve(local, device, dtype, max_seq_len, backend,
                                           max_batch_size)
-    parallel.check_devices(device, world)
     _make_ops(backend, local, device)
-    if "path" in source:
-        check_checkpoint(source["path"], cfg)
     spec = dict(source, device=device.type, dtype=str(dtype).replace("torch.", ""),
                 max_seq_len=max_seq_len, backend=backend, max_batch_size=max_batch_size)
+
+    def check():
+        if "path" in source:
+            check_checkpoint(source["path"], cfg)
+    job = parallel.torchrun_world()
+    if job is not None:                  # every process of a torchrun job is here
+        if job != world:
+            raise ConfigError(f"this process was started by torchrun with WORLD_SIZE={job}; "
+                              f"tensor_parallel must equal it (got {world})")
+        return parallel.join_torchrun(world, device, check, lambda g: load_shard(spec, g))
+    parallel.check_devices(device, world)
+    check()
     return parallel.launch(world, device, spec, lambda group: load_shard(spec, group))
 
 
@@ -223,7 +232,7 @@ def load_shard(spec: dict, group: dict) -> Model:
     rank, world = group["rank"], group["world"]
     cfg = spec["config"] if "config" in spec else ModelConfig.from_pretrained(spec["path"])
     plan = ShardPlan.make(cfg, world, rank)
-    device = rank_device(torch.device(spec["device"]), rank)
+    device = rank_device(torch.device(spec["device"]), group.get("local_rank", rank))
     dtype = parse_dtype(spec["dtype"])
     before = host_rss()["rss"]
     if "path" in spec:

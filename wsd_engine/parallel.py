@@ -461,8 +461,9 @@ def _groups(store, rank: int, world: int, device: torch.device):
     return ctl, dev
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device.type == "cuda" else torch.device("cpu")
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """A rank's device: cuda:<its rank on this node>, or the CPU."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" else torch.device("cpu")
 
 
 def check_devices(device: torch.device, world: int) -> None:
@@ -508,10 +509,11 @@ def launch(world: int, device: torch.device, spec: dict, build, start_timeout=ST
         raise
 
 
-def _wait_ranks(store, procs, what: str, timeout: float | None) -> None:
-    """Until every worker set `what/r`; a worker's error report is raised as its type."""
+def _wait_ranks(store, procs, what: str, timeout: float | None, world: int | None = None) -> None:
+    """Until every worker set `what/r`; a worker's error report is raised as its type.
+    `procs`: the workers' processes (their exit is noticed), or empty with `world`."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    pending = set(range(1, len(procs) + 1))
+    pending = set(range(1, (world or len(procs) + 1)))
     while pending:
         for r in sorted(pending):
             if store.check([f"error/{r}"]):
@@ -519,8 +521,8 @@ def _wait_ranks(store, procs, what: str, timeout: float | None) -> None:
             if store.check([f"{what}/{r}"]):
                 pending.discard(r)
                 continue
-            p = procs[r - 1]
-            if p.exitcode is not None:
+            p = procs[r - 1] if procs else None
+            if p is not None and p.exitcode is not None:
                 raise TensorParallelError(f"tensor-parallel rank {r} (process {p.pid}) exited "
                                           f"with code {p.exitcode} while starting")
         if pending:
@@ -573,3 +575,71 @@ def _worker_main(rank: int, world: int, host: str, port: int, spec: dict) -> Non
     store.set(f"ready/{rank}", "1")
     model.tp.serve(model)
     os._exit(0)
+
+
+# ---- started by torchrun (several nodes) ---------------------------------------------------
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_torchrun_models = 0          # split models made in this job: each gets its own store keys
+
+
+def torchrun_world() -> int | None:
+    """WORLD_SIZE when this process was started by torchrun (env:// variables set)."""
+    if all(k in os.environ for k in _TORCHRUN_VARS):
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def join_torchrun(world: int, device: torch.device, check, build):
+    """Every process of a torchrun job runs the same script; this is its `load_model`.
+    The default process group is initialised from env:// (gloo: the control group) and a
+    compute group made (NCCL on CUDA: rank r on cuda:LOCAL_RANK). Rank 0 runs `check()`
+    (the checkpoint's headers) alone and reports a failure once; the other ranks then exit
+    quietly (SystemExit 1). Rank 0 returns its shard of the model and drives; every other
+    rank serves rank 0's calls here and leaves the script (SystemExit 0) when rank 0 closes
+    the model."""
+    global _torchrun_models
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} has no CUDA device (this node has "
+                              f"{torch.cuda.device_count()}); start one process per GPU")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
+    _torchrun_models += 1
+    store = dist.PrefixStore(f"wsd/tp{_torchrun_models}",
+                             dist.distributed_c10d._get_default_store())
+    ctl = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    dev = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo",
+                         timeout=COMPUTE_TIMEOUT)
+    if rank == 0:
+        try:
+            check()
+        except BaseException as e:
+            store.set("error/0", f"{type(e).__name__}: {str(e)[:4000]}")
+            raise
+        store.set("go", "1")
+    else:
+        while not store.check(["go"]):
+            if store.check(["error/0"]):
+                raise SystemExit(1)              # rank 0 reports it
+            time.sleep(0.05)
+    group = dict(rank=rank, world=world, store=store, ctl=ctl, dev=dev, procs=(),
+                 local_rank=local)
+    try:
+        model = build(group)
+    except BaseException as e:
+        store.set(f"error/{rank}", f"{type(e).__name__}: {str(e)[:4000]}")
+        if rank:
+            raise SystemExit(1) from None
+        raise
+    if rank == 0:
+        try:
+            _wait_ranks(store, (), "ready", None, world)
+        except BaseException:
+            model.tp.close()
+            raise
+        return model
+    store.set(f"ready/{rank}", "1")
+    model.tp.serve(model)
+    raise SystemExit(0)
