@@ -465,3 +465,32 @@ def test_the_same_script_under_torchrun(checkpoints, tmp_path):
     r = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode != 0
     assert (r.stdout + r.stderr).count("num_hidden_layers = 3") == 1
+
+
+def _json_docs(text: str) -> list:
+    """The JSON documents printed one after another, without their timings."""
+    import json
+    dec, docs, i = json.JSONDecoder(), [], 0
+    while text[i:].strip():
+        i += len(text[i:]) - len(text[i:].lstrip())
+        doc, i = dec.raw_decode(text, i)
+        doc.pop("timings", None)
+        doc.pop("tokens_per_second", None)
+        docs.append(doc)
+    return docs
+
+
+def test_command_line_tensor_parallel(wsd_pair, capsys):
+    from wsd_engine.cli import main
+    pilot, base = wsd_pair
+    common = ["--prompt", "Say hello.", "--max-new-tokens", "20", "--draft-max-tokens", "12",
+              "--json"]
+    outs = []
+    for tp in ("1", "2"):
+        assert main(["generate", "--pilot", pilot, "--base", base, "--tensor-parallel", tp]
+                    + common) == 0
+        assert main(["generate", "--model", base, "--tensor-parallel", tp] + common) == 0
+        outs.append(_json_docs(capsys.readouterr().out))
+    assert len(outs[0]) == 2 and outs[0] == outs[1]
+    assert main(["generate", "--model", base, "--tensor-parallel", "3"] + common) == 1
+    assert "cannot be split" in capsys.readouterr().err

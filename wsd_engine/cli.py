@@ -103,6 +103,9 @@ def _add_common(p):
                    help="KV cache length of each model: a request needs prompt + "
                         "--draft-max-tokens <= the pilot's and prompt + --max-new-tokens <= "
                         "the base's (default: min(max_position_embeddings, 4096))")
+    p.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
+                   help="split the base (or --model) over N ranks: N GPUs cuda:0..N-1 with "
+                        "--device cuda, N processes with --device cpu (default: %(default)s)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton"],
                    help="torch (runs anywhere) or triton (the fused kernels; for a GPU) "
                         "(default: %(default)s)")
@@ -251,30 +254,37 @@ def cmd_generate(a):
     # but every value given is still checked (a --threshold of 5 is an error either way)
     params = _params(a)
     if a.model:
-        m = load_model(a.model, device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len,
-                       backend=a.backend)
-        m.set_decode_kernels(fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
-        if a.cuda_graphs:
-            if m.can_capture and not (a.no_tune or m.decode_kernels_chosen):
-                from .tuning import tune_decode_kernels
-                tune_decode_kernels(m)
-            m.capture_decode()
-        try:
-            ids = m.tokenizer.encode(a.prompt)          # with the tokenizer's BOS, if any
-        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
-            raise TokenizerError(f"the tokenizer failed on the prompt: {str(e)[:300]}; its files "
-                                 "are inconsistent (fix or replace the tokenizer)") from e
-        new = m.generate(ids, max_new_tokens=params.max_new_tokens)
-        text = m.tokenizer.decode(new, skip_special_tokens=True)
-        with _writing("standard output"):
-            print(json.dumps({"text": text, "token_ids": new}) if a.json else text)
-        return 0
-    wsd = WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
-                              max_seq_len=a.max_seq_len, backend=a.backend,
-                              cuda_graphs=a.cuda_graphs,
-                              fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
-                              tune_kernels=False if a.no_tune else None)
-    _show(wsd.generate(a.prompt, params), a.json)
+        with load_model(a.model, device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len,
+                        backend=a.backend, tensor_parallel=a.tensor_parallel) as m:
+            return _generate_one(m, a, params)
+    with WSD.from_pretrained(a.pilot, a.base, device=a.device, dtype=a.dtype,
+                             max_seq_len=a.max_seq_len, backend=a.backend,
+                             cuda_graphs=a.cuda_graphs,
+                             fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
+                             tune_kernels=False if a.no_tune else None,
+                             tensor_parallel=a.tensor_parallel) as wsd:
+        _show(wsd.generate(a.prompt, params), a.json)
+    return 0
+
+
+def _generate_one(m, a, params) -> int:
+    """Plain decoding with one model (--model)."""
+    m.set_decode_kernels(fused_gemv=a.fused_gemv or None, pdl=a.pdl or None)
+    if a.cuda_graphs:
+        if (m.can_capture and m.tensor_parallel == 1
+                and not (a.no_tune or m.decode_kernels_chosen)):
+            from .tuning import tune_decode_kernels
+            tune_decode_kernels(m)
+        m.capture_decode()
+    try:
+        ids = m.tokenizer.encode(a.prompt)          # with the tokenizer's BOS, if any
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise TokenizerError(f"the tokenizer failed on the prompt: {str(e)[:300]}; its files "
+                             "are inconsistent (fix or replace the tokenizer)") from e
+    new = m.generate(ids, max_new_tokens=params.max_new_tokens)
+    text = m.tokenizer.decode(new, skip_special_tokens=True)
+    with _writing("standard output"):
+        print(json.dumps({"text": text, "token_ids": new}) if a.json else text)
     return 0
 
 
@@ -474,12 +484,13 @@ def _run_demo(a, pilot: str, base: str, where: str) -> int:
         # threads make the 2048-token default answer ~10x slower (they wait on each other)
         torch.set_num_threads(1)
     try:
-        wsd = WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype,
-                                  max_seq_len=a.max_seq_len, backend=a.backend,
-                                  cuda_graphs=a.cuda_graphs,
-                                  fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
-                                  tune_kernels=False if a.no_tune else None)
-        _show(wsd.generate(a.prompt, _params(a)), a.json)
+        with WSD.from_pretrained(pilot, base, device=a.device, dtype=a.dtype,
+                                 max_seq_len=a.max_seq_len, backend=a.backend,
+                                 cuda_graphs=a.cuda_graphs,
+                                 fused_gemv=a.fused_gemv or None, pdl=a.pdl or None,
+                                 tune_kernels=False if a.no_tune else None,
+                                 tensor_parallel=a.tensor_parallel) as wsd:
+            _show(wsd.generate(a.prompt, _params(a)), a.json)
     finally:
         torch.set_num_threads(threads)
     return 0
