@@ -5,6 +5,7 @@
     python -m benchmarks.run --pilot DIR --base DIR            # + the reference oracle
     python -m benchmarks.run --cpu-smoke                       # tiny shapes on CPU, < 60 s
     python -m benchmarks.run --suite batch                     # many requests in one engine
+    python -m benchmarks.run --suite tp                        # tensor parallelism, >= 2 GPUs
     wsd-engine bench ...                                       # the same, from a checkout
 
 Every timing is reported against the floor of the model it runs: the weight bytes one
@@ -24,6 +25,11 @@ The batch suite (only when named: `--suite batch`, see benchmarks/batch.py) runs
 requests together vs one after another on CPU (the demo pair and a ~30M-parameter
 synthetic pair) and, with CUDA, throughput by batch size at real shapes and a 64-prompt
 batch against `wsd_engine.reference`.
+
+The tp suite (only when named: `--suite tp`, see benchmarks/tp.py) splits a model over N
+ranks: with >= 2 CUDA devices decode latency per token of llama3.1-70b for N = 2, 4, 8 against
+its floor and N = 1 (where it fits), and WSD 3B + 70B on the split base vs base-only; on
+CPU (--cpu-smoke) the same code on tiny shapes for N = 1, 2 (gloo). Also writes tp.md.
 
 Writes into --out: results.json (everything; rewritten after each step, so a killed run
 still leaves what it measured), results.md (tables), decode.png / wsd.png / batch.png (matplotlib).
@@ -50,8 +56,8 @@ from benchmarks.suite import Bench  # noqa: E402
 
 PRESET_ORDER = ("llama3.1-8b", "llama3.2-1b", "llama3.2-3b", "qwen2.5-7b")
 PAIRS = (("llama3.2-1b", "llama3.1-8b"), ("llama3.2-3b", "llama3.1-8b"))
-SUITES = ("kernels", "decode", "wsd", "batch")
-DEFAULT_SUITES = ("kernels", "decode", "wsd")     # `batch` runs when named (--suite batch)
+SUITES = ("kernels", "decode", "wsd", "batch", "tp")
+DEFAULT_SUITES = ("kernels", "decode", "wsd")     # `batch` and `tp` run when named
 
 
 # ------------------------------------------------------------------------- tasks
@@ -60,6 +66,7 @@ def build_tasks(b: Bench) -> list:
     a = b.a
     decode, wsd, kern = ("decode" in a.suites), ("wsd" in a.suites), ("kernels" in a.suites)
     batch = "batch" in a.suites
+    tp = "tp" in a.suites
     presets = list(a.presets)
     t = [("copy bandwidth (1 GiB D2D copy)" if not b.smoke else "copy bandwidth (CPU)",
           b.copy_bandwidth)]
@@ -95,6 +102,13 @@ def build_tasks(b: Bench) -> list:
         for name in a.batch_cpu_pairs:
             t.append((f"batch cpu {name}: {a.batch_requests} requests together vs one after "
                       "another, by batch size", lambda n=name: bb.cpu_task(b, n)))
+    if tp:
+        from benchmarks import tp as tpb
+        t.append(("tp gpu: decode by rank count, WSD on the split base",
+                  lambda: tpb.gpu_task(b)))
+        if b.smoke or a.tp_cpu:
+            t.append((f"tp cpu: tiny shapes, N = {','.join(map(str, a.tp_cpu_sizes))} (gloo)",
+                      lambda: tpb.cpu_task(b)))
     return t
 
 
@@ -105,8 +119,8 @@ def parse_args(argv):
                                  description="wsd_engine end-to-end benchmarks: kernels, "
                                              "decode, WSD")
     ap.add_argument("--suite", default=",".join(DEFAULT_SUITES),
-                    help="comma list of kernels, decode, wsd, batch (default: kernels,decode,"
-                         "wsd; batch runs when named)")
+                    help="comma list of kernels, decode, wsd, batch, tp (default: kernels,"
+                         "decode,wsd; batch and tp run when named)")
     ap.add_argument("--preset", nargs="+", default=None,
                     help=f"decode presets, most important first (default: {' '.join(PRESET_ORDER)})")
     ap.add_argument("--pairs", default=None,
@@ -182,6 +196,22 @@ def parse_args(argv):
                         "the rest is extrapolated (default 2)")
     g.add_argument("--batch-gpu-reps", type=int, default=1,
                    help="GPU: timed runs per batch size after its warm-up (default 1)")
+    g = ap.add_argument_group("tp suite (--suite tp)")
+    g.add_argument("--tp-presets", default="llama3.1-70b",
+                   help="GPU: presets split over the ranks, comma list (default llama3.1-70b)")
+    g.add_argument("--tp-sizes", default="2,4,8",
+                   help="GPU: rank counts N (one GPU each; those above the device count are "
+                        "skipped; N = 1 is added where the model fits one GPU) (default 2,4,8)")
+    g.add_argument("--tp-pairs", default="llama3.2-3b+llama3.1-70b",
+                   help="WSD pairs PILOT+BASE, the base split (default llama3.2-3b+llama3.1-70b)")
+    g.add_argument("--tp-wsd-sizes", default=None,
+                   help="GPU: rank counts of the WSD runs (default: the largest N measured)")
+    g.add_argument("--tp-ks", default=None,
+                   help="WSD forced switch points of the tp runs (default 64,256; smoke 4)")
+    g.add_argument("--tp-cpu", action="store_true",
+                   help="also run the CPU part (tiny shapes, gloo) without --cpu-smoke")
+    g.add_argument("--tp-cpu-sizes", default="1,2",
+                   help="CPU: rank counts (default 1,2)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.argv = list(argv)
@@ -231,7 +261,31 @@ def parse_args(argv):
     if bool(a.pilot) != bool(a.base):
         ap.error("give both --pilot and --base (or neither)")
     _batch_args(ap, a, smoke_asked)
+    _tp_args(ap, a, PRESETS)
     return a
+
+
+def _tp_args(ap, a, presets) -> None:
+    """The tp suite's settings."""
+    a.tp_presets = [p for p in a.tp_presets.split(",") if p.strip()]
+    bad = [p for p in a.tp_presets if p not in presets]
+    if bad or not a.tp_presets:
+        ap.error(f"--tp-presets: unknown {bad}; choose from {', '.join(presets)}")
+    a.tp_sizes = sorted(set(_int_list(ap, "--tp-sizes", a.tp_sizes)))
+    a.tp_cpu_sizes = sorted(set(_int_list(ap, "--tp-cpu-sizes", a.tp_cpu_sizes)))
+    a.tp_wsd_sizes = (sorted(set(_int_list(ap, "--tp-wsd-sizes", a.tp_wsd_sizes)))
+                      if a.tp_wsd_sizes else None)
+    pairs = [tuple(x.split("+")) for x in a.tp_pairs.split(",") if x.strip()]
+    if any(len(p) != 2 or any(q not in presets for q in p) for p in pairs):
+        ap.error(f"--tp-pairs takes PILOT+BASE presets, comma-separated; got {a.tp_pairs!r}")
+    a.tp_pairs = pairs
+    ks = a.tp_ks or ("4" if a.cpu_smoke else "64,256")
+    try:
+        a.tp_ks = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        a.tp_ks = []
+    if "tp" in a.suites and (not a.tp_ks or any(k < 0 or k > a.response for k in a.tp_ks)):
+        ap.error(f"--tp-ks: ints in [0, --response={a.response}], got {ks!r}")
 
 
 def _int_list(ap, flag: str, text: str, n: int | None = None) -> list[int]:
@@ -319,6 +373,9 @@ def main(argv=None) -> int:
         b.save()
     print()
     print(render_md(b.R), flush=True)
+    if "tp" in b.R:
+        from benchmarks.tp import render_md as render_tp
+        print(render_tp(b.R["tp"]), flush=True)
     print(f"wrote {os.path.join(a.out, 'results.json')} and results.md", flush=True)
     return 0
 

@@ -187,19 +187,22 @@ def test_setup_commands_match_ci():
 
 DRIVER = r'''
 import json, os, sys, traceback
-proto = os.fdopen(os.dup(1), "w", buffering=1)     # the protocol: one JSON line per block
-os.dup2(2, 1)                                      # the blocks' own output goes to stderr
-g = {"__name__": "__main__"}
-for line in sys.stdin:
-    req = json.loads(line)
-    try:
-        exec(compile(req["code"], req["name"], "exec"), g)
-        status = {"ok": True}
-    except BaseException:
-        status = {"ok": False, "error": traceback.format_exc()}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    proto.write(json.dumps(status) + "\n")
+# guarded like any script that splits a model (tensor_parallel): the worker processes are
+# spawned and import this file
+if __name__ == "__main__":
+    proto = os.fdopen(os.dup(1), "w", buffering=1)     # the protocol: one JSON line per block
+    os.dup2(2, 1)                                      # the blocks' own output goes to stderr
+    g = {"__name__": "__main__"}
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            exec(compile(req["code"], req["name"], "exec"), g)
+            status = {"ok": True}
+        except BaseException:
+            status = {"ok": False, "error": traceback.format_exc()}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        proto.write(json.dumps(status) + "\n")
 '''
 
 

@@ -494,3 +494,31 @@ def test_command_line_tensor_parallel(wsd_pair, capsys):
     assert len(outs[0]) == 2 and outs[0] == outs[1]
     assert main(["generate", "--model", base, "--tensor-parallel", "3"] + common) == 1
     assert "cannot be split" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_split_with_nccl_and_cuda_graphs(checkpoints, wsd_pair):
+    """On a machine with >= 2 GPUs: NCCL between cuda:0 and cuda:1, the triton backend on
+    each rank, the all-reduces inside captured CUDA graphs; the same tokens as one GPU."""
+    n = torch.cuda.device_count()
+    if n < 2:
+        pytest.skip(f"NCCL tensor parallelism needs one GPU per rank; this machine has {n}")
+    path = checkpoints["gqa_odd_vocab"]
+    whole = load_model(path, device="cuda", backend="triton")
+    ids = _ids(11, whole.config.vocab_size, 9)
+    ref = whole.score(ids)
+    want = whole.generate(ids, 24, stop_at_eos=False)
+    with load_model(path, device="cuda", backend="triton", tensor_parallel=2) as split:
+        assert (split.score(ids) - ref).abs().max().item() <= 1e-4
+        assert split.generate(ids, 24, stop_at_eos=False) == want
+        split.capture_decode()
+        assert split.generate(ids, 24, stop_at_eos=False) == want
+    pilot, base = wsd_pair
+    params = WSDParams(max_new_tokens=40, draft_max_tokens=24)
+    with WSD.from_pretrained(pilot, base, device="cuda", backend="triton",
+                             cuda_graphs=True, max_batch_size=2) as one:
+        ref_r = one.generate(PROMPTS[:2], params)
+    with WSD.from_pretrained(pilot, base, device="cuda", backend="triton", cuda_graphs=True,
+                             max_batch_size=2, tensor_parallel=2) as split:
+        for a, b in zip(ref_r, split.generate(PROMPTS[:2], params)):
+            _same(a, b)

@@ -68,8 +68,13 @@ class StaticKVCache:
                 f"fit the KV cache of {self.max_seq_len} positions; shorten the prompt / "
                 f"max_new_tokens or load the model with a larger max_seq_len")
 
+    def check_slot(self, slot) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.n_slots:
+            raise ValueError(f"cache slot {slot!r} does not exist (slots 0..{self.n_slots - 1})")
+
     def truncate(self, length: int, slot: int = 0) -> None:
         """Keep positions [0, length) of a slot: O(1)."""
+        self.check_slot(slot)
         if not 0 <= length <= self.lengths[slot]:
             raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} "
                              f"to {length}")
@@ -80,6 +85,7 @@ class StaticKVCache:
         if slot is None:
             self.lengths = [0] * self.n_slots
         else:
+            self.check_slot(slot)
             self.lengths[slot] = 0
 
     def snapshot(self) -> tuple:

@@ -530,6 +530,8 @@ def read_json(path: str, error_cls: type[Exception] = ConfigError) -> dict:
 
 
 # Real models' shapes, for benchmarks with random weights (`preset_config`).
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 PRESETS = {
     "llama3.2-1b": dict(architectures=["LlamaForCausalLM"], hidden_size=2048,
                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -539,10 +541,15 @@ PRESETS = {
                         intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                         num_key_value_heads=8, head_dim=128, vocab_size=128256,
                         tie_word_embeddings=True),
+    # Llama-3.1 (8B, 70B): their published configs' rope factor 8, not the 3.2 models' 32
     "llama3.1-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096,
                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                        tie_word_embeddings=False),
+                        tie_word_embeddings=False, rope_scaling=_LLAMA31_ROPE),
+    "llama3.1-70b": dict(architectures=["LlamaForCausalLM"], hidden_size=8192,
+                         intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         tie_word_embeddings=False, rope_scaling=_LLAMA31_ROPE),
     "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584,
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,

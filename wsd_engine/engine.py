@@ -360,8 +360,11 @@ class WSD:
 
     def _end_now_or_after_step(self, req: Request) -> None:
         """Abort; from inside a step (a stream finalized by the garbage collector while
-        this thread steps) only once the step is over, so a step never loses a row."""
-        if self._in_step:
+        this thread steps), or while this thread is inside another use of a model, only
+        once that is over (at the end of the next step), so no call loses a row."""
+        if self._in_step or self.pilot.in_use_here() or self.base.in_use_here():
+            # inside a step, or inside another use of a model by this thread (a stream
+            # collected during a Model.generate): the next step ends it
             self._aborts.append(req)
         else:
             self._end(req, "abort")

@@ -242,7 +242,7 @@ def load_shard(spec: dict, group: dict) -> Model:
     model = build_model(plan.local_config(cfg), weights, device, dtype, spec["max_seq_len"],
                         spec["backend"], spec.get("path", ""), spec["max_batch_size"])
     model.tp = TPGroup(rank, world, plan, group["store"], group["ctl"], group["dev"], device,
-                       cfg.vocab_size, group["procs"])
+                       cfg.vocab_size, group["procs"], lock=model.lock)
     model.load_memory = dict(host_rss(), before=before)
     return model
 

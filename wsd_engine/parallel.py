@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .errors import ConfigError, ModelLoadError, TensorParallelError, UnsupportedModelError, WSDError
+from .errors import (ConfigError, ModelLoadError, RequestError, TensorParallelError,
+                     UnsupportedModelError, WSDError)
 
 # idle workers wait on the control group between calls: no timeout that an idle engine
 # could reach
@@ -52,6 +53,8 @@ CONTROL_TIMEOUT = datetime.timedelta(days=365)
 # one collective of a call: a safety net only (a dead peer is noticed at once)
 COMPUTE_TIMEOUT = datetime.timedelta(seconds=600)
 START_TIMEOUT_S = 180.0       # a worker process started, torch imported, connected
+LOAD_TIMEOUT_S = 3600.0       # every rank's shard loaded (a 405B over 8 slow disks: minutes)
+CLOSE_WAIT_S = 30.0           # close(): how long a call running in another thread may finish
 HEADER = 64                   # int64 words of a command's first broadcast
 _CLOSE, _DROP = "__close__", "__drop__"
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
@@ -67,6 +70,10 @@ def mirrored(fn):
     to the other ranks before running it (calls made from inside another mirrored call are
     not broadcast: the workers make them too)."""
     sig = inspect.signature(fn)
+    odd = [p.name for p in sig.parameters.values()
+           if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if odd:      # the workers get the arguments by position
+        raise TypeError(f"mirrored {fn.__name__}: parameters {odd} must be positional")
     _COMMANDS[fn.__name__] = fn
 
     @functools.wraps(fn)
@@ -119,28 +126,36 @@ class Collectives:
 
 
 # ---- the command channel ------------------------------------------------------------------
-def _encode(v, ints: list, tensors: list) -> None:
+def _encode(v, ints: list, tensors: list, device: torch.device) -> None:
+    """Append value `v` to a command: tagged int64 words in `ints`, its tensors (to send
+    after the words) in `tensors`. RequestError for what cannot be sent."""
     if v is None:
         ints.append(0)
     elif isinstance(v, bool):
         ints += [1, int(v)]
     elif isinstance(v, numbers.Integral):
+        if not -2 ** 63 <= int(v) < 2 ** 63:
+            raise RequestError(f"integer argument {v} does not fit in 64 bits")
         ints += [2, int(v)]
     elif isinstance(v, float):
         ints += [3, struct.unpack("<q", struct.pack("<d", v))[0]]
     elif isinstance(v, (list, tuple)):
         ints += [4, len(v)]
         for x in v:
-            _encode(x, ints, tensors)
+            _encode(x, ints, tensors, device)
     elif isinstance(v, torch.Tensor):
         if v.dtype not in _DTYPES:
-            raise TensorParallelError(f"cannot send a {v.dtype} tensor to the other ranks")
+            raise RequestError(f"a {v.dtype} tensor cannot be sent to the other ranks; use "
+                               "a float or integer tensor")
+        if v.device.type != "cpu" and v.device != device:
+            raise RequestError(f"a tensor on {v.device} was given to a model on {device}; "
+                               f"move it to {device} (or the CPU)")
         ints += [5, _DTYPES.index(v.dtype), int(v.device.type == "cuda"), v.dim(), *v.shape]
         tensors.append(v)
     else:
-        raise TensorParallelError(f"cannot send a {type(v).__name__} to the other ranks "
-                                  "(internal error: a mirrored call takes tensors, numbers, "
-                                  "None and lists of those)")
+        raise RequestError(f"a {type(v).__name__} cannot be sent to the other ranks of a "
+                           "tensor-parallel model (a call takes tensors, numbers, None and "
+                           "lists of those)")
 
 
 class _Pending:
@@ -181,18 +196,22 @@ class TPGroup:
     and on rank 0 the worker processes and the channel that drives them."""
 
     def __init__(self, rank: int, world: int, plan, store, ctl, dev, device: torch.device,
-                 vocab_size: int, procs=()):
+                 vocab_size: int, procs=(), lock=None):
         self.rank, self.world, self.plan, self.device = rank, world, plan, device
         self._store, self._ctl, self._dev = store, ctl, dev
         self.comm = Collectives(dev, plan, vocab_size)
         self._procs = list(procs)
-        self._lock = threading.RLock()
-        self._depth = 0
+        # one call at a time, whole: the model's own lock (the one its cache's users hold),
+        # so that no thread can hold one of the two and wait for the other
+        self._lock = threading.RLock() if lock is None else lock
         self._failed: str | None = None
         self._closed = False
         self._next_key = 0
         self._drops: list[int] = []
-        self._drops_lock = threading.Lock()
+        # re-entrant: a collected handle's finalizer may run inside _flush_drops
+        self._drops_lock = threading.RLock()
+        self._tls = threading.local()            # this thread's mirrored-call depth
+        self._close_hooks: list = []
         self._monitor = None
         if rank == 0:
             _LIVE.add(self)
@@ -204,17 +223,24 @@ class TPGroup:
     # ---- rank 0: driving ---------------------------------------------------------------
     @contextmanager
     def command(self, name: str, sig, model, args, kwargs):
-        """Around a mirrored call: rank 0 (outermost call) broadcasts it first."""
+        """Around a mirrored call: rank 0 (outermost call) broadcasts it first. The call is
+        encoded before anything is sent (an argument that cannot be sent is a RequestError
+        and nothing happened); once the first byte is out, anything that breaks the call
+        off on rank 0 but an input check (a KeyboardInterrupt, a failed send) marks the
+        model failed, because the workers are then out of step."""
         with self._lock:
-            lead = self.rank == 0 and self._depth == 0
+            depth = self.call_depth
+            lead = self.rank == 0 and depth == 0
             if lead:
                 self._check_usable()
                 bound = sig.bind(model, *args, **kwargs)
                 bound.apply_defaults()
-                self._flush_drops()
-                self._send(name, list(bound.args[1:]))
-            self._depth += 1
+                msg = self._encode_call(name, list(bound.args[1:]))
+            self._tls.depth = depth + 1
             try:
+                if lead:
+                    self._flush_drops()
+                    self._send(*msg)
                 yield
             except (WSDError, ValueError):
                 raise        # an input check: every rank raised it at the same point
@@ -223,14 +249,22 @@ class TPGroup:
                     self._fail(e)
                 raise
             finally:
-                self._depth -= 1
+                self._tls.depth = depth
 
-    def _send(self, name: str, args: list) -> None:
+    @property
+    def call_depth(self) -> int:
+        """How many mirrored calls this thread is inside (0: none)."""
+        return getattr(self._tls, "depth", 0)
+
+    def _encode_call(self, name: str, args: list) -> tuple[list, list]:
         ints: list[int] = []
         tensors: list[torch.Tensor] = []
         nb = name.encode()
         ints += [len(nb), *nb]
-        _encode(args, ints, tensors)
+        _encode(args, ints, tensors, self.device)
+        return ints, tensors
+
+    def _send(self, ints: list, tensors: list) -> None:
         try:
             header = torch.zeros(HEADER, dtype=torch.int64)
             header[0] = len(ints)
@@ -243,7 +277,7 @@ class TPGroup:
                 if t.numel():
                     buf = t.detach().contiguous().reshape(-1).view(torch.uint8)
                     (self._dev if buf.is_cuda else self._ctl).broadcast(buf, 0).wait()
-        except Exception as e:  # noqa: BLE001 - a worker is gone: say which
+        except BaseException as e:  # noqa: BLE001 - a worker is gone, or an interrupt
             self._fail(e)
 
     def _check_usable(self) -> None:
@@ -267,6 +301,8 @@ class TPGroup:
                 f"{str(e)[:300]}); the ranks are out of step")
             self._failed += "; close() this model and load it again"
             self._stop_workers(graceful=False)
+        if not isinstance(e, Exception):
+            raise e                          # an interrupt stays one (the model is failed)
         raise TensorParallelError(self._failed) from e
 
     def _dead_workers(self) -> str | None:
@@ -317,32 +353,45 @@ class TPGroup:
         with self._drops_lock:
             keys, self._drops = self._drops, []
         if keys:
-            self._send(_DROP, [keys])
+            self._send(*self._encode_call(_DROP, [keys]))
 
     # ---- closing -------------------------------------------------------------------------
+    def on_close(self, hook) -> None:
+        """Run `hook()` when the model closes (torchrun: its process groups go)."""
+        self._close_hooks.append(hook)
+
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
-        """Stop the workers (rank 0). Idempotent."""
-        with self._lock:
+    def close(self, wait: float = CLOSE_WAIT_S) -> None:
+        """Stop the workers (rank 0). Waits up to `wait` seconds for a call running in
+        another thread to end; past that (a call that cannot end: a worker stuck), the
+        workers are stopped without it. Idempotent."""
+        got = self._lock.acquire(timeout=wait)
+        try:
             if self._closed:
                 return
             self._closed = True
             if self.rank == 0:
-                if self._failed is None and self._dead_workers() is None:
+                if got and self._failed is None and self._dead_workers() is None:
                     try:
                         self._ctl_close()
                     except Exception:  # noqa: BLE001 - stopped below anyway
                         pass
-                self._stop_workers(graceful=True)
-            self._ctl = self._dev = self._store = None
+                self._stop_workers(graceful=got)
+            if got:
+                for hook in self._close_hooks:
+                    hook()
+                self._ctl = self._dev = self._store = None
             _LIVE.discard(self)
+        finally:
+            if got:
+                self._lock.release()
 
     def _ctl_close(self) -> None:
         ints = [len(_CLOSE), *_CLOSE.encode()]
-        _encode([], ints, [])
+        _encode([], ints, [], self.device)
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[0] = len(ints)
         header[1:1 + len(ints)] = torch.tensor(ints, dtype=torch.int64)
@@ -374,28 +423,30 @@ class TPGroup:
             h.tensor = buf.view(h.dtype).reshape(h.shape)
         return name, _resolve(args)
 
-    def serve(self, model) -> None:
-        """A worker's loop: run rank 0's calls until it closes the model or goes away."""
+    def serve(self, model) -> bool:
+        """A worker's loop: run rank 0's calls until it closes the model or goes away
+        (True), or a call fails on this rank alone (reported; False)."""
         while True:
             try:
                 name, args = self._recv()
             except Exception:  # noqa: BLE001 - rank 0 is gone
-                return
+                return True
             if name == _CLOSE:
-                return
+                return True
             if name == _DROP:
                 model.drop_parked(args[0])
                 continue
             if name not in _COMMANDS:
                 self._report(TensorParallelError(f"unknown command {name!r} from rank 0"))
-                return
+                return False
             try:
                 getattr(model, name)(*args)
             except (WSDError, ValueError):
                 continue      # rank 0 raised the same at the same point
             except BaseException as e:  # noqa: BLE001 - out of step: report and exit
                 self._report(e)
-                return
+                return False
+        return True
 
     def _report(self, e: BaseException) -> None:
         try:
@@ -479,7 +530,7 @@ def check_devices(device: torch.device, world: int) -> None:
 
 
 def launch(world: int, device: torch.device, spec: dict, build, start_timeout=START_TIMEOUT_S,
-           load_timeout: float | None = None):
+           load_timeout: float | None = LOAD_TIMEOUT_S):
     """Rank 0: start ranks 1..world-1 (spawned processes running `_worker_main` with
     `spec`), connect the groups, build rank 0's shard with `build(group_args)` while the
     workers build theirs, and wait until every rank is ready. Any failure stops every
@@ -573,8 +624,7 @@ def _worker_main(rank: int, world: int, host: str, port: int, spec: dict) -> Non
         store.set(f"error/{rank}", f"{type(e).__name__}: {str(e)[:4000]}")
         os._exit(1)
     store.set(f"ready/{rank}", "1")
-    model.tp.serve(model)
-    os._exit(0)
+    os._exit(0 if model.tp.serve(model) else 1)
 
 
 # ---- started by torchrun (several nodes) ---------------------------------------------------
@@ -634,12 +684,15 @@ def join_torchrun(world: int, device: torch.device, check, build):
             raise SystemExit(1) from None
         raise
     if rank == 0:
+        model.tp.on_close(lambda: [dist.destroy_process_group(g) for g in (ctl, dev)])
         try:
-            _wait_ranks(store, (), "ready", None, world)
+            _wait_ranks(store, (), "ready", LOAD_TIMEOUT_S, world)
         except BaseException:
             model.tp.close()
             raise
         return model
     store.set(f"ready/{rank}", "1")
-    model.tp.serve(model)
-    raise SystemExit(0)
+    ok = model.tp.serve(model)
+    for g in (ctl, dev):
+        dist.destroy_process_group(g)
+    raise SystemExit(0 if ok else 1)

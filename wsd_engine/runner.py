@@ -15,7 +15,7 @@ import torch
 from . import graphs as cudagraphs
 from .cache import StaticKVCache
 from .config import ModelConfig, describe_arg
-from .errors import ConfigError, ContextOverflowError, RequestError
+from .errors import ConfigError, ContextOverflowError, RequestError, TensorParallelError
 from .model import forward, forward_rows as _forward_rows, softcap_logits
 from .parallel import mirrored
 from .rows import RowBatch, to_device
@@ -93,6 +93,12 @@ class Model:
         (see `sharing`). No owner: a one-shot use whose sequence is not kept."""
         return self._residency.reserved(self.cache if self.tp is None else _TPCache(self),
                                         owner)
+
+    @property
+    def lock(self):
+        """The model's re-entrant lock, held while a thread uses its cache (`reserved`)
+        and, on a tensor-parallel model, through each call to the ranks."""
+        return self._residency.lock
 
     @property
     def cache_swaps(self) -> int:
@@ -199,6 +205,7 @@ class Model:
                    rows=None) -> torch.Tensor:
         """`forward` from a device start position pos [1] int64 (a graph body: nothing is
         read on the host, and the caller keeps the cache length)."""
+        self._inside_a_call("forward_at")
         return forward(self.config, self.weights, self.ops, tokens, pos, self.cache, self.cos,
                        self.sin, return_hidden=return_hidden, rows=rows, comm=self.comm)
 
@@ -208,6 +215,7 @@ class Model:
         """One forward over the rows `rb` describes (see `model.forward_rows`): writes their
         K/V, the caller keeps the slots' lengths. A decode batch whose RowBatch lives on the
         device only (graphs.py) reads nothing on the host."""
+        self._inside_a_call("forward_rows")
         return _forward_rows(self.config, self.weights, self.ops, tokens, rb, self.cache,
                              self.cos, self.sin, return_hidden=return_hidden, rows=rows,
                              comm=self.comm)
@@ -313,6 +321,9 @@ class Model:
         rule in float64 in the kernel); the torch backend with log_softmax and the same
         float64 rule. Tensor-parallel: each rank scores its vocabulary shard and the ranks
         exchange four floats per token (`_score_switch_sharded`)."""
+        if hidden.shape[0] == 0 or not counts or sum(counts) != hidden.shape[0]:
+            raise ValueError(f"score_switch: counts {list(counts)} must be non-empty and add up "
+                             f"to the {hidden.shape[0]} hidden rows (at least one)")
         if self.tp is not None:
             return self._score_switch_sharded(hidden, ids, counts, carry, n_prev, window,
                                               log_gamma)
@@ -376,6 +387,19 @@ class Model:
         self.cache.reset(slot)
 
     # ---- tensor parallelism -------------------------------------------------------------
+    def _inside_a_call(self, what: str) -> None:
+        """forward_at / forward_rows are steps of other phases: on a split model only those
+        phases reach the other ranks (alone, rank 0 would wait for them forever)."""
+        if self.tp is not None and self.tp.call_depth == 0:
+            raise TensorParallelError(f"{what} is a step inside another phase and cannot be "
+                                      "called alone on a tensor-parallel model; call run_rows "
+                                      "(or forward, prefill, decode_rows, ...) instead")
+
+    def in_use_here(self) -> bool:
+        """Whether this thread is inside a use of this model (holds it, or is inside one
+        of its calls to the ranks): what it does to the model must then wait."""
+        return self._residency.held_here() or (self.tp is not None and self.tp.call_depth > 0)
+
     @property
     def comm(self):
         """This rank's collectives (`parallel.Collectives`), None for a whole model."""
@@ -427,7 +451,7 @@ class Model:
     # ---- one-token kernel options (triton backend; chosen on the GPU by tuning.py) -----
     @mirrored
     def set_decode_kernels(self, fused_gemv: bool | None = None, pdl: bool | None = None,
-                           *, chosen: bool = True) -> None:
+                           chosen: bool = True) -> None:
         """Choose the one-token (decode) kernels of the triton backend; None leaves a
         setting as it is. fused_gemv: every one-token matmul through the `gemv` kernel with
         the RMSNorm / SwiGLU / logits fused in (5 launches per layer). pdl: launch them with

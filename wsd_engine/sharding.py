@@ -139,9 +139,14 @@ def check_splits(cfg: ModelConfig, world: int) -> None:
                         f"{world})")
     if inter % world:
         problems.append(f"its intermediate size {inter}")
+    if (world - 1) * -(-cfg.vocab_size // world) >= cfg.vocab_size:
+        problems.append(f"its vocabulary of {cfg.vocab_size} (the last rank's share would be "
+                        "empty)")
     if problems:
+        V = cfg.vocab_size
         ok = [n for n in range(1, min(nq, MAX_TENSOR_PARALLEL) + 1)
-              if nq % n == 0 and (nkv % n == 0 or n % nkv == 0) and inter % n == 0]
+              if nq % n == 0 and (nkv % n == 0 or n % nkv == 0) and inter % n == 0
+              and (n - 1) * -(-V // n) < V]
         raise UnsupportedModelError(
             f"this model cannot be split over tensor_parallel={world} ranks: "
             f"{' and '.join(problems)} do not divide evenly; sizes that work: "

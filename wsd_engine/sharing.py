@@ -72,6 +72,7 @@ class CacheResidency:
         self._resident = None              # weakref to the CacheOwner in the cache, or None
         self._guests = weakref.WeakSet()   # owners that parked a copy here
         self.swaps = 0                     # how many times a sequence was parked
+        self._here = threading.local()     # this thread's depth of `reserved`
 
     @property
     def parked(self) -> int:
@@ -81,8 +82,17 @@ class CacheResidency:
     def reserved(self, cache: StaticKVCache, owner: CacheOwner | None = None):
         owner = CacheOwner(keep=False) if owner is None else owner
         with self.lock:
-            self._switch(cache, owner)
-            yield owner
+            depth = getattr(self._here, "depth", 0)
+            self._here.depth = depth + 1
+            try:
+                self._switch(cache, owner)
+                yield owner
+            finally:
+                self._here.depth = depth
+
+    def held_here(self) -> bool:
+        """Whether this thread is inside `reserved` now."""
+        return getattr(self._here, "depth", 0) > 0
 
     def _switch(self, cache: StaticKVCache, owner: CacheOwner) -> None:
         cur = self._resident() if self._resident is not None else None
