@@ -71,3 +71,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_process_left():
+    """Fails a test that leaves worker processes behind (and stops them); tensor-parallel
+    test modules use it for every test (`pytestmark`)."""
+    import multiprocessing
+    before = {p.pid for p in multiprocessing.active_children()}
+    yield
+    left = [p for p in multiprocessing.active_children() if p.pid not in before]
+    for p in left:
+        p.kill()
+    assert not left, f"worker processes left behind: {left}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import re
 import shlex
@@ -24,19 +23,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_tp.sh")
 
+pytestmark = pytest.mark.usefixtures("no_process_left")
+
 
 def _num(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-@pytest.fixture(autouse=True)
-def no_process_left():
-    before = {p.pid for p in multiprocessing.active_children()}
-    yield
-    left = [p for p in multiprocessing.active_children() if p.pid not in before]
-    for p in left:
-        p.kill()
-    assert not left, f"worker processes left behind: {left}"
 
 
 def test_llama31_70b_preset():

@@ -21,6 +21,7 @@ from wsd_engine import (WSD, ConfigError, ModelLoadError, RequestError, TensorPa
 from wsd_engine.config import ModelConfig
 from wsd_engine.sharding import ShardPlan
 from wsd_engine.synthetic import make_model, make_tokenizer, make_wsd_pair
+from _proc_helpers import wait_gone
 
 LAYOUTS = {
     # name: (make_model overrides, tokenizer vocabulary, rank counts)
@@ -33,20 +34,7 @@ LAYOUTS = {
 }
 CASES = [(name, n) for name, (_, _, ns) in LAYOUTS.items() for n in ns]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids, timeout=15.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
+pytestmark = pytest.mark.usefixtures("no_process_left")
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +47,6 @@ def checkpoints(tmp_path_factory):
         out[name] = make_model(str(root / name), family, seed=3, tokenizer=make_tokenizer(vocab),
                                init_scale=3.0, **kw)
     return out
-
-
-@pytest.fixture(autouse=True)
-def no_process_left():
-    before = {p.pid for p in multiprocessing.active_children()}
-    yield
-    left = [p for p in multiprocessing.active_children() if p.pid not in before]
-    for p in left:
-        p.kill()
-    assert not left, f"worker processes left behind: {left}"
 
 
 def _ids(n, vocab, seed):
@@ -253,7 +231,7 @@ def test_wsd_outputs_equal_the_whole_base(wsd_pair, n):
         assert "".join(pieces) == ref_one.text
     assert any(r.switched for r in ref), "the pair should switch on some prompt"
     workers = split.base.tp.worker_pids
-    assert _wait_gone(workers) == []
+    assert wait_gone(workers) == []
 
 
 def test_sampled_rows_and_a_split_pilot(wsd_pair):
@@ -335,7 +313,7 @@ def test_a_killed_worker_makes_the_next_call_fail_then_reload_works(checkpoints)
         split.score(ids)
     pids = split.tp.worker_pids
     split.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     with load_model(path, tensor_parallel=4) as again:
         assert again.generate(ids, 5, stop_at_eos=False) == want
 
@@ -395,7 +373,7 @@ def test_no_orphan_workers_when_the_caller_goes(checkpoints, tmp_path, how):
                        capture_output=True, text=True, timeout=120, env=env)
     pids = [int(x) for x in r.stdout.split()]
     assert len(pids) == 1, r.stderr[-2000:]
-    assert _wait_gone(pids) == [], f"worker {pids} outlived its caller ({how})"
+    assert wait_gone(pids) == [], f"worker {pids} outlived its caller ({how})"
 
 
 def test_triton_backend_split(checkpoints, wsd_pair):

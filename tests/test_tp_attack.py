@@ -7,7 +7,6 @@ are fixed: the reason is in each test's docstring or comments)."""
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import os
 import signal
 import threading
@@ -23,37 +22,15 @@ from wsd_engine.parallel import TPGroup
 from wsd_engine.runner import _forget, _Parked
 from wsd_engine.sharding import ShardPlan
 from wsd_engine.synthetic import make_model, make_tokenizer, make_wsd_pair
+from _proc_helpers import wait_gone
 
 VOCAB = 317            # not divisible by 2: the last vocabulary shard is shorter
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids, timeout=15.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+pytestmark = pytest.mark.usefixtures("no_process_left")
 
 
 def _ids(n, seed):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@pytest.fixture(autouse=True)
-def no_process_left():
-    before = {p.pid for p in multiprocessing.active_children()}
-    yield
-    left = [p for p in multiprocessing.active_children() if p.pid not in before]
-    for p in left:
-        p.kill()
-    assert not left, f"worker processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +51,7 @@ def split(ckpt):
     yield m
     pids = m.tp.worker_pids
     m.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
 
 
 def _fresh(ckpt):
@@ -84,7 +61,7 @@ def _fresh(ckpt):
 def _close(m):
     pids = m.tp.worker_pids
     m.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
 
 
 # ---- input errors must stay input errors ----------------------------------------------------
@@ -225,7 +202,7 @@ def test_keyboard_interrupt_mid_call_stays_a_keyboard_interrupt(ckpt):
         # whatever the type, the half-done call must leave a failed model, workers stopped
         with pytest.raises(TensorParallelError):
             m.score(_ids(5, 6))
-        assert _wait_gone(pids) == []
+        assert wait_gone(pids) == []
         _close(m)
 
 
@@ -340,7 +317,7 @@ def test_a_dropped_split_model_does_not_keep_its_workers(ckpt):
     pids = m.tp.worker_pids
     del m
     gc.collect()
-    assert _wait_gone(pids) == [], "workers of a garbage-collected split model live on"
+    assert wait_gone(pids) == [], "workers of a garbage-collected split model live on"
 
 
 def test_close_from_another_thread_during_generation(ckpt, whole):
@@ -364,7 +341,7 @@ def test_close_from_another_thread_during_generation(ckpt, whole):
         c.join(30)
     t.join(30)
     assert not t.is_alive() and not any(c.is_alive() for c in closers)
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     r = got[0]
     if isinstance(r, list):           # it may have finished before close took the lock
         assert r == whole.generate(ids, 80, stop_at_eos=False)
