@@ -30,5 +30,6 @@ class TokenizerError(WSDError, OSError):
 
 
 class TensorParallelError(WSDError, RuntimeError):
-    """A tensor-parallel rank died, failed, or fell out of step: the model cannot be used
-    any more; `close()` it and load it again."""
+    """A tensor-parallel model cannot run a call: a rank died, failed or fell out of step
+    (the model is then unusable: `close()` it and load it again), the model is closed, or
+    the call is an internal step that cannot reach the other ranks alone."""
