@@ -234,6 +234,21 @@ def test_wsd_outputs_equal_the_whole_base(wsd_pair, n):
     assert wait_gone(workers) == []
 
 
+def test_token_level_engine(wsd_pair, tmp_path):
+    """Models without tokenizers (generate_ids), a batch of two, the base split."""
+    from wsd_engine.synthetic import without_tokenizer
+    pilot = without_tokenizer(wsd_pair[0], str(tmp_path / "p"))
+    base = without_tokenizer(wsd_pair[1], str(tmp_path / "b"))
+    p_ids, b_ids = [_ids(9, 300, 1), _ids(5, 300, 2)], [_ids(11, 300, 3), _ids(7, 300, 4)]
+    params = WSDParams(max_new_tokens=24, draft_max_tokens=12, chunk=4)
+    with WSD.from_pretrained(pilot, base, max_batch_size=2) as whole:
+        want = whole.generate_ids(p_ids, b_ids, params)
+    with WSD.from_pretrained(pilot, base, max_batch_size=2, tensor_parallel=2) as split:
+        got = split.generate_ids(p_ids, b_ids, params)
+    assert [(r.token_ids, r.switch_index) for r in got] == \
+        [(r.token_ids, r.switch_index) for r in want]
+
+
 def test_sampled_rows_and_a_split_pilot(wsd_pair):
     pilot, base = wsd_pair
     params = WSDParams(max_new_tokens=30, draft_max_tokens=20, temperature=0.8, top_p=0.9,
