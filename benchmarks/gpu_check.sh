@@ -13,17 +13,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 STEPS=${STEPS:-"pdl pytest_new batch e2e attention gemv wsd_fast pytest switch backend layers hf_compile"}
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
-step() {   # step NAME TIMEOUT CMD... ; sets RC (the command's exit status, or "skip")
-  local name=$1 t=$2; shift 2
-  RC=skip
-  case " $STEPS " in *" $name "*) ;; *) return ;; esac
-  local el=$(( $(date +%s) - T0 ))
-  if [ $el -ge $BUDGET ]; then echo "== $name: skipped (budget ${BUDGET}s spent)"; return; fi
-  [ $t -gt $(( BUDGET - el )) ] && t=$(( BUDGET - el ))
-  echo "== $name (t=${el}s, limit ${t}s)"
-  timeout $t "$@" 2>&1 | tail -${TAIL:-40}
-  RC=${PIPESTATUS[0]}
-}
+. "$(dirname "$0")/steps.sh"   # step NAME TIMEOUT CMD...: sets RC
 NEW_TESTS="tests/test_kernel_rows.py tests/test_graphs.py tests/test_pdl.py tests/test_triton_backend.py tests/test_kernel_gemv.py tests/test_kernel_attention.py::test_decode_append_gpu_llama8b_and_graph_replay"
 {
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"

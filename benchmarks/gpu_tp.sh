@@ -13,17 +13,7 @@ BUDGET=${BUDGET:-540}
 SIZES=${SIZES:-"2 4 8"}
 TP_TESTS="tests/test_tensor_parallel.py"
 T0=$(date +%s)
-step() {   # step NAME TIMEOUT CMD... ; sets RC (the command's exit status, or "skip")
-  local name=$1 t=$2; shift 2
-  RC=skip
-  case " $STEPS " in *" $name "*) ;; *) return ;; esac
-  local el=$(( $(date +%s) - T0 ))
-  if [ $el -ge $BUDGET ]; then echo "== $name: skipped (budget ${BUDGET}s spent)"; return; fi
-  [ $t -gt $(( BUDGET - el )) ] && t=$(( BUDGET - el ))
-  echo "== $name (t=${el}s, limit ${t}s)"
-  timeout $t "$@" 2>&1 | tail -${TAIL:-40}
-  RC=${PIPESTATUS[0]}
-}
+. "$(dirname "$0")/steps.sh"   # step NAME TIMEOUT CMD...: sets RC
 {
 NGPU=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0)
 echo "== GPUs: $NGPU"

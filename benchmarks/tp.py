@@ -247,6 +247,16 @@ def _ratios(by_n: dict) -> None:
             rec["speedup_vs_1"] = rec["tok_s"] / one
 
 
+def _out_of_time(b, by_n: dict, n: int, task: str) -> bool:
+    """The time budget is spent: record rank count n as skipped (and say so)."""
+    rem = b.remaining()
+    if rem is None or rem > 0:
+        return False
+    by_n[str(n)] = {"tp": n, "skipped": "time budget spent"}
+    b.R["skipped"].append({"task": task, "reason": "time budget spent"})
+    return True
+
+
 def _run_sizes(b, e: dict, presets, sizes, cfg_of, dev, dtype, backend, graphs,
                one_check=None) -> None:
     a = b.a
@@ -254,11 +264,7 @@ def _run_sizes(b, e: dict, presets, sizes, cfg_of, dev, dtype, backend, graphs,
         cfg = cfg_of(name)
         by_n = e["decode"].setdefault(name, {})
         for n in sizes:
-            rem = b.remaining()
-            if rem is not None and rem <= 0:
-                by_n[str(n)] = {"tp": n, "skipped": "time budget spent"}
-                b.R["skipped"].append({"task": f"tp decode {name} N={n}",
-                                       "reason": "time budget spent"})
+            if _out_of_time(b, by_n, n, f"tp decode {name} N={n}"):
                 continue
             if n == 1 and one_check is not None:
                 fit = one_check(cfg)
@@ -286,11 +292,7 @@ def _run_pairs(b, e: dict, pairs, sizes, cfg_of, dev, dtype, backend, graphs) ->
         key = f"{pn} + {bn}"
         by_n = e["wsd"].setdefault(key, {})
         for n in sizes:
-            rem = b.remaining()
-            if rem is not None and rem <= 0:
-                by_n[str(n)] = {"tp": n, "skipped": "time budget spent"}
-                b.R["skipped"].append({"task": f"tp wsd {key} N={n}",
-                                       "reason": "time budget spent"})
+            if _out_of_time(b, by_n, n, f"tp wsd {key} N={n}"):
                 continue
             holder: dict = {}
             b.attempt(holder, "run",

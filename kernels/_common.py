@@ -99,6 +99,17 @@ def attn_scores(dots, qk_scale, SOFTCAP: tl.constexpr):
     return s
 
 
+def attn_constexprs(softcap: float, window: int) -> dict:
+    """The SOFTCAP / WINDOW constexprs to pass to an attention kernel: only those that are
+    on (at their defaults they are not passed, so default calls compile today's kernels)."""
+    out = {}
+    if softcap:
+        out["SOFTCAP"] = softcap
+    if window:
+        out["WINDOW"] = window
+    return out
+
+
 def attn_params(fn: str, hd: int, scale, softcap, window):
     """Host side of the Gemma-2 options: (qk_scale as the kernels take it, SOFTCAP constexpr,
     WINDOW constexpr). scale None: head_dim ** -0.5; softcap None / window None: off (0)."""
@@ -273,7 +284,7 @@ def rope_tables(head_dim, max_seq, base=10000.0, device=None):
 
 
 __all__ = ["LOG2E", "DTYPES", "rne_bf16", "round_to", "dot", "softmax_update", "rope_rotate",
-           "soft_cap", "attn_scores", "attn_params", "attn_scores_ref", "masked_attention_ref",
-           "token_attention_ref",
+           "soft_cap", "attn_scores", "attn_params", "attn_constexprs", "attn_scores_ref",
+           "masked_attention_ref", "token_attention_ref",
            "check_dtype_device", "check_ranks", "check_cache_heads", "check_device_scalar",
            "check_row_vector", "check_rope_tables", "rotate_half", "rope_ref", "rope_tables"]

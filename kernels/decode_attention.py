@@ -64,9 +64,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (attn_params, attn_scores, attn_scores_ref, check_cache_heads,
-                      check_device_scalar, check_dtype_device, check_ranks, check_rope_tables,
-                      check_row_vector, dot, round_to, softmax_update, token_attention_ref)
+from ._common import (attn_constexprs, attn_params, attn_scores, attn_scores_ref,
+                      check_cache_heads, check_device_scalar, check_dtype_device, check_ranks,
+                      check_rope_tables, check_row_vector, dot, round_to, softmax_update,
+                      token_attention_ref)
 from ._device import num_sms
 from .pdl import pdl_wait_then_release, prefetch_l2, use_pdl
 
@@ -524,11 +525,7 @@ def _launch(fn, q, k_cache, v_cache, out, n_rows, len_t, len_val, len_offset, k_
     group = n_q // n_kv
     qk_scale, softcap, window = attn if attn is not None else attn_params(fn, hd, None, None,
                                                                           None)
-    gemma = {}   # constexprs at their defaults are not passed: today's kernels, unchanged
-    if softcap:
-        gemma["SOFTCAP"] = softcap
-    if window:
-        gemma["WINDOW"] = window
+    gemma = attn_constexprs(softcap, window)
     on_gpu = q.device.type == "cuda"
     if fused_combine is None:
         fused_combine = FUSED_COMBINE_DEFAULT

@@ -39,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (attn_params, attn_scores, check_cache_heads, check_device_scalar,
-                      check_dtype_device, check_ranks, check_rope_tables, check_row_vector, dot,
-                      masked_attention_ref, rope_rotate, rotate_half, softmax_update,
+from ._common import (attn_constexprs, attn_params, attn_scores, check_cache_heads,
+                      check_device_scalar, check_dtype_device, check_ranks, check_rope_tables,
+                      check_row_vector, dot, masked_attention_ref, rope_rotate, rotate_half, softmax_update,
                       token_attention_ref)
 from ._device import num_sms
 from .decode_attention import combine_splits
@@ -366,11 +366,7 @@ def _launch(fn, q, k, v, k_cache, v_cache, cos, sin, out, L, n_seg, pos_t, pos_v
     g_pad = triton.next_power_of_2(group)
     qk_scale, softcap, window = attn if attn is not None else attn_params(fn, hd, None, None,
                                                                           None)
-    gemma = {}   # constexprs at their defaults are not passed: today's kernels, unchanged
-    if softcap:
-        gemma["SOFTCAP"] = softcap
-    if window:
-        gemma["WINDOW"] = window
+    gemma = attn_constexprs(softcap, window)
     cfg = prefill_config(L, group, hd, q.dtype, q.device)
     block_r = block_r or cfg["block_r"]
     block_n = block_n or cfg["block_n"]

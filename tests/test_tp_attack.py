@@ -19,7 +19,7 @@ from wsd_engine import WSD, RequestError, TensorParallelError, WSDError, WSDPara
 from wsd_engine.config import ModelConfig
 from wsd_engine.errors import UnsupportedModelError
 from wsd_engine.parallel import TPGroup
-from wsd_engine.runner import _forget, _Parked
+from wsd_engine.runner import Model, _Parked
 from wsd_engine.sharding import ShardPlan
 from wsd_engine.synthetic import make_model, make_tokenizer, make_wsd_pair
 from _proc_helpers import wait_gone
@@ -249,7 +249,9 @@ def test_gc_of_a_parked_handle_inside_flush_drops_does_not_deadlock():
             c = Cycle()
             c.self, c.handle = c, _Parked(7)
             import weakref
-            weakref.finalize(c.handle, _forget, parked, 7, tp)
+            import types
+            holder = types.SimpleNamespace(_tp_parked=parked, tp=tp)   # Model's two fields
+            weakref.finalize(c.handle, Model.forget_parked, holder, 7)
             del c
             tp._drops_lock.armed = True
             tp._flush_drops()

@@ -265,20 +265,26 @@ class TPGroup:
         return ints, tensors
 
     def _send(self, ints: list, tensors: list) -> None:
+        """Broadcast an encoded call; a failure half-way fails the model (`_fail`)."""
         try:
-            header = torch.zeros(HEADER, dtype=torch.int64)
-            header[0] = len(ints)
-            head = ints[:HEADER - 1]
-            header[1:1 + len(head)] = torch.tensor(head, dtype=torch.int64)
-            self._ctl.broadcast(header, 0).wait()
-            if len(ints) > HEADER - 1:
-                self._ctl.broadcast(torch.tensor(ints[HEADER - 1:], dtype=torch.int64), 0).wait()
-            for t in tensors:
-                if t.numel():
-                    buf = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                    (self._dev if buf.is_cuda else self._ctl).broadcast(buf, 0).wait()
+            self._post(ints, tensors)
         except BaseException as e:  # noqa: BLE001 - a worker is gone, or an interrupt
             self._fail(e)
+
+    def _post(self, ints: list, tensors: list) -> None:
+        """The broadcasts of one encoded call: its words (a fixed header, the rest if
+        longer), then each tensor's bytes (on the compute group when on the GPU)."""
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[0] = len(ints)
+        head = ints[:HEADER - 1]
+        header[1:1 + len(head)] = torch.tensor(head, dtype=torch.int64)
+        self._ctl.broadcast(header, 0).wait()
+        if len(ints) > HEADER - 1:
+            self._ctl.broadcast(torch.tensor(ints[HEADER - 1:], dtype=torch.int64), 0).wait()
+        for t in tensors:
+            if t.numel():
+                buf = t.detach().contiguous().reshape(-1).view(torch.uint8)
+                (self._dev if buf.is_cuda else self._ctl).broadcast(buf, 0).wait()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -376,7 +382,7 @@ class TPGroup:
             if self.rank == 0:
                 if got and self._failed is None and self._dead_workers() is None:
                     try:
-                        self._ctl_close()
+                        self._post(*self._encode_call(_CLOSE, []))
                     except Exception:  # noqa: BLE001 - stopped below anyway
                         pass
                 self._stop_workers(graceful=got)
@@ -388,14 +394,6 @@ class TPGroup:
         finally:
             if got:
                 self._lock.release()
-
-    def _ctl_close(self) -> None:
-        ints = [len(_CLOSE), *_CLOSE.encode()]
-        _encode([], ints, [], self.device)
-        header = torch.zeros(HEADER, dtype=torch.int64)
-        header[0] = len(ints)
-        header[1:1 + len(ints)] = torch.tensor(ints, dtype=torch.int64)
-        self._ctl.broadcast(header, 0).wait()
 
     def _stop_workers(self, graceful: bool) -> None:
         stop_processes(self._procs, 10.0 if graceful else 0.0)

@@ -33,11 +33,6 @@ class _Parked:
         self.key = key
 
 
-def _forget(parked: dict, key: int, tp) -> None:
-    parked.pop(key, None)
-    tp.drop_later(key)
-
-
 class _TPCache:
     """What `sharing.CacheResidency` parks and restores on a tensor-parallel model: every
     rank's cache together."""
@@ -50,7 +45,7 @@ class _TPCache:
         key = m.tp.new_key()
         m.park_cache(key)
         handle = _Parked(key)
-        weakref.finalize(handle, _forget, m._tp_parked, key, m.tp)
+        weakref.finalize(handle, m.forget_parked, key)
         return handle
 
     def restore(self, handle: _Parked) -> None:
@@ -442,6 +437,12 @@ class Model:
             return [dict(zip(keys, mine))]
         got = self.comm.all_gather(torch.tensor(mine, dtype=torch.int64, device=self.device))
         return [dict(zip(keys, row)) for row in got.tolist()]
+
+    def forget_parked(self, key: int) -> None:
+        """Rank 0: copy `key`'s handle is gone; drop this rank's copy now and the workers'
+        with the next call (this may run inside a garbage collection: it sends nothing)."""
+        self._tp_parked.pop(key, None)
+        self.tp.drop_later(key)
 
     def drop_parked(self, keys) -> None:
         """Copies whose owner is gone (a worker, told by rank 0)."""

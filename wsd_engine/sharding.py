@@ -130,7 +130,19 @@ def check_splits(cfg: ModelConfig, world: int) -> None:
     if isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= MAX_TENSOR_PARALLEL:
         raise UnsupportedModelError(f"tensor_parallel must be an int in [1, "
                                     f"{MAX_TENSOR_PARALLEL}], got {world!r}")
-    nq, nkv, inter = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    problems = _split_problems(cfg, world)
+    if problems:
+        ok = [n for n in range(1, min(cfg.num_heads, MAX_TENSOR_PARALLEL) + 1)
+              if not _split_problems(cfg, n)]
+        raise UnsupportedModelError(
+            f"this model cannot be split over tensor_parallel={world} ranks: "
+            f"{' and '.join(problems)} do not divide evenly; sizes that work: "
+            f"{', '.join(map(str, ok))}")
+
+
+def _split_problems(cfg: ModelConfig, world: int) -> list[str]:
+    """What does not divide over `world` ranks (empty: the split works)."""
+    nq, nkv, inter, V = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size
     problems = []
     if nq % world:
         problems.append(f"its {nq} attention heads")
@@ -139,18 +151,9 @@ def check_splits(cfg: ModelConfig, world: int) -> None:
                         f"{world})")
     if inter % world:
         problems.append(f"its intermediate size {inter}")
-    if (world - 1) * -(-cfg.vocab_size // world) >= cfg.vocab_size:
-        problems.append(f"its vocabulary of {cfg.vocab_size} (the last rank's share would be "
-                        "empty)")
-    if problems:
-        V = cfg.vocab_size
-        ok = [n for n in range(1, min(nq, MAX_TENSOR_PARALLEL) + 1)
-              if nq % n == 0 and (nkv % n == 0 or n % nkv == 0) and inter % n == 0
-              and (n - 1) * -(-V // n) < V]
-        raise UnsupportedModelError(
-            f"this model cannot be split over tensor_parallel={world} ranks: "
-            f"{' and '.join(problems)} do not divide evenly; sizes that work: "
-            f"{', '.join(map(str, ok))}")
+    if (world - 1) * -(-V // world) >= V:
+        problems.append(f"its vocabulary of {V} (the last rank's share would be empty)")
+    return problems
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
