@@ -424,11 +424,15 @@ def test_triton_backend_split(checkpoints, wsd_pair):
 
 _TORCHRUN_SCRIPT = textwrap.dedent("""
     import sys
+    import torch.distributed as dist
     from wsd_engine import load_model
     if __name__ == "__main__":
         m = load_model(sys.argv[1], tensor_parallel=2)
         print("TOKENS", m.generate([5, 6, 7, 8], 6, stop_at_eos=False), flush=True)
         m.close()
+        # the engine made the default group, so it takes it down (left to the
+        # interpreter's exit, gloo's threads can abort the process after the script ends)
+        print("DEFAULT GROUP", dist.is_initialized(), flush=True)
 """)
 
 
@@ -447,6 +451,7 @@ def test_the_same_script_under_torchrun(checkpoints, tmp_path):
     r = subprocess.run(cmd + [path], capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("TOKENS") == 1 and f"TOKENS {want}" in r.stdout
+    assert "DEFAULT GROUP False" in r.stdout
     import json
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -628,6 +628,17 @@ def _worker_main(rank: int, world: int, host: str, port: int, spec: dict) -> Non
 # ---- started by torchrun (several nodes) ---------------------------------------------------
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _torchrun_models = 0          # split models made in this job: each gets its own store keys
+_own_default_group = False    # the default group was initialised here (not by the script)
+
+
+def _leave_default_group() -> None:
+    """Destroy the default process group if `join_torchrun` initialised it. Left to the
+    interpreter's exit, gloo's threads may still be running when the process tears down,
+    and the process aborts (SIGABRT) after the script has finished."""
+    global _own_default_group
+    if _own_default_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _own_default_group = False
 
 
 def torchrun_world() -> int | None:
@@ -645,7 +656,7 @@ def join_torchrun(world: int, device: torch.device, check, build):
     quietly (SystemExit 1). Rank 0 returns its shard of the model and drives; every other
     rank serves rank 0's calls here and leaves the script (SystemExit 0) when rank 0 closes
     the model."""
-    global _torchrun_models
+    global _torchrun_models, _own_default_group
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
@@ -654,6 +665,16 @@ def join_torchrun(world: int, device: torch.device, check, build):
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
+        _own_default_group = True
+    try:
+        return _join(rank, local, world, device, check, build)
+    except BaseException:
+        _leave_default_group()
+        raise
+
+
+def _join(rank: int, local: int, world: int, device: torch.device, check, build):
+    global _torchrun_models
     _torchrun_models += 1
     store = dist.PrefixStore(f"wsd/tp{_torchrun_models}",
                              dist.distributed_c10d._get_default_store())
@@ -682,7 +703,7 @@ def join_torchrun(world: int, device: torch.device, check, build):
             raise SystemExit(1) from None
         raise
     if rank == 0:
-        model.tp.on_close(lambda: [dist.destroy_process_group(g) for g in (ctl, dev)])
+        model.tp.on_close(lambda: _leave_groups(ctl, dev))
         try:
             _wait_ranks(store, (), "ready", LOAD_TIMEOUT_S, world)
         except BaseException:
@@ -691,6 +712,12 @@ def join_torchrun(world: int, device: torch.device, check, build):
         return model
     store.set(f"ready/{rank}", "1")
     ok = model.tp.serve(model)
+    _leave_groups(ctl, dev)
+    raise SystemExit(0 if ok else 1)
+
+
+def _leave_groups(ctl, dev) -> None:
+    """A torchrun model's groups, then the default group if this module made it."""
     for g in (ctl, dev):
         dist.destroy_process_group(g)
-    raise SystemExit(0 if ok else 1)
+    _leave_default_group()
