@@ -465,6 +465,65 @@ def test_the_same_script_under_torchrun(checkpoints, tmp_path):
     assert (r.stdout + r.stderr).count("num_hidden_layers = 3") == 1
 
 
+_TORCHRUN_WSD_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from wsd_engine import WSD, WSDParams
+    if __name__ == "__main__":
+        pilot, base, pilot_tp = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        if os.environ["RANK"] != "0":
+            pilot = os.path.join(pilot, "not-here")   # a rank above 0 must not load a pilot
+        params = WSDParams(max_new_tokens=30, draft_max_tokens=16, chunk=4, threshold=0.8)
+        with WSD.from_pretrained(pilot, base, tensor_parallel=2,
+                                 pilot_tensor_parallel=pilot_tp) as w:
+            r = w.generate("Tell me a story about a cat.", params)
+            print("RESULT", json.dumps([r.text, r.switch_index]), flush=True)
+""")
+
+
+def test_wsd_under_torchrun(wsd_pair, tmp_path):
+    """`WSD.from_pretrained` under torchrun: only rank 0 loads the pilot (the other ranks go
+    straight to the split base and serve it), the answer equals the whole base's, and a
+    split pilot, which a torchrun rank cannot serve next to the base, is refused once."""
+    import json
+    pilot, base = wsd_pair
+    params = WSDParams(max_new_tokens=30, draft_max_tokens=16, chunk=4, threshold=0.8)
+    with WSD.from_pretrained(pilot, base) as whole:
+        ref = whole.generate("Tell me a story about a cat.", params)
+    script = tmp_path / "wsd_job.py"
+    script.write_text(_TORCHRUN_WSD_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script), pilot, base]
+    r = subprocess.run(cmd + ["1"], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("RESULT") == 1
+    assert f"RESULT {json.dumps([ref.text, ref.switch_index])}" in r.stdout
+    r = subprocess.run(cmd + ["2"], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode != 0 and "RESULT" not in r.stdout
+    assert (r.stdout + r.stderr).count("give pilot_tensor_parallel=1") == 1
+
+
+def test_torchrun_rank_takes_its_own_gpu_before_touching_one(monkeypatch):
+    """Under torchrun each process makes cuda:LOCAL_RANK current before the load's memory
+    check, so that no process opens a context on GPU 0 (checked without a GPU: the CUDA
+    calls are recorded)."""
+    from wsd_engine import parallel
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert parallel.torchrun_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert parallel.torchrun_device(torch.device("cuda", 0)) == torch.device("cuda", 3)
+    assert calls == [3, 3]
+    assert parallel.torchrun_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ConfigError, match="LOCAL_RANK 5 has no CUDA device"):
+        parallel.torchrun_device(torch.device("cuda"))
+    assert calls == [3, 3]
+
+
 def _json_docs(text: str) -> list:
     """The JSON documents printed one after another, without their timings."""
     import json

@@ -28,7 +28,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Optional
 
-from . import tuning
+from . import parallel, tuning
 from .batch import BatchRunner
 from .errors import ConfigError, ContextOverflowError, RequestError, TokenizerError, WSDError
 from .graphs import GRAPH_BATCH_SIZES, check_sizes
@@ -151,6 +151,8 @@ class WSD:
             device = "cuda:0"                   # rank 0's device: the pilot's too
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend,
                   max_batch_size=max_batch_size)
+        if parallel.torchrun_rank() is not None and tensor_parallel > 1:
+            cls._join_torchrun_job(base, tensor_parallel, pilot_tensor_parallel, kw)
         loaded = []
         try:
             loaded.append(load_model(pilot, tensor_parallel=pilot_tensor_parallel, **kw))
@@ -164,6 +166,24 @@ class WSD:
             raise
         engine._owned = loaded
         return engine
+
+    @staticmethod
+    def _join_torchrun_job(base, tensor_parallel: int, pilot_tensor_parallel: int,
+                           kw: dict) -> None:
+        """Under torchrun every rank runs the script: only rank 0 holds the pilot and the
+        engine. Every other rank joins the split base at once (its `load_model` serves rank 0
+        and leaves the script when rank 0 closes it), so it never loads a pilot of its own
+        (on CUDA that copy would land on rank 0's device). The pilot cannot be split too:
+        a torchrun rank serves one model."""
+        if pilot_tensor_parallel != 1:
+            if parallel.torchrun_rank() != 0:
+                raise SystemExit(1)              # rank 0 reports it
+            raise ConfigError("under torchrun only the base is split: give "
+                              f"pilot_tensor_parallel=1 (got {pilot_tensor_parallel}); the "
+                              "pilot stays whole on rank 0")
+        if parallel.torchrun_rank() != 0:
+            load_model(base, tensor_parallel=tensor_parallel, **kw)
+            raise SystemExit(0)          # not reached: the ranks above 0 leave in there
 
     def close(self) -> None:
         """Close the models this engine loaded itself (`from_pretrained`): a

@@ -204,6 +204,8 @@ def _load_parallel(cfg: ModelConfig, source: dict, device, dtype, max_seq_len, b
     from .sharding import ShardPlan, check_splits
     check_splits(cfg, world)
     local = ShardPlan.make(cfg, world, 0).local_config(cfg)
+    if parallel.torchrun_world() is not None:       # this rank's GPU, before any is touched
+        device = parallel.torchrun_device(parse_device(device))
     device, dtype, max_seq_len = _resolve(local, device, dtype, max_seq_len, backend,
                                           max_batch_size)
     _make_ops(backend, local, device)

@@ -648,6 +648,29 @@ def torchrun_world() -> int | None:
     return None
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+
+
+def torchrun_device(device: torch.device) -> torch.device:
+    """A torchrun rank's device: on CUDA, cuda:LOCAL_RANK, made the current device before
+    anything touches a GPU (a memory check on plain 'cuda' would otherwise open a context on
+    GPU 0 in every process of the node, and check the wrong GPU). The CPU stays the CPU."""
+    if device.type != "cuda":
+        return device
+    local = _local_rank()
+    if local >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK {local} has no CUDA device (this node has "
+                          f"{torch.cuda.device_count()}); start one process per GPU")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def torchrun_rank() -> int | None:
+    """This process's RANK in a torchrun job (None outside one)."""
+    return None if torchrun_world() is None else int(os.environ["RANK"])
+
+
 def join_torchrun(world: int, device: torch.device, check, build):
     """Every process of a torchrun job runs the same script; this is its `load_model`.
     The default process group is initialised from env:// (gloo: the control group) and a
@@ -656,13 +679,9 @@ def join_torchrun(world: int, device: torch.device, check, build):
     quietly (SystemExit 1). Rank 0 returns its shard of the model and drives; every other
     rank serves rank 0's calls here and leaves the script (SystemExit 0) when rank 0 closes
     the model."""
-    global _torchrun_models, _own_default_group
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local} has no CUDA device (this node has "
-                              f"{torch.cuda.device_count()}); start one process per GPU")
-        torch.cuda.set_device(local)
+    global _own_default_group
+    rank, local = int(os.environ["RANK"]), _local_rank()
+    torchrun_device(device)
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
         _own_default_group = True
