@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +15,8 @@ import types
 
 import pytest
 import torch
+from _script_helpers import budget, check_bash_syntax, default_steps, read
+from _script_helpers import steps as script_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -141,31 +141,17 @@ def test_load_memory_tp_small(tmp_path):
 
 # ---- benchmarks/gpu_tp.sh -------------------------------------------------------------
 def _text():
-    with open(SCRIPT) as f:
-        return f.read()
+    return read(SCRIPT)
 
 
 def test_gpu_tp_script_is_valid_bash():
-    bash = shutil.which("bash")
-    if bash is None:
-        pytest.skip("bash is not installed here")
-    r = subprocess.run([bash, "-n", SCRIPT], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    check_bash_syntax(SCRIPT)
 
 
 def test_gpu_tp_script_steps_and_command_parse(monkeypatch):
-    steps = []
-    for line in _text().splitlines():
-        line = line.strip()
-        if line.startswith("step ") and not line.startswith("step()"):
-            line = re.sub(r"\$\{[A-Z_0-9]+:-([^}]*)\}", r"\1", line)
-            line = line.replace('"$TP_SIZES"', "2,4,8").replace("$OUT", "/tmp/gpu_tp_out")
-            w = shlex.split(line)
-            steps.append((w[1], int(w[2]), w[3:]))
-    default = re.search(r'STEPS=\$\{STEPS:-"([^"]*)"\}', _text()).group(1).split()
-    assert sorted(n for n, _, _ in steps) == sorted(default)
-    budget = int(re.search(r"BUDGET=\$\{BUDGET:-(\d+)\}", _text()).group(1))
-    assert all(0 < t <= budget for _, t, _ in steps)
+    steps = script_steps(_text(), "/tmp/gpu_tp_out", {"TP_SIZES": "2,4,8"})
+    assert sorted(n for n, _, _ in steps) == sorted(default_steps(_text()))
+    assert all(0 < t <= budget(_text()) for _, t, _ in steps)
     argv = next(a for n, _, a in steps if n == "tp")
     assert argv[:3] == ["python", "-m", "benchmarks.run"]
     from benchmarks import run

@@ -9,65 +9,36 @@ import argparse
 import ast
 import importlib
 import os
-import re
-import shlex
-import shutil
 import subprocess
 import sys
 
 import pytest
+from _script_helpers import budget, check_bash_syntax, default_steps, read, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 
 
 def _text():
-    with open(SCRIPT) as f:
-        return f.read()
-
-
-def _expand(s: str) -> str:
-    """${VAR:-default} -> default; NAME="..." variables of the script -> their value;
-    $OUT / ${OUT} -> a placeholder folder."""
-    s = re.sub(r"\$\{[A-Z_0-9]+:-([^}]*)\}", r"\1", s)
-    for name, value in re.findall(r'^([A-Z_][A-Z_0-9]*)="([^"$]*)"$', _text(), re.M):
-        s = re.sub(r"\$\{?" + name + r"\b\}?", value, s)
-    return s.replace("${OUT}", "/tmp/gpu_out").replace("$OUT", "/tmp/gpu_out")
+    return read(SCRIPT)
 
 
 def _steps():
     """[(name, timeout, argv)] of the script's `step NAME TIMEOUT CMD...` lines."""
-    out = []
-    for line in _text().splitlines():
-        line = line.strip()
-        if line.startswith("step ") and not line.startswith("step()"):
-            words = shlex.split(_expand(line))
-            out.append((words[1], int(words[2]), words[3:]))
-    return out
-
-
-def _default_steps():
-    m = re.search(r'STEPS=\$\{STEPS:-"([^"]*)"\}', _text())
-    assert m, "gpu_check.sh no longer sets its default STEPS list"
-    return m.group(1).split()
+    return steps(_text(), "/tmp/gpu_out")
 
 
 def test_script_is_valid_bash():
-    bash = shutil.which("bash")
-    if bash is None:
-        pytest.skip("bash is not installed here")
-    r = subprocess.run([bash, "-n", SCRIPT], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    check_bash_syntax(SCRIPT)
 
 
 def test_default_steps_and_step_lines_agree():
     names = [n for n, _, _ in _steps()]
     assert len(names) == len(set(names)), f"a step name is used twice: {names}"
-    assert sorted(names) == sorted(_default_steps()), (
+    assert sorted(names) == sorted(default_steps(_text())), (
         "the default STEPS list and the step lines differ: a step would never run "
-        f"(or the default names one that does not exist): {names} vs {_default_steps()}")
-    budget = int(re.search(r"BUDGET=\$\{BUDGET:-(\d+)\}", _text()).group(1))
-    assert all(0 < t <= budget for _, t, _ in _steps())
+        f"(or the default names one that does not exist): {names} vs {default_steps(_text())}")
+    assert all(0 < t <= budget(_text()) for _, t, _ in _steps())
 
 
 class _Parsed(Exception):

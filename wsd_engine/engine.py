@@ -151,8 +151,9 @@ class WSD:
             device = "cuda:0"                   # rank 0's device: the pilot's too
         kw = dict(device=device, dtype=dtype, max_seq_len=max_seq_len, backend=backend,
                   max_batch_size=max_batch_size)
-        if parallel.torchrun_rank() is not None and tensor_parallel > 1:
-            cls._join_torchrun_job(base, tensor_parallel, pilot_tensor_parallel, kw)
+        rank = parallel.torchrun_rank()
+        if rank is not None and tensor_parallel > 1:
+            cls._join_torchrun_job(rank, base, tensor_parallel, pilot_tensor_parallel, kw)
         loaded = []
         try:
             loaded.append(load_model(pilot, tensor_parallel=pilot_tensor_parallel, **kw))
@@ -168,7 +169,7 @@ class WSD:
         return engine
 
     @staticmethod
-    def _join_torchrun_job(base, tensor_parallel: int, pilot_tensor_parallel: int,
+    def _join_torchrun_job(rank: int, base, tensor_parallel: int, pilot_tensor_parallel: int,
                            kw: dict) -> None:
         """Under torchrun every rank runs the script: only rank 0 holds the pilot and the
         engine. Every other rank joins the split base at once (its `load_model` serves rank 0
@@ -176,12 +177,12 @@ class WSD:
         (on CUDA that copy would land on rank 0's device). The pilot cannot be split too:
         a torchrun rank serves one model."""
         if pilot_tensor_parallel != 1:
-            if parallel.torchrun_rank() != 0:
+            if rank != 0:
                 raise SystemExit(1)              # rank 0 reports it
             raise ConfigError("under torchrun only the base is split: give "
                               f"pilot_tensor_parallel=1 (got {pilot_tensor_parallel}); the "
                               "pilot stays whole on rank 0")
-        if parallel.torchrun_rank() != 0:
+        if rank != 0:
             load_model(base, tensor_parallel=tensor_parallel, **kw)
             raise SystemExit(0)          # not reached: the ranks above 0 leave in there
 

@@ -204,7 +204,8 @@ def _load_parallel(cfg: ModelConfig, source: dict, device, dtype, max_seq_len, b
     from .sharding import ShardPlan, check_splits
     check_splits(cfg, world)
     local = ShardPlan.make(cfg, world, 0).local_config(cfg)
-    if parallel.torchrun_world() is not None:       # this rank's GPU, before any is touched
+    job = parallel.torchrun_world()
+    if job is not None:                  # this rank's GPU, before anything touches one
         device = parallel.torchrun_device(parse_device(device))
     device, dtype, max_seq_len = _resolve(local, device, dtype, max_seq_len, backend,
                                           max_batch_size)
@@ -215,7 +216,6 @@ def _load_parallel(cfg: ModelConfig, source: dict, device, dtype, max_seq_len, b
     def check():
         if "path" in source:
             check_checkpoint(source["path"], cfg)
-    job = parallel.torchrun_world()
     if job is not None:                  # every process of a torchrun job is here
         if job != world:
             raise ConfigError(f"this process was started by torchrun with WORLD_SIZE={job}; "

@@ -674,14 +674,14 @@ def torchrun_rank() -> int | None:
 def join_torchrun(world: int, device: torch.device, check, build):
     """Every process of a torchrun job runs the same script; this is its `load_model`.
     The default process group is initialised from env:// (gloo: the control group) and a
-    compute group made (NCCL on CUDA: rank r on cuda:LOCAL_RANK). Rank 0 runs `check()`
+    compute group made (NCCL on CUDA: `device` is already cuda:LOCAL_RANK, made current by
+    `torchrun_device`). Rank 0 runs `check()`
     (the checkpoint's headers) alone and reports a failure once; the other ranks then exit
     quietly (SystemExit 1). Rank 0 returns its shard of the model and drives; every other
     rank serves rank 0's calls here and leaves the script (SystemExit 0) when rank 0 closes
     the model."""
     global _own_default_group
     rank, local = int(os.environ["RANK"]), _local_rank()
-    torchrun_device(device)
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
         _own_default_group = True
